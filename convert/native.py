@@ -1,0 +1,68 @@
+"""The one Python wrapper around dgguf._native: checks shapes and dtypes once, turns status codes into errors."""
+from __future__ import annotations
+
+import numpy as np
+
+from dgguf._native import ffi, lib
+
+from .errors import DggufError
+
+_ERRLEN = 256
+
+
+def _check(status: int, err) -> None:
+    if status != 0:
+        raise DggufError(ffi.string(err).decode(errors="replace"))
+
+
+def cpu_features() -> str:
+    return ffi.string(lib.dg_cpu_features()).decode()
+
+
+def type_size(ggml_type: int) -> tuple[int, int]:
+    """(values per block, bytes per block) of a ggml type."""
+    bs, ts, err = ffi.new("int64_t *"), ffi.new("int64_t *"), ffi.new("char[]", _ERRLEN)
+    _check(lib.dg_type_size(ggml_type, bs, ts, err, _ERRLEN), err)
+    return bs[0], ts[0]
+
+
+def row_bytes(ggml_type: int, ncols: int) -> int:
+    bs, ts = type_size(ggml_type)
+    if ncols % bs:
+        raise DggufError(f"row length {ncols} is not a multiple of the block size {bs} of type {ggml_type}")
+    return ncols // bs * ts
+
+
+def quantize_rows(x: np.ndarray, ggml_type: int) -> np.ndarray:
+    """Quantize a 2-D float32 array row by row; returns uint8 [nrows, row_bytes]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError("quantize_rows takes a 2-D array")
+    nrows, ncols = x.shape
+    out = np.empty((nrows, row_bytes(ggml_type, ncols)), dtype=np.uint8)
+    err = ffi.new("char[]", _ERRLEN)
+    _check(lib.dg_quantize_rows(ggml_type, ffi.from_buffer("float[]", x), ffi.from_buffer(out),
+                                nrows, ncols, err, _ERRLEN), err)
+    return out
+
+
+def dequantize_rows(raw: np.ndarray, ggml_type: int, ncols: int) -> np.ndarray:
+    """Inverse of quantize_rows: uint8 [nrows, row_bytes] (or flat) → float32 [nrows, ncols]."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    rb = row_bytes(ggml_type, ncols)
+    if raw.size % rb:
+        raise DggufError(f"{raw.size} bytes do not hold whole rows of {ncols} values of type {ggml_type}")
+    nrows = raw.size // rb
+    out = np.empty((nrows, ncols), dtype=np.float32)
+    err = ffi.new("char[]", _ERRLEN)
+    _check(lib.dg_dequantize_rows(ggml_type, ffi.from_buffer(raw), ffi.from_buffer("float[]", out),
+                                  nrows, ncols, err, _ERRLEN), err)
+    return out
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """Widen raw bfloat16 bits (uint16) to float32, same shape."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint16)
+    out = np.empty(raw.shape, dtype=np.float32)
+    lib.dg_bf16_to_f32(ffi.from_buffer("uint16_t[]", raw), ffi.from_buffer("float[]", out), raw.size)
+    return out
