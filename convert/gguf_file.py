@@ -1,0 +1,342 @@
+"""The GGUF container: a validating reader and a streaming, atomic writer.
+
+Layout (little-endian, version 3): magic "GGUF", version u32, tensor count u64, KV count u64; then the KV
+pairs (key string, value type u32, value); then tensor infos (name, n_dims u32, ne u64 × n_dims, type u32,
+data offset u64); then padding to `general.alignment` (32) and the tensor data, each tensor aligned.
+Strings are u64 length + UTF-8 bytes; arrays are item type u32 + count u64 + items.
+
+Our own code rather than gguf-py's: the reader must validate every size and offset of untrusted files and
+parse a 262k-token vocabulary quickly; the writer streams row chunks of tensors far larger than memory and
+must leave nothing that looks like a GGUF when interrupted.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf.constants import GGUFValueType as V
+
+from .errors import DggufError
+from .quant_types import BY_GGML, TensorType
+
+MAGIC = b"GGUF"
+ALIGNMENT = 32
+
+_SCALAR = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
+           V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
+_NUMPY = {V.UINT8: "<u1", V.INT8: "<i1", V.UINT16: "<u2", V.INT16: "<i2", V.UINT32: "<u4", V.INT32: "<i4",
+          V.FLOAT32: "<f4", V.BOOL: "?", V.UINT64: "<u8", V.INT64: "<i8", V.FLOAT64: "<f8"}
+
+
+@dataclass
+class Field:
+    """One metadata value. For ARRAY, `value` is a list and `item_type` its element type."""
+    type: V
+    value: object
+    item_type: V | None = None
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    ne: tuple[int, ...]        # ggml order: ne[0] is the row length
+    type: TensorType
+    offset: int = 0            # relative to the start of the data section
+    nbytes: int = 0
+
+    def __post_init__(self):
+        n = 1
+        for d in self.ne:
+            n *= d
+        self.nvalues = n
+        self.nbytes = self.type.nbytes(n)
+
+
+def _align(n: int, a: int = ALIGNMENT) -> int:
+    return (n + a - 1) // a * a
+
+
+# ----------------------------------------------------------------------------------------------- writer
+
+def _pack_string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _pack_value(t: V, v) -> bytes:
+    if t == V.STRING:
+        return _pack_string(v)
+    return struct.pack(_SCALAR[t], v)
+
+
+def _pack_field(key: str, f: Field) -> bytes:
+    out = [_pack_string(key), struct.pack("<I", int(f.type))]
+    if f.type == V.ARRAY:
+        out.append(struct.pack("<IQ", int(f.item_type), len(f.value)))
+        if f.item_type == V.STRING:
+            out.extend(_pack_string(s) for s in f.value)
+        else:
+            out.append(np.asarray(f.value, dtype=_NUMPY[f.item_type]).tobytes())
+    else:
+        out.append(_pack_value(f.type, f.value))
+    return b"".join(out)
+
+
+def header_bytes(fields: dict[str, Field], tensors: list[TensorInfo]) -> bytes:
+    """The whole header up to the data section, with tensor offsets assigned (aligned)."""
+    offset = 0
+    for t in tensors:
+        t.offset = offset
+        offset = _align(offset + t.nbytes)
+    parts = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(fields))]
+    parts += [_pack_field(k, f) for k, f in fields.items()]
+    for t in tensors:
+        parts.append(_pack_string(t.name) + struct.pack("<I", len(t.ne)) + struct.pack(f"<{len(t.ne)}Q", *t.ne)
+                     + struct.pack("<IQ", t.type.ggml, t.offset))
+    head = b"".join(parts)
+    return head + b"\0" * (_align(len(head)) - len(head))
+
+
+class GGUFWriter:
+    """Writes a GGUF to a hidden temp file beside `path`, renamed into place only when complete.
+
+    The magic is written last, so an interrupted run never leaves a file that looks like a GGUF; the temp
+    file is removed on any error. Tensor data is appended in header order, in chunks of whole rows.
+    """
+
+    def __init__(self, path: Path, fields: dict[str, Field], tensors: list[TensorInfo], force: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and not force:
+            raise DggufError(f"{self.path}: output file exists (use --force to overwrite)")
+        if self.path.is_dir():
+            raise DggufError(f"{self.path}: output path is a directory")
+        self.header = header_bytes(fields, tensors)
+        self.tensors = tensors
+        self.total = len(self.header) + (_align(tensors[-1].offset + tensors[-1].nbytes) if tensors else 0)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        self._f = None
+        self._index = 0
+        self._written = 0
+
+    def __enter__(self):
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise DggufError(f"{self.path}: directory {parent} does not exist")
+        free = _disk_free(parent)
+        if free is not None and free < self.total:
+            raise DggufError(f"{self.path}: not enough disk space ({self.total / 2**20:.1f} MiB needed, "
+                             f"{free / 2**20:.1f} MiB free)")
+        try:
+            self._f = open(self.tmp, "wb")
+            self._f.write(b"\0" * len(MAGIC) + self.header[len(MAGIC):])
+        except OSError as e:
+            self._abort()
+            raise DggufError(f"{self.path}: cannot write: {e.strerror}") from e
+        return self
+
+    def write(self, data) -> None:
+        """Append the next bytes of the current tensor (whole tensor or a run of rows)."""
+        t = self.tensors[self._index]
+        n = memoryview(data).nbytes
+        if self._written + n > t.nbytes:
+            raise DggufError(f"internal: {t.name}: {self._written + n} bytes written, {t.nbytes} expected")
+        self._io(data)
+        self._written += n
+        if self._written == t.nbytes:
+            self._io(b"\0" * (_align(t.nbytes) - t.nbytes))
+            self._index += 1
+            self._written = 0
+
+    def _io(self, data) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:
+            raise DggufError(f"{self.path}: write failed: {e.strerror}") from e
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._abort()
+            return False
+        try:
+            if self._index != len(self.tensors):
+                raise DggufError(f"internal: only {self._index} of {len(self.tensors)} tensors were written")
+            self._f.flush()
+            self._f.seek(0)
+            self._f.write(MAGIC)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.tmp, self.path)
+        except BaseException as e:
+            self._abort()
+            if isinstance(e, OSError):
+                raise DggufError(f"{self.path}: write failed: {e.strerror}") from e
+            raise
+        return False
+
+    def _abort(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def _disk_free(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+# ----------------------------------------------------------------------------------------------- reader
+
+@dataclass
+class GGUFFile:
+    path: Path
+    fields: dict[str, Field]
+    tensors: list[TensorInfo]
+    data_offset: int
+    _mm: mmap.mmap | None = field(default=None, repr=False)
+
+    def get(self, key: str, default=None):
+        f = self.fields.get(key)
+        return default if f is None else f.value
+
+    def tensor_bytes(self, t: TensorInfo) -> np.ndarray:
+        """The raw bytes of a tensor, as a read-only uint8 view of the mapped file."""
+        return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=self.data_offset + t.offset)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+
+class _Cursor:
+    """Bounds-checked reads from the mapped header; every failure names the file and what was being read."""
+
+    def __init__(self, path: Path, buf):
+        self.path, self.buf, self.pos, self.size = path, buf, 0, len(buf)
+
+    def fail(self, what: str):
+        raise DggufError(f"{self.path}: corrupt or truncated GGUF ({what} at byte {self.pos})")
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            self.fail(f"file ends inside {what}")
+        v = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v[0] if len(v) == 1 else v
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", what)
+        if n > self.size - self.pos:
+            self.fail(f"{what} length {n} runs past the end of the file")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} is not UTF-8")
+
+    def value(self, t: int, what: str):
+        try:
+            t = V(t)
+        except ValueError:
+            self.fail(f"unknown value type {t} in {what}")
+        if t == V.STRING:
+            return Field(t, self.string(what))
+        if t == V.ARRAY:
+            it = self.unpack("<I", what)
+            n = self.unpack("<Q", what)
+            try:
+                it = V(it)
+            except ValueError:
+                self.fail(f"unknown array item type {it} in {what}")
+            if it == V.STRING:
+                if n > (self.size - self.pos) // 8:
+                    self.fail(f"{what} claims {n} strings")
+                return Field(t, [self.string(what) for _ in range(n)], it)
+            if it == V.ARRAY:
+                self.fail(f"nested arrays in {what}")
+            width = struct.calcsize(_SCALAR[it])
+            if n > (self.size - self.pos) // width:
+                self.fail(f"{what} claims {n} items")
+            arr = np.frombuffer(self.buf, dtype=_NUMPY[it], count=n, offset=self.pos)
+            self.pos += n * width
+            return Field(t, arr.tolist(), it)
+        return Field(t, self.unpack(_SCALAR[t], what))
+
+
+def read_gguf(path) -> GGUFFile:
+    """Parse and validate a GGUF header; tensor data stays memory-mapped."""
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise DggufError(f"{path}: cannot open: {e.strerror}") from e
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 24:
+            raise DggufError(f"{path}: not a GGUF file (only {size} bytes)")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _parse(path, mm)
+    except BaseException:
+        mm.close()
+        raise
+
+
+def _parse(path: Path, mm) -> GGUFFile:
+    c = _Cursor(path, mm)
+    if mm[:4] != MAGIC:
+        raise DggufError(f"{path}: not a GGUF file (bad magic {bytes(mm[:4])!r})")
+    c.pos = 4
+    version = c.unpack("<I", "version")
+    if version not in (2, 3):
+        raise DggufError(f"{path}: unsupported GGUF version {version} (2 or 3 expected)")
+    n_tensors, n_kv = c.unpack("<QQ", "counts")
+    if n_tensors > c.size // 24 or n_kv > c.size // 12:
+        c.fail(f"implausible counts ({n_tensors} tensors, {n_kv} KV pairs)")
+    fields: dict[str, Field] = {}
+    for _ in range(n_kv):
+        key = c.string("KV key")
+        fields[key] = c.value(c.unpack("<I", f"type of {key}"), key)
+    tensors = []
+    for _ in range(n_tensors):
+        name = c.string("tensor name")
+        nd = c.unpack("<I", f"dims of {name}")
+        if not 1 <= nd <= 4:
+            c.fail(f"tensor {name} has {nd} dimensions")
+        ne = tuple(c.unpack(f"<{nd}Q", f"shape of {name}")) if nd > 1 else (c.unpack("<Q", f"shape of {name}"),)
+        gt, off = c.unpack("<IQ", f"type of {name}")
+        tt = BY_GGML.get(gt)
+        if tt is None:
+            raise DggufError(f"{path}: tensor {name} has unsupported type {gt}")
+        if any(d == 0 for d in ne) or ne[0] % tt.block_size:
+            raise DggufError(f"{path}: tensor {name} has invalid shape {list(ne)} for type {tt.name}")
+        tensors.append(TensorInfo(name, ne, tt, off))
+    align = fields.get("general.alignment")
+    align = int(align.value) if align is not None else ALIGNMENT
+    if align <= 0 or align & (align - 1):
+        c.fail(f"general.alignment {align} is not a power of two")
+    data_offset = _align(c.pos, align)
+    names = set()
+    for t in tensors:
+        if t.name in names:
+            raise DggufError(f"{path}: tensor {t.name} appears twice")
+        names.add(t.name)
+        if t.offset % align:
+            raise DggufError(f"{path}: tensor {t.name} data offset {t.offset} is not aligned to {align}")
+        end = data_offset + t.offset + t.nbytes
+        if end > c.size:
+            raise DggufError(f"{path}: truncated: tensor {t.name} ends at byte {end}, file has {c.size}")
+    return GGUFFile(path, fields, tensors, data_offset, mm)

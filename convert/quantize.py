@@ -1,0 +1,193 @@
+"""Streaming conversion: checkpoint or GGUF in, GGUF out, one tensor at a time in bounded row chunks.
+
+Each chunk of rows is widened to float32 and encoded to its target type on a worker thread (the native
+quantizers release the GIL); results are written in order while at most 2 × threads chunks are in flight,
+so memory stays at a few chunk buffers whatever the tensor size.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from gguf.constants import GGUFValueType as V
+from tqdm import tqdm
+
+from . import native
+from .checkpoint import SourceTensor, read_config, read_generation_config, read_tensors
+from .errors import DggufError
+from .gguf_file import Field, GGUFFile, GGUFWriter, TensorInfo, read_gguf
+from .metadata import ARCH, model_fields, rope_freqs, tokenizer_fields
+from .presets import TypeChooser
+from .quant_types import TENSOR_TYPES, FileType, TensorType, file_type
+from .tensor_names import ROPE_FREQS, plan_tensors
+
+CHUNK_VALUES = 1 << 21   # 8 MiB of float32 per work item
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass
+class Job:
+    """One output tensor: where its rows come from and what type they become."""
+    info: TensorInfo
+    nrows: int
+    read_rows: Callable[[int, int], np.ndarray]     # (r0, r1) → float32 [r1-r0, ncols]
+    raw_rows: Callable[[int, int], np.ndarray] | None = None   # bytes already in the target type
+    source_bytes: int = 0
+
+
+def encode(x: np.ndarray, t: TensorType) -> np.ndarray:
+    """float32 rows → bytes of type t."""
+    if t.name == "F32":
+        return x
+    if t.name == "F16":
+        return x.astype(np.float16)
+    return native.quantize_rows(x, t.ggml)
+
+
+def write_jobs(writer: GGUFWriter, jobs: list[Job], threads: int, progress: bool) -> None:
+    total = sum(j.source_bytes for j in jobs)
+    with ThreadPoolExecutor(max_workers=threads) as pool, \
+            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None if progress else True,
+                 dynamic_ncols=True) as bar:
+        for job in jobs:
+            bar.set_description(job.info.name[:40])
+            ncols = job.info.ne[0]
+            step = max(1, CHUNK_VALUES // ncols)
+            per_row = job.source_bytes / max(job.nrows, 1)
+
+            def work(r0, r1, job=job):
+                if job.raw_rows is not None:
+                    return job.raw_rows(r0, r1)
+                return encode(job.read_rows(r0, r1), job.info.type)
+
+            pending: deque = deque()
+            for r0 in range(0, job.nrows, step):
+                r1 = min(job.nrows, r0 + step)
+                pending.append((pool.submit(work, r0, r1), r1 - r0))
+                if len(pending) >= 2 * threads:
+                    _drain_one(writer, pending, bar, per_row)
+            while pending:
+                _drain_one(writer, pending, bar, per_row)
+
+
+def _drain_one(writer, pending, bar, per_row) -> None:
+    fut, n = pending.popleft()
+    writer.write(np.ascontiguousarray(fut.result()))
+    bar.update(round(n * per_row))
+
+
+# ------------------------------------------------------------------------------------------- HF → GGUF
+
+def _widen(st: SourceTensor) -> Callable[[int, int], np.ndarray]:
+    view = st.view()
+    if st.dtype == "BF16":
+        return lambda r0, r1: native.bf16_to_f32(view[r0:r1])
+    return lambda r0, r1: np.asarray(view[r0:r1], dtype=np.float32)
+
+
+def _model_name(hf_dir: Path) -> str:
+    return re.sub(r"[-_]+", " ", hf_dir.resolve().name).strip().title() or "DiffusionGemma"
+
+
+def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = False, force: bool = False,
+                       threads: int | None = None, progress: bool = False) -> Path:
+    """Convert an HF DiffusionGemma checkpoint directory to GGUF. Returns the output path."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise DggufError(f"{hf_dir}: not a directory")
+    cfg, _ = read_config(hf_dir)
+    gen = read_generation_config(hf_dir)
+    sources = read_tensors(hf_dir)
+    order = plan_tensors(cfg, {n: t.shape for n, t in sources.items()})
+    if type_name is None:   # the checkpoint's own dtype
+        dt = sources["model.decoder.embed_tokens.weight"].dtype
+        type_name = {"F32": "F32", "F16": "F16", "BF16": "BF16"}[dt]
+    ft = file_type(type_name)
+    n_attn_v = sum(1 for _, g in order if g.endswith("attn_v.weight"))
+    chooser = TypeChooser(ft, cfg.num_hidden_layers, cfg.num_experts, n_attn_v,
+                          cfg.num_attention_heads // cfg.kv_heads[0], pure)
+
+    freqs = np.asarray(rope_freqs(cfg), dtype=np.float32)
+    jobs = [Job(TensorInfo(ROPE_FREQS, (freqs.size,), TENSOR_TYPES["F32"]), 1,
+                lambda r0, r1: freqs[None, :], source_bytes=freqs.nbytes)]
+    n_total = n_expert = 0
+    for hf_name, gname in order:
+        st = sources[hf_name]
+        ne = tuple(reversed(st.shape))
+        t = chooser.choose(gname, ne)
+        raw = None
+        if t.name == "BF16" and st.dtype == "BF16":
+            view = st.view()
+            raw = lambda r0, r1, view=view: view[r0:r1]
+        jobs.append(Job(TensorInfo(gname, ne, t), st.rows(), _widen(st), raw, st.nbytes))
+        n = int(np.prod(st.shape))
+        n_total += n
+        if "_exps." in gname and len(st.shape) == 3:
+            n_expert += n
+    fields = model_fields(cfg, gen, _model_name(hf_dir), ft.ftype,
+                          (n_total, n_total - n_expert, n_expert // cfg.num_experts))
+    fields.update(tokenizer_fields(hf_dir, cfg, gen))
+    with GGUFWriter(out, fields, [j.info for j in jobs], force) as w:
+        write_jobs(w, jobs, threads or default_threads(), progress)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ GGUF → GGUF
+
+def _dequantizer(g: GGUFFile, t: TensorInfo, nrows: int) -> Callable[[int, int], np.ndarray]:
+    raw = g.tensor_bytes(t).reshape(nrows, -1)
+    ncols = t.ne[0]
+    if t.type.name == "F32":
+        return lambda r0, r1: raw[r0:r1].view(np.float32)
+    if t.type.name == "F16":
+        return lambda r0, r1: raw[r0:r1].view(np.float16).astype(np.float32)
+    if t.type.name == "BF16":
+        return lambda r0, r1: native.bf16_to_f32(raw[r0:r1].view(np.uint16))
+    return lambda r0, r1: native.dequantize_rows(raw[r0:r1], t.type.ggml, ncols)
+
+
+def requantize(src, out, type_name: str, pure: bool = False, force: bool = False, threads: int | None = None,
+               progress: bool = False) -> Path:
+    """Re-encode a DiffusionGemma GGUF to another file type. Tensors already in their target type are copied."""
+    src, out = Path(src), Path(out)
+    ft: FileType = file_type(type_name)
+    g = read_gguf(src)
+    try:
+        arch = g.get("general.architecture")
+        if arch != ARCH:
+            raise DggufError(f"{src}: architecture {arch!r} is not {ARCH}")
+        n_layers = int(g.get(f"{ARCH}.block_count", 0))
+        kv = g.get(f"{ARCH}.attention.head_count_kv", [1])
+        kv0 = kv[0] if isinstance(kv, list) else kv
+        n_attn_v = sum(1 for t in g.tensors if t.name.endswith("attn_v.weight"))
+        chooser = TypeChooser(ft, n_layers, int(g.get(f"{ARCH}.expert_count", 0)), n_attn_v,
+                              int(g.get(f"{ARCH}.attention.head_count", 1)) // max(int(kv0), 1), pure)
+        jobs = []
+        for t in g.tensors:
+            nrows = t.nvalues // t.ne[0]
+            new = chooser.choose(t.name, t.ne)
+            raw = None
+            if new.ggml == t.type.ggml:
+                data = g.tensor_bytes(t).reshape(nrows, -1)
+                raw = lambda r0, r1, data=data: data[r0:r1]
+            jobs.append(Job(TensorInfo(t.name, t.ne, new), nrows, _dequantizer(g, t, nrows), raw, t.nbytes))
+        fields = dict(g.fields)
+        fields["general.file_type"] = Field(V.UINT32, ft.ftype)
+        fields["general.quantization_version"] = Field(V.UINT32, 2)
+        fields.pop("general.alignment", None)
+        with GGUFWriter(out, fields, [j.info for j in jobs], force) as w:
+            write_jobs(w, jobs, threads or default_threads(), progress)
+    finally:
+        g.close()
+    return out
+
+

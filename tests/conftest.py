@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny checkpoints from scripts/make_checkpoint.py (generated once per session) and the
+PR #24423 fixture files copied into tests/fixtures."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PR_TINY = FIXTURES / "pr24423-tiny"
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint():
+    return _load_script("make_checkpoint").make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, make_checkpoint):
+    """name → HF directory, built lazily once per test session."""
+    cache = {}
+
+    def get(config, **kw):
+        key = (config, tuple(sorted(kw.items())))
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"ckpt-{config}")
+            cache[key] = make_checkpoint(d / "hf", config=config, **kw)
+        return cache[key]
+    return get
