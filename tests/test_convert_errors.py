@@ -150,7 +150,7 @@ def test_disk_full_during_write_leaves_nothing(capsys, tmp_path, hf, monkeypatch
             self.f, self.n = f, 0
 
         def write(self, b):
-            self.n += len(b)
+            self.n += memoryview(b).nbytes
             if self.n > 100_000:
                 raise OSError(28, "No space left on device")
             return self.f.write(b)
