@@ -7,7 +7,9 @@
 The weights are random, but drawn so that a converter or runtime that maps a tensor wrongly changes the logits:
 every norm weight, router.scale and router.per_expert_scale is 1 + 0.1*N(0,1) (not the all-ones init), and the
 decoder and encoder `layer_scalar` buffers hold distinct values that never coincide (decoder 0.5+0.1*i, encoder
-0.85-0.1*i). Same arguments give byte-identical files.
+0.85-0.1*i). The tokenizer is a Gemma-style byte-fallback BPE of exactly the config's vocab size (0..6 specials,
+7..262 <0x00>..<0xFF>, then merges learned from a fixed built-in text) that prepends <bos>, as Gemma's does.
+Same arguments give byte-identical files.
 
 Named configs (S = sliding layer, F = full layer; every sliding window is shorter than the contexts tests use):
   tiny      like ../fixtures/pr24423-tiny: V=512, H=64, dense 128, 4 layers [S,F,S,F], 4 heads, sliding d16/2kv,
@@ -272,8 +274,8 @@ def shard_weights(out: Path, shards: int) -> None:
     single = out / "model.safetensors"
     with safe_open(single, "pt") as f:
         tensors = {name: f.get_tensor(name) for name in sorted(f.keys())}
-    if not 1 < shards <= len(tensors):
-        raise ValueError(f"--shards must be between 2 and {len(tensors)} (the tensor count), got {shards}")
+    if shards > len(tensors):
+        raise ValueError(f"shards must be at most {len(tensors)} (the tensor count), got {shards}")
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     total = sum(sizes.values())
 
@@ -318,6 +320,8 @@ def make_checkpoint(out_dir, config: str = "tiny", dtype: str | None = None, sha
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if config_form not in ("release", "resaved"):
         raise ValueError(f"unknown config form {config_form!r}; expected release or resaved")
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
