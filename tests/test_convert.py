@@ -182,3 +182,26 @@ def test_bf16_checkpoint_keeps_bf16_bits_and_rounds_embedding_scale(checkpoints,
 def test_vision_tower_is_dropped(checkpoints, tmp_path):
     r = GGUFReader(convert_checkpoint(checkpoints("tiny"), tmp_path / "o.gguf"))
     assert not any("vision" in t.name or "embed_vision" in t.name for t in r.tensors)
+
+
+def test_inspect_shows_keys_and_tensors_as_json_and_text(fixture_f32, capsys):
+    from dgguf.runtime.cli import main
+    assert main(["inspect", str(fixture_f32), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kv"]["diffusion-gemma.embedding_scale"] == {"type": "FLOAT32", "value": 8.0}
+    assert doc["kv"]["diffusion.eos_token_ids"]["type"] == "ARRAY[UINT32]"
+    ref = GGUFReader(PR_TINY / "tiny-f32.gguf")
+    assert [t["name"] for t in doc["tensors"]] == [t.name for t in ref.tensors]
+    assert main(["inspect", str(fixture_f32)]) == 0
+    text = capsys.readouterr().out
+    for key in OUR_KEYS:
+        assert key in text
+
+
+def test_inspect_rejects_a_truncated_gguf_in_one_line(fixture_f32, tmp_path, capsys):
+    from dgguf.runtime.cli import main
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(fixture_f32.read_bytes()[:-5000])
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "truncated" in err and "\n" not in err
