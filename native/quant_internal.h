@@ -1,0 +1,159 @@
+/* quant_internal.h: block layouts and helpers shared by quant.c and quant_k.c.
+ *
+ * Block structs mirror ggml's on-disk byte layout exactly (little-endian,
+ * no padding); the _Static_asserts pin the sizes GGUF readers expect.
+ * Half-precision fields are stored as raw uint16 bits.
+ */
+#ifndef DGGUF_QUANT_INTERNAL_H
+#define DGGUF_QUANT_INTERNAL_H
+
+#include <stdint.h>
+#include <string.h>
+
+#define QK4_0 32
+#define QK4_1 32
+#define QK5_0 32
+#define QK5_1 32
+#define QK8_0 32
+#define QK_K 256
+#define K_SCALE_SIZE 12
+
+typedef struct {
+    uint16_t d;              /* scale (f16) */
+    uint8_t qs[QK4_0 / 2];   /* nibbles: value j in low half of byte j, value j+16 in the high half */
+} block_q4_0;
+_Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 layout");
+
+typedef struct {
+    uint16_t d;              /* scale (f16) */
+    uint16_t m;              /* min (f16) */
+    uint8_t qs[QK4_1 / 2];
+} block_q4_1;
+_Static_assert(sizeof(block_q4_1) == 20, "block_q4_1 layout");
+
+typedef struct {
+    uint16_t d;
+    uint8_t qh[4];           /* 5th bit of each value, little-endian uint32 */
+    uint8_t qs[QK5_0 / 2];
+} block_q5_0;
+_Static_assert(sizeof(block_q5_0) == 22, "block_q5_0 layout");
+
+typedef struct {
+    uint16_t d;
+    uint16_t m;
+    uint8_t qh[4];
+    uint8_t qs[QK5_1 / 2];
+} block_q5_1;
+_Static_assert(sizeof(block_q5_1) == 24, "block_q5_1 layout");
+
+typedef struct {
+    uint16_t d;
+    int8_t qs[QK8_0];
+} block_q8_0;
+_Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 layout");
+
+/* 2-bit: 16 sub-blocks of 16, 4-bit scale (low nibble) and 4-bit min (high nibble) each. */
+typedef struct {
+    uint8_t scales[QK_K / 16];
+    uint8_t qs[QK_K / 4];
+    uint16_t d;
+    uint16_t dmin;
+} block_q2_K;
+_Static_assert(sizeof(block_q2_K) == 84, "block_q2_K layout");
+
+/* 3-bit: 2 low bits in qs, high bit in hmask (set means "no -4 offset"), 16 signed 6-bit scales. */
+typedef struct {
+    uint8_t hmask[QK_K / 8];
+    uint8_t qs[QK_K / 4];
+    uint8_t scales[12];
+    uint16_t d;
+} block_q3_K;
+_Static_assert(sizeof(block_q3_K) == 110, "block_q3_K layout");
+
+/* 4-bit: 8 sub-blocks of 32, 6-bit scale and 6-bit min each, packed into 12 bytes. */
+typedef struct {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[K_SCALE_SIZE];
+    uint8_t qs[QK_K / 2];
+} block_q4_K;
+_Static_assert(sizeof(block_q4_K) == 144, "block_q4_K layout");
+
+typedef struct {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[K_SCALE_SIZE];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+} block_q5_K;
+_Static_assert(sizeof(block_q5_K) == 176, "block_q5_K layout");
+
+/* 6-bit: 4 low bits in ql, 2 high bits in qh, 16 int8 scales. */
+typedef struct {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    uint16_t d;
+} block_q6_K;
+_Static_assert(sizeof(block_q6_K) == 210, "block_q6_K layout");
+
+static inline uint32_t dg_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float dg_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* IEEE half -> float (exact). */
+static inline float dg_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0x1f) return dg_bits_f32(sign | 0x7f800000 | (man << 13));
+    if (exp == 0) {
+        /* subnormal (or zero): man * 2^-24, exact in float */
+        float v = (float)man * (1.0f / 16777216.0f);
+        return sign ? -v : v;
+    }
+    return dg_bits_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+/* float -> IEEE half, round to nearest even, overflow to inf. NaNs keep their
+ * top payload bits (and never collapse to inf), as numpy's astype(float16) does,
+ * so F16 output is byte-identical to gguf-py. */
+static inline uint16_t dg_f32_to_f16(float f) {
+    uint32_t x = dg_f32_bits(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000) {
+        if (ax == 0x7f800000) return sign | 0x7c00;
+        uint16_t r = (uint16_t)(0x7c00 | ((ax & 0x7fffff) >> 13));
+        if (r == 0x7c00) r++;
+        return sign | r;
+    }
+    if (ax >= 0x477ff000) return sign | 0x7c00;          /* >= 65520 rounds to inf */
+    if (ax >= 0x38800000) {                               /* normal half */
+        uint32_t m = ax - (112u << 23);
+        return sign | (uint16_t)((m + 0x0fff + ((m >> 13) & 1)) >> 13);
+    }
+    if (ax <= 0x33000000) return sign;                    /* <= 2^-25 rounds to zero */
+    uint32_t mant = (ax & 0x7fffff) | 0x800000;
+    int shift = 126 - (int)(ax >> 23);                    /* 14..24 */
+    uint32_t r = mant >> shift, rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1))) r++;
+    return sign | (uint16_t)r;
+}
+
+static inline int dg_is_finite_bits(float f) { return (dg_f32_bits(f) & 0x7f800000) != 0x7f800000; }
+
+/* Row kernels: n values (a multiple of the type's block size). */
+typedef void (*dg_quantize_fn)(const float *x, void *dst, int64_t n);
+typedef void (*dg_dequantize_fn)(const void *src, float *y, int64_t n);
+
+void dg_quantize_row_q2_K(const float *x, void *dst, int64_t n);
+void dg_quantize_row_q3_K(const float *x, void *dst, int64_t n);
+void dg_quantize_row_q4_K(const float *x, void *dst, int64_t n);
+void dg_quantize_row_q5_K(const float *x, void *dst, int64_t n);
+void dg_quantize_row_q6_K(const float *x, void *dst, int64_t n);
+void dg_dequantize_row_q2_K(const void *src, float *y, int64_t n);
+void dg_dequantize_row_q3_K(const void *src, float *y, int64_t n);
+void dg_dequantize_row_q4_K(const void *src, float *y, int64_t n);
+void dg_dequantize_row_q5_K(const void *src, float *y, int64_t n);
+void dg_dequantize_row_q6_K(const void *src, float *y, int64_t n);
+
+#endif

@@ -1,0 +1,465 @@
+/* quant_k.c: K-quants (256-value super-blocks of 16- or 32-value sub-blocks).
+ *
+ * Quantization is two-level: each sub-block gets a least-squares scale (and
+ * min for the asymmetric types), then those are themselves quantized to 4, 6
+ * or 8 bits against one f16 super-block scale, and the values are rounded
+ * against the scales as stored.
+ *
+ * The sub-block search minimises plain squared error. Every sub-block of a
+ * super-block is fitted at once, one sub-block per lane (the input is
+ * transposed first), so the inner loops are branch-free and identical across
+ * lanes: the compiler vectorises them, and the same source compiled with AVX2
+ * enabled is the fast path (quant_k_search.h, instantiated twice below). Both
+ * builds do the same IEEE operations in the same order, so they agree bit for bit.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "quant_internal.h"
+
+#define MAX_LANES 16
+
+/* Candidate inverse scales are (nmax + delta) / range; a handful of deltas
+ * around the range-filling scale, then Lloyd steps from the best fit, find the
+ * least-squares optimum about as well as a dense scan at a fraction of the cost. */
+typedef struct {
+    const float *deltas;
+    int ndeltas;
+    int nrefine;
+} search_plan;
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* x ~ scale * l + min, l in [0, nmax], min <= 0. xt holds sb values of each of
+ * ns lanes, lane-minor (xt[i * ns + s]). Outputs scale >= 0 and mins = -min >= 0. */
+static ALWAYS_INLINE void fit_asym(const float *restrict xt, const int sb, const int ns, const int nmax,
+                                   const search_plan plan, float *restrict scale, float *restrict mins) {
+    float lo[MAX_LANES], hi[MAX_LANES], sx[MAX_LANES];
+    float best_g[MAX_LANES], best_s[MAX_LANES], best_m[MAX_LANES], inv_range[MAX_LANES];
+    for (int s = 0; s < ns; s++) { lo[s] = xt[s]; hi[s] = xt[s]; sx[s] = 0.0f; }
+    for (int i = 0; i < sb; i++)
+        for (int s = 0; s < ns; s++) {
+            const float v = xt[i * ns + s];
+            lo[s] = v < lo[s] ? v : lo[s];
+            hi[s] = v > hi[s] ? v : hi[s];
+            sx[s] += v;
+        }
+    const float n = (float)sb;
+    for (int s = 0; s < ns; s++) {
+        lo[s] = lo[s] > 0.0f ? 0.0f : lo[s];
+        const float range = hi[s] - lo[s];
+        inv_range[s] = range > 0.0f ? 1.0f / range : 0.0f;
+        /* fallback: a constant fit (scale 0, min = mean if negative); gain = min * sum */
+        const float m0 = sx[s] < 0.0f ? sx[s] / n : 0.0f;
+        best_s[s] = 0.0f; best_m[s] = m0; best_g[s] = m0 * sx[s];
+    }
+    for (int k = 0; k < plan.ndeltas + plan.nrefine; k++) {
+        float iscale[MAX_LANES], off[MAX_LANES];
+        for (int s = 0; s < ns; s++) {
+            if (k < plan.ndeltas) {
+                iscale[s] = ((float)nmax + plan.deltas[k]) * inv_range[s];
+                off[s] = lo[s];
+            } else {
+                iscale[s] = best_s[s] > 0.0f ? 1.0f / best_s[s] : 0.0f;
+                off[s] = best_m[s];
+            }
+        }
+        float sl[MAX_LANES] = {0}, sll[MAX_LANES] = {0}, sxl[MAX_LANES] = {0};
+        for (int i = 0; i < sb; i++)
+            for (int s = 0; s < ns; s++) {
+                const float v = xt[i * ns + s];
+                float t = (v - off[s]) * iscale[s] + 0.5f;
+                t = t < 0.0f ? 0.0f : t;
+                t = t > (float)nmax ? (float)nmax : t;
+                const float l = (float)(int)t;
+                sl[s] += l;
+                sll[s] += l * l;
+                sxl[s] += v * l;
+            }
+        for (int s = 0; s < ns; s++) {
+            const float det = n * sll[s] - sl[s] * sl[s];
+            float sc = det > 0.0f ? (n * sxl[s] - sx[s] * sl[s]) / det : 0.0f;
+            float mn = det > 0.0f ? (sll[s] * sx[s] - sl[s] * sxl[s]) / det : 0.0f;
+            /* a positive min is not storable, and det == 0 (every l equal, e.g. a
+             * constant sub-block) leaves the min free: fit the scale alone */
+            if (mn > 0.0f || !(det > 0.0f)) {
+                mn = 0.0f;
+                sc = sll[s] > 0.0f ? sxl[s] / sll[s] : 0.0f;
+            }
+            /* at the least-squares solution, error = sum x^2 - (sc * sxl + mn * sx) */
+            const float g = sc * sxl[s] + mn * sx[s];
+            const int better = sc > 0.0f && g > best_g[s];
+            best_g[s] = better ? g : best_g[s];
+            best_s[s] = better ? sc : best_s[s];
+            best_m[s] = better ? mn : best_m[s];
+        }
+    }
+    for (int s = 0; s < ns; s++) { scale[s] = best_s[s]; mins[s] = -best_m[s]; }
+}
+
+/* x ~ scale * l, l in [-nmax, nmax - 1]; the scale's sign puts the largest
+ * magnitude on the -nmax side, which has the extra level. */
+static ALWAYS_INLINE void fit_sym(const float *restrict xt, const int sb, const int ns, const int nmax,
+                                  const search_plan plan, float *restrict scale) {
+    float amax[MAX_LANES], vmax[MAX_LANES], best_g[MAX_LANES], best_s[MAX_LANES];
+    for (int s = 0; s < ns; s++) { amax[s] = 0.0f; vmax[s] = 0.0f; best_g[s] = 0.0f; best_s[s] = 0.0f; }
+    for (int i = 0; i < sb; i++)
+        for (int s = 0; s < ns; s++) {
+            const float v = xt[i * ns + s];
+            const float a = fabsf(v);
+            const int bigger = a > amax[s];
+            amax[s] = bigger ? a : amax[s];
+            vmax[s] = bigger ? v : vmax[s];
+        }
+    float inv_max[MAX_LANES];
+    for (int s = 0; s < ns; s++) inv_max[s] = amax[s] > 1e-30f ? -1.0f / vmax[s] : 0.0f;
+    const float top = (float)(2 * nmax - 1);
+    for (int k = 0; k < plan.ndeltas + plan.nrefine; k++) {
+        float iscale[MAX_LANES];
+        for (int s = 0; s < ns; s++)
+            iscale[s] = k < plan.ndeltas ? ((float)nmax + plan.deltas[k]) * inv_max[s]
+                                         : (best_s[s] != 0.0f ? 1.0f / best_s[s] : 0.0f);
+        float sll[MAX_LANES] = {0}, sxl[MAX_LANES] = {0};
+        for (int i = 0; i < sb; i++)
+            for (int s = 0; s < ns; s++) {
+                const float v = xt[i * ns + s];
+                float t = v * iscale[s] + ((float)nmax + 0.5f);
+                t = t < 0.0f ? 0.0f : t;
+                t = t > top ? top : t;
+                const float l = (float)(int)t - (float)nmax;
+                sll[s] += l * l;
+                sxl[s] += v * l;
+            }
+        for (int s = 0; s < ns; s++) {
+            const float sc = sll[s] > 0.0f ? sxl[s] / sll[s] : 0.0f;
+            const float g = sc * sxl[s];
+            const int better = g > best_g[s];
+            best_g[s] = better ? g : best_g[s];
+            best_s[s] = better ? sc : best_s[s];
+        }
+    }
+    for (int s = 0; s < ns; s++) scale[s] = best_s[s];
+}
+
+/* Lane-minor copy of one super-block: xt[i * ns + s] = x[s * sb + i]. */
+static ALWAYS_INLINE void transpose(const float *restrict x, float *restrict xt, const int sb, const int ns) {
+    for (int s = 0; s < ns; s++)
+        for (int i = 0; i < sb; i++) xt[i * ns + s] = x[s * sb + i];
+}
+
+/* Round (x + m) / d to [0, nmax] (asymmetric) given the stored scale d and min m. */
+static ALWAYS_INLINE void round_asym(const float *restrict x, uint8_t *restrict L, const int n, const int nmax,
+                                     const float d, const float m) {
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < n; i++) {
+        float t = (x[i] + m) * id + 0.5f;
+        t = t < 0.0f ? 0.0f : t;
+        t = t > (float)nmax ? (float)nmax : t;
+        L[i] = (uint8_t)(int)t;
+    }
+}
+
+/* Round x / d to [-nmax, nmax - 1], stored with +nmax offset. */
+static ALWAYS_INLINE void round_sym(const float *restrict x, uint8_t *restrict L, const int n, const int nmax,
+                                    const float d) {
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const float top = (float)(2 * nmax - 1);
+    for (int i = 0; i < n; i++) {
+        float t = x[i] * id + ((float)nmax + 0.5f);
+        t = t < 0.0f ? 0.0f : t;
+        t = t > top ? top : t;
+        L[i] = (uint8_t)(int)t;
+    }
+}
+
+static inline int nearest(float v) { return (int)floorf(v + 0.5f); }
+
+/* Quantize non-negative per-sub-block values to [0, qmax] against one f16 scale;
+ * returns the stored scale as a float. */
+static inline float quantize_scales_unsigned(const float *v, uint8_t *q, int ns, int qmax, uint16_t *d16) {
+    float vmax = 0.0f;
+    for (int s = 0; s < ns; s++) vmax = v[s] > vmax ? v[s] : vmax;
+    if (!(vmax > 0.0f)) {
+        memset(q, 0, (size_t)ns);
+        *d16 = 0;
+        return 0.0f;
+    }
+    *d16 = dg_f32_to_f16(vmax / (float)qmax);
+    const float d = dg_f16_to_f32(*d16);
+    const float id = d > 0.0f ? 1.0f / d : 0.0f;
+    for (int s = 0; s < ns; s++) {
+        int l = nearest(v[s] * id);
+        q[s] = (uint8_t)(l < 0 ? 0 : l > qmax ? qmax : l);
+    }
+    return d;
+}
+
+/* ---- per-type search plans -------------------------------------------------- */
+
+static const float DELTAS_Q2[] = {-0.5f, 0.0f, 0.5f, 1.0f};
+static const float DELTAS_Q3[] = {-0.5f, 0.0f, 0.5f};
+static const float DELTAS_Q4[] = {-1.0f, -0.5f, 0.0f, 0.5f, 1.0f};
+static const float DELTAS_Q5[] = {-0.5f, 0.0f, 0.5f, 1.0f};
+static const float DELTAS_Q6[] = {-0.5f, 0.0f, 0.5f};
+
+#define PLAN(d, r) ((search_plan){(d), (int)(sizeof(d) / sizeof((d)[0])), (r)})
+
+/* ---- block kernels (instantiated for each ISA) ------------------------------ */
+
+static ALWAYS_INLINE void q2_K_block(const float *restrict x, block_q2_K *restrict y) {
+    float xt[QK_K], scale[16], mins[16];
+    uint8_t ls[16], lm[16], L[QK_K];
+    transpose(x, xt, 16, 16);
+    fit_asym(xt, 16, 16, 3, PLAN(DELTAS_Q2, 2), scale, mins);
+    uint16_t d16, m16;
+    const float d = quantize_scales_unsigned(scale, ls, 16, 15, &d16);
+    const float dm = quantize_scales_unsigned(mins, lm, 16, 15, &m16);
+    y->d = d16;
+    y->dmin = m16;
+    for (int s = 0; s < 16; s++) {
+        y->scales[s] = (uint8_t)(ls[s] | (lm[s] << 4));
+        round_asym(x + 16 * s, L + 16 * s, 16, 3, d * (float)ls[s], dm * (float)lm[s]);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t *q = L + 128 * h + l;
+            y->qs[32 * h + l] = (uint8_t)(q[0] | q[32] << 2 | q[64] << 4 | q[96] << 6);
+        }
+}
+
+static ALWAYS_INLINE void q3_K_block(const float *restrict x, block_q3_K *restrict y) {
+    float xt[QK_K], scale[16];
+    uint8_t L[QK_K];
+    transpose(x, xt, 16, 16);
+    fit_sym(xt, 16, 16, 4, PLAN(DELTAS_Q3, 2), scale);
+    float vmax = 0.0f, amax = 0.0f;
+    for (int s = 0; s < 16; s++)
+        if (fabsf(scale[s]) > amax) { amax = fabsf(scale[s]); vmax = scale[s]; }
+    memset(y->scales, 0, sizeof(y->scales));
+    int8_t sc[16] = {0};
+    float d = 0.0f;
+    if (amax > 0.0f) {
+        y->d = dg_f32_to_f16(vmax / -32.0f);
+        d = dg_f16_to_f32(y->d);
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (int s = 0; s < 16; s++) {
+            int l = nearest(scale[s] * id);
+            sc[s] = (int8_t)(l < -32 ? -32 : l > 31 ? 31 : l);
+        }
+    } else {
+        y->d = 0;
+    }
+    for (int s = 0; s < 16; s++) {
+        const int u = sc[s] + 32;
+        y->scales[s % 8] |= (uint8_t)((u & 0xf) << (4 * (s / 8)));
+        y->scales[8 + s % 4] |= (uint8_t)((u >> 4) << (2 * (s / 4)));
+        round_sym(x + 16 * s, L + 16 * s, 16, 4, d * (float)sc[s]);
+    }
+    memset(y->hmask, 0, sizeof(y->hmask));
+    for (int j = 0; j < 8; j++)
+        for (int l = 0; l < 32; l++) y->hmask[l] |= (uint8_t)((L[32 * j + l] >> 2) << j);
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t *q = L + 128 * h + l;
+            y->qs[32 * h + l] = (uint8_t)((q[0] & 3) | (q[32] & 3) << 2 | (q[64] & 3) << 4 | (q[96] & 3) << 6);
+        }
+}
+
+/* Q4_K and Q5_K share the 12-byte packing of eight 6-bit scales and mins. */
+static inline void pack_scales_k4(uint8_t *out, const uint8_t *ls, const uint8_t *lm) {
+    for (int j = 0; j < 4; j++) {
+        out[j] = (uint8_t)(ls[j] | (ls[j + 4] >> 4) << 6);
+        out[j + 4] = (uint8_t)(lm[j] | (lm[j + 4] >> 4) << 6);
+        out[j + 8] = (uint8_t)((ls[j + 4] & 0xf) | (lm[j + 4] & 0xf) << 4);
+    }
+}
+
+static inline void unpack_scales_k4(const uint8_t *in, uint8_t *ls, uint8_t *lm) {
+    for (int j = 0; j < 4; j++) {
+        ls[j] = in[j] & 63;
+        lm[j] = in[j + 4] & 63;
+        ls[j + 4] = (uint8_t)((in[j + 8] & 0xf) | (in[j] >> 6) << 4);
+        lm[j + 4] = (uint8_t)((in[j + 8] >> 4) | (in[j + 4] >> 6) << 4);
+    }
+}
+
+/* Shared by Q4_K (nmax 15) and Q5_K (nmax 31): fills d, dmin, scales and L. */
+static ALWAYS_INLINE void k4_common(const float *restrict x, uint16_t *d16, uint16_t *m16, uint8_t *scales,
+                                    uint8_t *restrict L, const int nmax, const search_plan plan) {
+    float xt[QK_K], scale[8], mins[8];
+    uint8_t ls[8], lm[8];
+    transpose(x, xt, 32, 8);
+    fit_asym(xt, 32, 8, nmax, plan, scale, mins);
+    const float d = quantize_scales_unsigned(scale, ls, 8, 63, d16);
+    const float dm = quantize_scales_unsigned(mins, lm, 8, 63, m16);
+    pack_scales_k4(scales, ls, lm);
+    for (int s = 0; s < 8; s++) round_asym(x + 32 * s, L + 32 * s, 32, nmax, d * (float)ls[s], dm * (float)lm[s]);
+}
+
+static ALWAYS_INLINE void q4_K_block(const float *restrict x, block_q4_K *restrict y) {
+    uint8_t L[QK_K];
+    k4_common(x, &y->d, &y->dmin, y->scales, L, 15, PLAN(DELTAS_Q4, 2));
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++) y->qs[32 * c + l] = (uint8_t)(L[64 * c + l] | L[64 * c + 32 + l] << 4);
+}
+
+static ALWAYS_INLINE void q5_K_block(const float *restrict x, block_q5_K *restrict y) {
+    uint8_t L[QK_K];
+    k4_common(x, &y->d, &y->dmin, y->scales, L, 31, PLAN(DELTAS_Q5, 2));
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++)
+            y->qs[32 * c + l] = (uint8_t)((L[64 * c + l] & 0xf) | (L[64 * c + 32 + l] & 0xf) << 4);
+    for (int l = 0; l < 32; l++) {
+        uint8_t h = 0;
+        for (int j = 0; j < 8; j++) h |= (uint8_t)((L[32 * j + l] >> 4) << j);
+        y->qh[l] = h;
+    }
+}
+
+static ALWAYS_INLINE void q6_K_block(const float *restrict x, block_q6_K *restrict y) {
+    float xt[QK_K], scale[16];
+    uint8_t L[QK_K];
+    transpose(x, xt, 16, 16);
+    fit_sym(xt, 16, 16, 32, PLAN(DELTAS_Q6, 2), scale);
+    float vmax = 0.0f, amax = 0.0f;
+    for (int s = 0; s < 16; s++)
+        if (fabsf(scale[s]) > amax) { amax = fabsf(scale[s]); vmax = scale[s]; }
+    float d = 0.0f;
+    if (amax > 0.0f) {
+        y->d = dg_f32_to_f16(vmax / -128.0f);
+        d = dg_f16_to_f32(y->d);
+    } else {
+        y->d = 0;
+    }
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int s = 0; s < 16; s++) {
+        int l = nearest(scale[s] * id);
+        y->scales[s] = (int8_t)(l < -128 ? -128 : l > 127 ? 127 : l);
+        round_sym(x + 16 * s, L + 16 * s, 16, 32, d * (float)y->scales[s]);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t *q = L + 128 * h + l;
+            y->ql[64 * h + l] = (uint8_t)((q[0] & 0xf) | (q[64] & 0xf) << 4);
+            y->ql[64 * h + 32 + l] = (uint8_t)((q[32] & 0xf) | (q[96] & 0xf) << 4);
+            y->qh[32 * h + l] = (uint8_t)((q[0] >> 4) | (q[32] >> 4) << 2 | (q[64] >> 4) << 4 | (q[96] >> 4) << 6);
+        }
+}
+
+/* ---- row entry points: the portable build, and an AVX2 build of the same source ---- */
+
+#define DEFINE_ROW(T, SUFFIX, ATTR)                                                  \
+    ATTR static void quantize_row_##T##_##SUFFIX(const float *x, void *dst, int64_t n) { \
+        block_##T *y = dst;                                                          \
+        for (int64_t b = 0; b < n / QK_K; b++) T##_block(x + b * QK_K, y + b);      \
+    }
+
+#define DEFINE_ALL(SUFFIX, ATTR) \
+    DEFINE_ROW(q2_K, SUFFIX, ATTR) \
+    DEFINE_ROW(q3_K, SUFFIX, ATTR) \
+    DEFINE_ROW(q4_K, SUFFIX, ATTR) \
+    DEFINE_ROW(q5_K, SUFFIX, ATTR) \
+    DEFINE_ROW(q6_K, SUFFIX, ATTR)
+
+DEFINE_ALL(ref, )
+
+#if defined(__x86_64__)
+DEFINE_ALL(avx2, __attribute__((target("avx2,fma"))))
+/* DGGUF_NO_SIMD=1 forces the portable build (tests compare the two). */
+static int have_avx2(void) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !getenv("DGGUF_NO_SIMD");
+}
+#define DISPATCH(T)                                                                   \
+    void dg_quantize_row_##T(const float *x, void *dst, int64_t n) {                 \
+        if (have_avx2()) quantize_row_##T##_avx2(x, dst, n);                         \
+        else quantize_row_##T##_ref(x, dst, n);                                      \
+    }
+#else
+#define DISPATCH(T) \
+    void dg_quantize_row_##T(const float *x, void *dst, int64_t n) { quantize_row_##T##_ref(x, dst, n); }
+#endif
+
+DISPATCH(q2_K)
+DISPATCH(q3_K)
+DISPATCH(q4_K)
+DISPATCH(q5_K)
+DISPATCH(q6_K)
+
+/* ---- dequantization ---------------------------------------------------------- */
+
+void dg_dequantize_row_q2_K(const void *src, float *y, int64_t n) {
+    const block_q2_K *x = src;
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+        const float d = dg_f16_to_f32(x[b].d), dmin = dg_f16_to_f32(x[b].dmin);
+        for (int v = 0; v < QK_K; v++) {
+            const uint8_t sc = x[b].scales[v / 16];
+            const float dl = d * (float)(sc & 0xf), ml = dmin * (float)(sc >> 4);
+            const int q = (x[b].qs[32 * (v / 128) + v % 32] >> (2 * ((v % 128) / 32))) & 3;
+            y[v] = dl * (float)q - ml;
+        }
+    }
+}
+
+void dg_dequantize_row_q3_K(const void *src, float *y, int64_t n) {
+    const block_q3_K *x = src;
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+        const float d = dg_f16_to_f32(x[b].d);
+        float dl[16];
+        for (int s = 0; s < 16; s++) {
+            const int lo = (x[b].scales[s % 8] >> (4 * (s / 8))) & 0xf;
+            const int hi = (x[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+            dl[s] = d * (float)((lo | hi << 4) - 32);
+        }
+        for (int v = 0; v < QK_K; v++) {
+            const int lo = (x[b].qs[32 * (v / 128) + v % 32] >> (2 * ((v % 128) / 32))) & 3;
+            const int hbit = (x[b].hmask[v % 32] >> (v / 32)) & 1;
+            y[v] = dl[v / 16] * (float)(lo - (hbit ? 0 : 4));
+        }
+    }
+}
+
+void dg_dequantize_row_q4_K(const void *src, float *y, int64_t n) {
+    const block_q4_K *x = src;
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+        const float d = dg_f16_to_f32(x[b].d), dmin = dg_f16_to_f32(x[b].dmin);
+        uint8_t ls[8], lm[8];
+        unpack_scales_k4(x[b].scales, ls, lm);
+        for (int s = 0; s < 8; s++) {
+            const float dl = d * (float)ls[s], ml = dmin * (float)lm[s];
+            for (int l = 0; l < 32; l++) {
+                const int q = (x[b].qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0xf;
+                y[32 * s + l] = dl * (float)q - ml;
+            }
+        }
+    }
+}
+
+void dg_dequantize_row_q5_K(const void *src, float *y, int64_t n) {
+    const block_q5_K *x = src;
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+        const float d = dg_f16_to_f32(x[b].d), dmin = dg_f16_to_f32(x[b].dmin);
+        uint8_t ls[8], lm[8];
+        unpack_scales_k4(x[b].scales, ls, lm);
+        for (int s = 0; s < 8; s++) {
+            const float dl = d * (float)ls[s], ml = dmin * (float)lm[s];
+            for (int l = 0; l < 32; l++) {
+                const int q = ((x[b].qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0xf) | ((x[b].qh[l] >> s) & 1) << 4;
+                y[32 * s + l] = dl * (float)q - ml;
+            }
+        }
+    }
+}
+
+void dg_dequantize_row_q6_K(const void *src, float *y, int64_t n) {
+    const block_q6_K *x = src;
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+        const float d = dg_f16_to_f32(x[b].d);
+        for (int v = 0; v < QK_K; v++) {
+            const int h = v / 128, r = v % 128;
+            const int lo = (x[b].ql[64 * h + r % 64] >> (4 * (r / 64))) & 0xf;
+            const int hi = (x[b].qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
+            y[v] = (d * (float)x[b].scales[v / 16]) * (float)((lo | hi << 4) - 32);
+        }
+    }
+}
