@@ -214,8 +214,12 @@ class GGUFFile:
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=self.data_offset + t.offset)
 
     def close(self) -> None:
+        """Release the mapping; arrays still viewing it keep it alive until they are gone."""
         if self._mm is not None:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
             self._mm = None
 
 
