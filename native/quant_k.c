@@ -49,7 +49,7 @@ static ALWAYS_INLINE void fit_asym(const float *restrict xt, const int sb, const
     for (int s = 0; s < ns; s++) {
         lo[s] = lo[s] > 0.0f ? 0.0f : lo[s];
         const float range = hi[s] - lo[s];
-        inv_range[s] = range > 0.0f ? 1.0f / range : 0.0f;
+        inv_range[s] = range > 1e-30f ? 1.0f / range : 0.0f;   /* keeps 1/range finite */
         /* fallback: a constant fit (scale 0, min = mean if negative); gain = min * sum */
         const float m0 = sx[s] < 0.0f ? sx[s] / n : 0.0f;
         best_s[s] = 0.0f; best_m[s] = m0; best_g[s] = m0 * sx[s];
@@ -61,7 +61,7 @@ static ALWAYS_INLINE void fit_asym(const float *restrict xt, const int sb, const
                 iscale[s] = ((float)nmax + plan.deltas[k]) * inv_range[s];
                 off[s] = lo[s];
             } else {
-                iscale[s] = best_s[s] > 0.0f ? 1.0f / best_s[s] : 0.0f;
+                iscale[s] = best_s[s] > 1e-30f ? 1.0f / best_s[s] : 0.0f;
                 off[s] = best_m[s];
             }
         }
@@ -70,7 +70,7 @@ static ALWAYS_INLINE void fit_asym(const float *restrict xt, const int sb, const
             for (int s = 0; s < ns; s++) {
                 const float v = xt[i * ns + s];
                 float t = (v - off[s]) * iscale[s] + 0.5f;
-                t = t < 0.0f ? 0.0f : t;
+                t = t >= 0.0f ? t : 0.0f; /* also maps NaN (inf * 0 in absurd ranges) to 0 */
                 t = t > (float)nmax ? (float)nmax : t;
                 const float l = (float)(int)t;
                 sl[s] += l;
@@ -119,13 +119,13 @@ static ALWAYS_INLINE void fit_sym(const float *restrict xt, const int sb, const 
         float iscale[MAX_LANES];
         for (int s = 0; s < ns; s++)
             iscale[s] = k < plan.ndeltas ? ((float)nmax + plan.deltas[k]) * inv_max[s]
-                                         : (best_s[s] != 0.0f ? 1.0f / best_s[s] : 0.0f);
+                                         : (fabsf(best_s[s]) > 1e-30f ? 1.0f / best_s[s] : 0.0f);
         float sll[MAX_LANES] = {0}, sxl[MAX_LANES] = {0};
         for (int i = 0; i < sb; i++)
             for (int s = 0; s < ns; s++) {
                 const float v = xt[i * ns + s];
                 float t = v * iscale[s] + ((float)nmax + 0.5f);
-                t = t < 0.0f ? 0.0f : t;
+                t = t >= 0.0f ? t : 0.0f;
                 t = t > top ? top : t;
                 const float l = (float)(int)t - (float)nmax;
                 sll[s] += l * l;
@@ -142,6 +142,155 @@ static ALWAYS_INLINE void fit_sym(const float *restrict xt, const int sb, const 
     for (int s = 0; s < ns; s++) scale[s] = best_s[s];
 }
 
+
+/* ---- the same searches on 8 lanes at a time (GCC vector extensions) ----------
+ * Lane for lane these do exactly the operations of fit_asym / fit_sym above, so
+ * results are identical; compiled for the baseline ISA they become SSE2/NEON
+ * pairs, inside the AVX2 instantiation single 256-bit instructions. */
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* the helpers below are static and always inlined, so no vector crosses a real call ABI */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static ALWAYS_INLINE v8f vsplat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
+static ALWAYS_INLINE v8f vload(const float *p) { v8f v; memcpy(&v, p, sizeof(v)); return v; }
+static ALWAYS_INLINE void vstore(float *p, v8f v) { memcpy(p, &v, sizeof(v)); }
+static ALWAYS_INLINE v8f vsel(v8i m, v8f a, v8f b) { return (v8f)((m & (v8i)a) | (~m & (v8i)b)); }
+/* (float)(int)t, for t already clamped to [0, top] */
+static ALWAYS_INLINE v8f vtrunc(v8f t) { return __builtin_convertvector(__builtin_convertvector(t, v8i), v8f); }
+
+static ALWAYS_INLINE void fit_asym_v8(const float *restrict xt, const int sb, const int ns, const int nmax,
+                                      const search_plan plan, float *restrict scale, float *restrict mins) {
+    const v8f zero = vsplat(0.0f), half = vsplat(0.5f), vnmax = vsplat((float)nmax), n = vsplat((float)sb);
+    for (int g = 0; g < ns; g += 8) {
+        v8f lo = vload(xt + g), hi = lo, sx = zero;
+        for (int i = 0; i < sb; i++) {
+            const v8f v = vload(xt + i * ns + g);
+            lo = vsel(v < lo, v, lo);
+            hi = vsel(v > hi, v, hi);
+            sx += v;
+        }
+        lo = vsel(lo > zero, zero, lo);
+        const v8f range = hi - lo;
+        const v8f inv_range = vsel(range > vsplat(1e-30f), vsplat(1.0f) / range, zero);
+        const v8f m0 = vsel(sx < zero, sx / n, zero);
+        v8f best_s = zero, best_m = m0, best_g = m0 * sx;
+        for (int k = 0; k < plan.ndeltas + plan.nrefine; k++) {
+            v8f iscale, off;
+            if (k < plan.ndeltas) {
+                iscale = vsplat((float)nmax + plan.deltas[k]) * inv_range;
+                off = lo;
+            } else {
+                iscale = vsel(best_s > vsplat(1e-30f), vsplat(1.0f) / best_s, zero);
+                off = best_m;
+            }
+            v8f sl = zero, sll = zero, sxl = zero;
+            for (int i = 0; i < sb; i++) {
+                const v8f v = vload(xt + i * ns + g);
+                v8f t = (v - off) * iscale + half;
+                t = vsel(t >= zero, t, zero);
+                t = vsel(t > vnmax, vnmax, t);
+                const v8f l = vtrunc(t);
+                sl += l;
+                sll += l * l;
+                sxl += v * l;
+            }
+            const v8f det = n * sll - sl * sl;
+            v8f sc = vsel(det > zero, (n * sxl - sx * sl) / det, zero);
+            v8f mn = vsel(det > zero, (sll * sx - sl * sxl) / det, zero);
+            const v8i refit = (mn > zero) | ~(det > zero);
+            mn = vsel(refit, zero, mn);
+            sc = vsel(refit, vsel(sll > zero, sxl / sll, zero), sc);
+            const v8f gain = sc * sxl + mn * sx;
+            const v8i better = (sc > zero) & (gain > best_g);
+            best_g = vsel(better, gain, best_g);
+            best_s = vsel(better, sc, best_s);
+            best_m = vsel(better, mn, best_m);
+        }
+        vstore(scale + g, best_s);
+        vstore(mins + g, -best_m);
+    }
+}
+
+static ALWAYS_INLINE void fit_sym_v8(const float *restrict xt, const int sb, const int ns, const int nmax,
+                                     const search_plan plan, float *restrict scale) {
+    const v8f zero = vsplat(0.0f), top = vsplat((float)(2 * nmax - 1)), bias = vsplat((float)nmax + 0.5f);
+    const v8f vnmax = vsplat((float)nmax), tiny = vsplat(1e-30f), one = vsplat(1.0f);
+    for (int g = 0; g < ns; g += 8) {
+        v8f amax = zero, vmax = zero;
+        for (int i = 0; i < sb; i++) {
+            const v8f v = vload(xt + i * ns + g);
+            const v8f a = (v8f)((v8i)v & ~(v8i)vsplat(-0.0f));   /* |v| */
+            const v8i bigger = a > amax;
+            amax = vsel(bigger, a, amax);
+            vmax = vsel(bigger, v, vmax);
+        }
+        const v8f inv_max = vsel(amax > tiny, -one / vmax, zero);
+        v8f best_g = zero, best_s = zero;
+        for (int k = 0; k < plan.ndeltas + plan.nrefine; k++) {
+            v8f iscale;
+            if (k < plan.ndeltas) {
+                iscale = vsplat((float)nmax + plan.deltas[k]) * inv_max;
+            } else {
+                const v8f abs_s = (v8f)((v8i)best_s & ~(v8i)vsplat(-0.0f));
+                iscale = vsel(abs_s > tiny, one / best_s, zero);
+            }
+            v8f sll = zero, sxl = zero;
+            for (int i = 0; i < sb; i++) {
+                const v8f v = vload(xt + i * ns + g);
+                v8f t = v * iscale + bias;
+                t = vsel(t >= zero, t, zero);
+                t = vsel(t > top, top, t);
+                const v8f l = vtrunc(t) - vnmax;
+                sll += l * l;
+                sxl += v * l;
+            }
+            const v8f sc = vsel(sll > zero, sxl / sll, zero);
+            const v8f gain = sc * sxl;
+            const v8i better = gain > best_g;
+            best_g = vsel(better, gain, best_g);
+            best_s = vsel(better, sc, best_s);
+        }
+        vstore(scale + g, best_s);
+    }
+}
+
+static ALWAYS_INLINE void round_asym_v8(const float *restrict x, uint8_t *restrict L, const int n, const int nmax,
+                                        const float d, const float m) {
+    const float idf = d != 0.0f ? 1.0f / d : 0.0f;
+    const v8f id = vsplat(idf), vm = vsplat(m), half = vsplat(0.5f), zero = vsplat(0.0f), top = vsplat((float)nmax);
+    for (int i = 0; i < n; i += 8) {
+        v8f t = (vload(x + i) + vm) * id + half;
+        t = vsel(t >= zero, t, zero);
+        t = vsel(t > top, top, t);
+        const v8i q = __builtin_convertvector(t, v8i);
+        for (int j = 0; j < 8; j++) L[i + j] = (uint8_t)q[j];
+    }
+}
+
+static ALWAYS_INLINE void round_sym_v8(const float *restrict x, uint8_t *restrict L, const int n, const int nmax,
+                                       const float d) {
+    const float idf = d != 0.0f ? 1.0f / d : 0.0f;
+    const v8f id = vsplat(idf), bias = vsplat((float)nmax + 0.5f), zero = vsplat(0.0f), top = vsplat((float)(2 * nmax - 1));
+    for (int i = 0; i < n; i += 8) {
+        v8f t = vload(x + i) * id + bias;
+        t = vsel(t >= zero, t, zero);
+        t = vsel(t > top, top, t);
+        const v8i q = __builtin_convertvector(t, v8i);
+        for (int j = 0; j < 8; j++) L[i + j] = (uint8_t)q[j];
+    }
+}
+
+/* VEC is a compile-time constant in each instantiation: 0 = scalar reference, 1 = vectors. */
+#define FIT_ASYM(VEC, ...) ((VEC) ? fit_asym_v8(__VA_ARGS__) : fit_asym(__VA_ARGS__))
+#define FIT_SYM(VEC, ...) ((VEC) ? fit_sym_v8(__VA_ARGS__) : fit_sym(__VA_ARGS__))
+#define ROUND_ASYM(VEC, ...) ((VEC) ? round_asym_v8(__VA_ARGS__) : round_asym(__VA_ARGS__))
+#define ROUND_SYM(VEC, ...) ((VEC) ? round_sym_v8(__VA_ARGS__) : round_sym(__VA_ARGS__))
+
 /* Lane-minor copy of one super-block: xt[i * ns + s] = x[s * sb + i]. */
 static ALWAYS_INLINE void transpose(const float *restrict x, float *restrict xt, const int sb, const int ns) {
     for (int s = 0; s < ns; s++)
@@ -154,7 +303,7 @@ static ALWAYS_INLINE void round_asym(const float *restrict x, uint8_t *restrict 
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     for (int i = 0; i < n; i++) {
         float t = (x[i] + m) * id + 0.5f;
-        t = t < 0.0f ? 0.0f : t;
+        t = t >= 0.0f ? t : 0.0f;
         t = t > (float)nmax ? (float)nmax : t;
         L[i] = (uint8_t)(int)t;
     }
@@ -167,13 +316,19 @@ static ALWAYS_INLINE void round_sym(const float *restrict x, uint8_t *restrict L
     const float top = (float)(2 * nmax - 1);
     for (int i = 0; i < n; i++) {
         float t = x[i] * id + ((float)nmax + 0.5f);
-        t = t < 0.0f ? 0.0f : t;
+        t = t >= 0.0f ? t : 0.0f;
         t = t > top ? top : t;
         L[i] = (uint8_t)(int)t;
     }
 }
 
-static inline int nearest(float v) { return (int)floorf(v + 0.5f); }
+/* Nearest integer in [lo, hi]; clamps in float first so the conversion is always defined. */
+static inline int nearest_clamped(float v, int lo, int hi) {
+    v = floorf(v + 0.5f);
+    v = v >= (float)lo ? v : (float)lo;
+    v = v <= (float)hi ? v : (float)hi;
+    return (int)v;
+}
 
 /* Quantize non-negative per-sub-block values to [0, qmax] against one f16 scale;
  * returns the stored scale as a float. */
@@ -189,8 +344,7 @@ static inline float quantize_scales_unsigned(const float *v, uint8_t *q, int ns,
     const float d = dg_f16_to_f32(*d16);
     const float id = d > 0.0f ? 1.0f / d : 0.0f;
     for (int s = 0; s < ns; s++) {
-        int l = nearest(v[s] * id);
-        q[s] = (uint8_t)(l < 0 ? 0 : l > qmax ? qmax : l);
+        q[s] = (uint8_t)nearest_clamped(v[s] * id, 0, qmax);
     }
     return d;
 }
@@ -207,11 +361,11 @@ static const float DELTAS_Q6[] = {-0.5f, 0.0f, 0.5f};
 
 /* ---- block kernels (instantiated for each ISA) ------------------------------ */
 
-static ALWAYS_INLINE void q2_K_block(const float *restrict x, block_q2_K *restrict y) {
+static ALWAYS_INLINE void q2_K_block(const float *restrict x, block_q2_K *restrict y, const int vec) {
     float xt[QK_K], scale[16], mins[16];
     uint8_t ls[16], lm[16], L[QK_K];
     transpose(x, xt, 16, 16);
-    fit_asym(xt, 16, 16, 3, PLAN(DELTAS_Q2, 2), scale, mins);
+    FIT_ASYM(vec, xt, 16, 16, 3, PLAN(DELTAS_Q2, 2), scale, mins);
     uint16_t d16, m16;
     const float d = quantize_scales_unsigned(scale, ls, 16, 15, &d16);
     const float dm = quantize_scales_unsigned(mins, lm, 16, 15, &m16);
@@ -219,7 +373,7 @@ static ALWAYS_INLINE void q2_K_block(const float *restrict x, block_q2_K *restri
     y->dmin = m16;
     for (int s = 0; s < 16; s++) {
         y->scales[s] = (uint8_t)(ls[s] | (lm[s] << 4));
-        round_asym(x + 16 * s, L + 16 * s, 16, 3, d * (float)ls[s], dm * (float)lm[s]);
+        ROUND_ASYM(vec, x + 16 * s, L + 16 * s, 16, 3, d * (float)ls[s], dm * (float)lm[s]);
     }
     for (int h = 0; h < 2; h++)
         for (int l = 0; l < 32; l++) {
@@ -228,11 +382,11 @@ static ALWAYS_INLINE void q2_K_block(const float *restrict x, block_q2_K *restri
         }
 }
 
-static ALWAYS_INLINE void q3_K_block(const float *restrict x, block_q3_K *restrict y) {
+static ALWAYS_INLINE void q3_K_block(const float *restrict x, block_q3_K *restrict y, const int vec) {
     float xt[QK_K], scale[16];
     uint8_t L[QK_K];
     transpose(x, xt, 16, 16);
-    fit_sym(xt, 16, 16, 4, PLAN(DELTAS_Q3, 2), scale);
+    FIT_SYM(vec, xt, 16, 16, 4, PLAN(DELTAS_Q3, 2), scale);
     float vmax = 0.0f, amax = 0.0f;
     for (int s = 0; s < 16; s++)
         if (fabsf(scale[s]) > amax) { amax = fabsf(scale[s]); vmax = scale[s]; }
@@ -244,8 +398,7 @@ static ALWAYS_INLINE void q3_K_block(const float *restrict x, block_q3_K *restri
         d = dg_f16_to_f32(y->d);
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         for (int s = 0; s < 16; s++) {
-            int l = nearest(scale[s] * id);
-            sc[s] = (int8_t)(l < -32 ? -32 : l > 31 ? 31 : l);
+            sc[s] = (int8_t)nearest_clamped(scale[s] * id, -32, 31);
         }
     } else {
         y->d = 0;
@@ -254,7 +407,7 @@ static ALWAYS_INLINE void q3_K_block(const float *restrict x, block_q3_K *restri
         const int u = sc[s] + 32;
         y->scales[s % 8] |= (uint8_t)((u & 0xf) << (4 * (s / 8)));
         y->scales[8 + s % 4] |= (uint8_t)((u >> 4) << (2 * (s / 4)));
-        round_sym(x + 16 * s, L + 16 * s, 16, 4, d * (float)sc[s]);
+        ROUND_SYM(vec, x + 16 * s, L + 16 * s, 16, 4, d * (float)sc[s]);
     }
     memset(y->hmask, 0, sizeof(y->hmask));
     for (int j = 0; j < 8; j++)
@@ -286,27 +439,27 @@ static inline void unpack_scales_k4(const uint8_t *in, uint8_t *ls, uint8_t *lm)
 
 /* Shared by Q4_K (nmax 15) and Q5_K (nmax 31): fills d, dmin, scales and L. */
 static ALWAYS_INLINE void k4_common(const float *restrict x, uint16_t *d16, uint16_t *m16, uint8_t *scales,
-                                    uint8_t *restrict L, const int nmax, const search_plan plan) {
+                                    uint8_t *restrict L, const int nmax, const search_plan plan, const int vec) {
     float xt[QK_K], scale[8], mins[8];
     uint8_t ls[8], lm[8];
     transpose(x, xt, 32, 8);
-    fit_asym(xt, 32, 8, nmax, plan, scale, mins);
+    FIT_ASYM(vec, xt, 32, 8, nmax, plan, scale, mins);
     const float d = quantize_scales_unsigned(scale, ls, 8, 63, d16);
     const float dm = quantize_scales_unsigned(mins, lm, 8, 63, m16);
     pack_scales_k4(scales, ls, lm);
-    for (int s = 0; s < 8; s++) round_asym(x + 32 * s, L + 32 * s, 32, nmax, d * (float)ls[s], dm * (float)lm[s]);
+    for (int s = 0; s < 8; s++) ROUND_ASYM(vec, x + 32 * s, L + 32 * s, 32, nmax, d * (float)ls[s], dm * (float)lm[s]);
 }
 
-static ALWAYS_INLINE void q4_K_block(const float *restrict x, block_q4_K *restrict y) {
+static ALWAYS_INLINE void q4_K_block(const float *restrict x, block_q4_K *restrict y, const int vec) {
     uint8_t L[QK_K];
-    k4_common(x, &y->d, &y->dmin, y->scales, L, 15, PLAN(DELTAS_Q4, 2));
+    k4_common(x, &y->d, &y->dmin, y->scales, L, 15, PLAN(DELTAS_Q4, 2), vec);
     for (int c = 0; c < 4; c++)
         for (int l = 0; l < 32; l++) y->qs[32 * c + l] = (uint8_t)(L[64 * c + l] | L[64 * c + 32 + l] << 4);
 }
 
-static ALWAYS_INLINE void q5_K_block(const float *restrict x, block_q5_K *restrict y) {
+static ALWAYS_INLINE void q5_K_block(const float *restrict x, block_q5_K *restrict y, const int vec) {
     uint8_t L[QK_K];
-    k4_common(x, &y->d, &y->dmin, y->scales, L, 31, PLAN(DELTAS_Q5, 2));
+    k4_common(x, &y->d, &y->dmin, y->scales, L, 31, PLAN(DELTAS_Q5, 2), vec);
     for (int c = 0; c < 4; c++)
         for (int l = 0; l < 32; l++)
             y->qs[32 * c + l] = (uint8_t)((L[64 * c + l] & 0xf) | (L[64 * c + 32 + l] & 0xf) << 4);
@@ -317,11 +470,11 @@ static ALWAYS_INLINE void q5_K_block(const float *restrict x, block_q5_K *restri
     }
 }
 
-static ALWAYS_INLINE void q6_K_block(const float *restrict x, block_q6_K *restrict y) {
+static ALWAYS_INLINE void q6_K_block(const float *restrict x, block_q6_K *restrict y, const int vec) {
     float xt[QK_K], scale[16];
     uint8_t L[QK_K];
     transpose(x, xt, 16, 16);
-    fit_sym(xt, 16, 16, 32, PLAN(DELTAS_Q6, 2), scale);
+    FIT_SYM(vec, xt, 16, 16, 32, PLAN(DELTAS_Q6, 2), scale);
     float vmax = 0.0f, amax = 0.0f;
     for (int s = 0; s < 16; s++)
         if (fabsf(scale[s]) > amax) { amax = fabsf(scale[s]); vmax = scale[s]; }
@@ -334,9 +487,8 @@ static ALWAYS_INLINE void q6_K_block(const float *restrict x, block_q6_K *restri
     }
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     for (int s = 0; s < 16; s++) {
-        int l = nearest(scale[s] * id);
-        y->scales[s] = (int8_t)(l < -128 ? -128 : l > 127 ? 127 : l);
-        round_sym(x + 16 * s, L + 16 * s, 16, 32, d * (float)y->scales[s]);
+        y->scales[s] = (int8_t)nearest_clamped(scale[s] * id, -128, 127);
+        ROUND_SYM(vec, x + 16 * s, L + 16 * s, 16, 32, d * (float)y->scales[s]);
     }
     for (int h = 0; h < 2; h++)
         for (int l = 0; l < 32; l++) {
@@ -349,35 +501,38 @@ static ALWAYS_INLINE void q6_K_block(const float *restrict x, block_q6_K *restri
 
 /* ---- row entry points: the portable build, and an AVX2 build of the same source ---- */
 
-#define DEFINE_ROW(T, SUFFIX, ATTR)                                                  \
+#define DEFINE_ROW(T, SUFFIX, ATTR, VEC)                                               \
     ATTR static void quantize_row_##T##_##SUFFIX(const float *x, void *dst, int64_t n) { \
         block_##T *y = dst;                                                          \
-        for (int64_t b = 0; b < n / QK_K; b++) T##_block(x + b * QK_K, y + b);      \
+        for (int64_t b = 0; b < n / QK_K; b++) T##_block(x + b * QK_K, y + b, VEC); \
     }
 
-#define DEFINE_ALL(SUFFIX, ATTR) \
-    DEFINE_ROW(q2_K, SUFFIX, ATTR) \
-    DEFINE_ROW(q3_K, SUFFIX, ATTR) \
-    DEFINE_ROW(q4_K, SUFFIX, ATTR) \
-    DEFINE_ROW(q5_K, SUFFIX, ATTR) \
-    DEFINE_ROW(q6_K, SUFFIX, ATTR)
+#define DEFINE_ALL(SUFFIX, ATTR, VEC) \
+    DEFINE_ROW(q2_K, SUFFIX, ATTR, VEC) \
+    DEFINE_ROW(q3_K, SUFFIX, ATTR, VEC) \
+    DEFINE_ROW(q4_K, SUFFIX, ATTR, VEC) \
+    DEFINE_ROW(q5_K, SUFFIX, ATTR, VEC) \
+    DEFINE_ROW(q6_K, SUFFIX, ATTR, VEC)
 
-DEFINE_ALL(ref, )
+DEFINE_ALL(ref, , 0)
+DEFINE_ALL(vec, , 1)
 
+/* DGGUF_NO_SIMD=1 forces the plain scalar reference (tests compare the paths). */
 #if defined(__x86_64__)
-DEFINE_ALL(avx2, __attribute__((target("avx2,fma"))))
-/* DGGUF_NO_SIMD=1 forces the portable build (tests compare the two). */
-static int have_avx2(void) {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !getenv("DGGUF_NO_SIMD");
-}
+DEFINE_ALL(avx2, __attribute__((target("avx2,fma"))), 1)
 #define DISPATCH(T)                                                                   \
     void dg_quantize_row_##T(const float *x, void *dst, int64_t n) {                 \
-        if (have_avx2()) quantize_row_##T##_avx2(x, dst, n);                         \
-        else quantize_row_##T##_ref(x, dst, n);                                      \
+        if (getenv("DGGUF_NO_SIMD")) quantize_row_##T##_ref(x, dst, n);              \
+        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))     \
+            quantize_row_##T##_avx2(x, dst, n);                                      \
+        else quantize_row_##T##_vec(x, dst, n);                                      \
     }
 #else
-#define DISPATCH(T) \
-    void dg_quantize_row_##T(const float *x, void *dst, int64_t n) { quantize_row_##T##_ref(x, dst, n); }
+#define DISPATCH(T)                                                                   \
+    void dg_quantize_row_##T(const float *x, void *dst, int64_t n) {                 \
+        if (getenv("DGGUF_NO_SIMD")) quantize_row_##T##_ref(x, dst, n);              \
+        else quantize_row_##T##_vec(x, dst, n);                                      \
+    }
 #endif
 
 DISPATCH(q2_K)
