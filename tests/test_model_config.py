@@ -1,0 +1,58 @@
+"""Loading a GGUF's hyper-parameters and validating its tensors before any compute."""
+import numpy as np
+import pytest
+
+from conftest import PR_TINY
+from dgguf.convert.errors import DggufError
+from dgguf.convert.gguf_file import read_gguf
+from dgguf.convert.quantize import convert_checkpoint
+from dgguf.runtime.model_config import read_model_config
+
+
+def test_pr24423_file_gets_the_documented_defaults():
+    g = read_gguf(PR_TINY / "tiny-Q4_K_M.gguf")
+    c = read_model_config(g)
+    assert c.softcap == 30.0
+    assert c.embedding_scale == np.float32(8.0)
+    assert c.eos_token_ids == [1, 6]          # eos id plus the end-of-turn token <turn|>
+    assert c.sliding == [True, False, True, False] and c.head_dims == [16, 32, 16, 32]
+    assert c.kv_heads == [2, 1, 2, 1] and c.rope_rotated_pairs_full == 4   # 0.25 * 32 / 2
+    assert c.sampler["max_denoising_steps"] == 48 and c.mask_token_id == 4
+    g.close()
+
+
+def test_our_file_carries_its_own_values(checkpoints, tmp_path):
+    g = read_gguf(convert_checkpoint(checkpoints("bf16"), tmp_path / "o.gguf"))
+    c = read_model_config(g)
+    assert c.embedding_scale == pytest.approx(9.8125, abs=0)    # sqrt(96) rounded to bf16
+    assert c.eos_token_ids == [1, 6, 50]
+    g.close()
+
+
+def _rewrite(src, dst, drop_tensor=None, arch=None):
+    """Copy a GGUF through our writer, optionally dropping a tensor or changing the architecture."""
+    from gguf.constants import GGUFValueType as V
+    from dgguf.convert.gguf_file import Field, GGUFWriter, TensorInfo
+    g = read_gguf(src)
+    fields = dict(g.fields)
+    if arch:
+        fields["general.architecture"] = Field(V.STRING, arch)
+    keep = [t for t in g.tensors if t.name != drop_tensor]
+    infos = [TensorInfo(t.name, t.ne, t.type) for t in keep]
+    with GGUFWriter(dst, fields, infos) as w:
+        for t in keep:
+            w.write(g.tensor_bytes(t))
+    g.close()
+    return dst
+
+
+def test_missing_tensor_is_named(tmp_path):
+    p = _rewrite(PR_TINY / "tiny-Q8_0.gguf", tmp_path / "m.gguf", drop_tensor="blk.2.attn_v.weight")
+    with pytest.raises(DggufError, match="missing tensor blk.2.attn_v.weight"):
+        read_model_config(read_gguf(p))
+
+
+def test_wrong_architecture_is_named(tmp_path):
+    p = _rewrite(PR_TINY / "tiny-Q8_0.gguf", tmp_path / "a.gguf", arch="llama")
+    with pytest.raises(DggufError, match="architecture 'llama' is not diffusion-gemma"):
+        read_model_config(read_gguf(p))
