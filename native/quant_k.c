@@ -148,125 +148,124 @@ static ALWAYS_INLINE void fit_sym(const float *restrict xt, const int sb, const 
  * results are identical; compiled for the baseline ISA they become SSE2/NEON
  * pairs, inside the AVX2 instantiation single 256-bit instructions. */
 
-#if defined(__GNUC__) && !defined(__clang__)
-/* the helpers below are static and always inlined, so no vector crosses a real call ABI */
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-static ALWAYS_INLINE v8f vsplat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
-static ALWAYS_INLINE v8f vload(const float *p) { v8f v; memcpy(&v, p, sizeof(v)); return v; }
-static ALWAYS_INLINE void vstore(float *p, v8f v) { memcpy(p, &v, sizeof(v)); }
-static ALWAYS_INLINE v8f vsel(v8i m, v8f a, v8f b) { return (v8f)((m & (v8i)a) | (~m & (v8i)b)); }
+/* Macros rather than functions: a function passing 32-byte vectors by value
+ * makes GCC warn about the AVX calling convention even when always inlined. */
+#define VSPLAT(f) ((v8f){(f), (f), (f), (f), (f), (f), (f), (f)})
+#define VLOAD(dst, p) memcpy(&(dst), (p), sizeof(v8f))
+#define VSTORE(p, v) do { const v8f v_ = (v); memcpy((p), &v_, sizeof(v8f)); } while (0)
+#define VSEL(m, a, b) ((v8f)(((m) & (v8i)(a)) | (~(m) & (v8i)(b))))
 /* (float)(int)t, for t already clamped to [0, top] */
-static ALWAYS_INLINE v8f vtrunc(v8f t) { return __builtin_convertvector(__builtin_convertvector(t, v8i), v8f); }
+#define VTRUNC(t) __builtin_convertvector(__builtin_convertvector((t), v8i), v8f)
 
 static ALWAYS_INLINE void fit_asym_v8(const float *restrict xt, const int sb, const int ns, const int nmax,
                                       const search_plan plan, float *restrict scale, float *restrict mins) {
-    const v8f zero = vsplat(0.0f), half = vsplat(0.5f), vnmax = vsplat((float)nmax), n = vsplat((float)sb);
+    const v8f zero = VSPLAT(0.0f), half = VSPLAT(0.5f), vnmax = VSPLAT((float)nmax), n = VSPLAT((float)sb);
     for (int g = 0; g < ns; g += 8) {
-        v8f lo = vload(xt + g), hi = lo, sx = zero;
+        v8f lo; VLOAD(lo, xt + g);
+        v8f hi = lo, sx = zero;
         for (int i = 0; i < sb; i++) {
-            const v8f v = vload(xt + i * ns + g);
-            lo = vsel(v < lo, v, lo);
-            hi = vsel(v > hi, v, hi);
+            v8f v; VLOAD(v, xt + i * ns + g);
+            lo = VSEL(v < lo, v, lo);
+            hi = VSEL(v > hi, v, hi);
             sx += v;
         }
-        lo = vsel(lo > zero, zero, lo);
+        lo = VSEL(lo > zero, zero, lo);
         const v8f range = hi - lo;
-        const v8f inv_range = vsel(range > vsplat(1e-30f), vsplat(1.0f) / range, zero);
-        const v8f m0 = vsel(sx < zero, sx / n, zero);
+        const v8f inv_range = VSEL(range > VSPLAT(1e-30f), VSPLAT(1.0f) / range, zero);
+        const v8f m0 = VSEL(sx < zero, sx / n, zero);
         v8f best_s = zero, best_m = m0, best_g = m0 * sx;
         for (int k = 0; k < plan.ndeltas + plan.nrefine; k++) {
             v8f iscale, off;
             if (k < plan.ndeltas) {
-                iscale = vsplat((float)nmax + plan.deltas[k]) * inv_range;
+                iscale = VSPLAT((float)nmax + plan.deltas[k]) * inv_range;
                 off = lo;
             } else {
-                iscale = vsel(best_s > vsplat(1e-30f), vsplat(1.0f) / best_s, zero);
+                iscale = VSEL(best_s > VSPLAT(1e-30f), VSPLAT(1.0f) / best_s, zero);
                 off = best_m;
             }
             v8f sl = zero, sll = zero, sxl = zero;
             for (int i = 0; i < sb; i++) {
-                const v8f v = vload(xt + i * ns + g);
+                v8f v; VLOAD(v, xt + i * ns + g);
                 v8f t = (v - off) * iscale + half;
-                t = vsel(t >= zero, t, zero);
-                t = vsel(t > vnmax, vnmax, t);
-                const v8f l = vtrunc(t);
+                t = VSEL(t >= zero, t, zero);
+                t = VSEL(t > vnmax, vnmax, t);
+                const v8f l = VTRUNC(t);
                 sl += l;
                 sll += l * l;
                 sxl += v * l;
             }
             const v8f det = n * sll - sl * sl;
-            v8f sc = vsel(det > zero, (n * sxl - sx * sl) / det, zero);
-            v8f mn = vsel(det > zero, (sll * sx - sl * sxl) / det, zero);
+            v8f sc = VSEL(det > zero, (n * sxl - sx * sl) / det, zero);
+            v8f mn = VSEL(det > zero, (sll * sx - sl * sxl) / det, zero);
             const v8i refit = (mn > zero) | ~(det > zero);
-            mn = vsel(refit, zero, mn);
-            sc = vsel(refit, vsel(sll > zero, sxl / sll, zero), sc);
+            mn = VSEL(refit, zero, mn);
+            sc = VSEL(refit, VSEL(sll > zero, sxl / sll, zero), sc);
             const v8f gain = sc * sxl + mn * sx;
             const v8i better = (sc > zero) & (gain > best_g);
-            best_g = vsel(better, gain, best_g);
-            best_s = vsel(better, sc, best_s);
-            best_m = vsel(better, mn, best_m);
+            best_g = VSEL(better, gain, best_g);
+            best_s = VSEL(better, sc, best_s);
+            best_m = VSEL(better, mn, best_m);
         }
-        vstore(scale + g, best_s);
-        vstore(mins + g, -best_m);
+        VSTORE(scale + g, best_s);
+        VSTORE(mins + g, -best_m);
     }
 }
 
 static ALWAYS_INLINE void fit_sym_v8(const float *restrict xt, const int sb, const int ns, const int nmax,
                                      const search_plan plan, float *restrict scale) {
-    const v8f zero = vsplat(0.0f), top = vsplat((float)(2 * nmax - 1)), bias = vsplat((float)nmax + 0.5f);
-    const v8f vnmax = vsplat((float)nmax), tiny = vsplat(1e-30f), one = vsplat(1.0f);
+    const v8f zero = VSPLAT(0.0f), top = VSPLAT((float)(2 * nmax - 1)), bias = VSPLAT((float)nmax + 0.5f);
+    const v8f vnmax = VSPLAT((float)nmax), tiny = VSPLAT(1e-30f), one = VSPLAT(1.0f);
     for (int g = 0; g < ns; g += 8) {
         v8f amax = zero, vmax = zero;
         for (int i = 0; i < sb; i++) {
-            const v8f v = vload(xt + i * ns + g);
-            const v8f a = (v8f)((v8i)v & ~(v8i)vsplat(-0.0f));   /* |v| */
+            v8f v; VLOAD(v, xt + i * ns + g);
+            const v8f a = (v8f)((v8i)v & ~(v8i)VSPLAT(-0.0f));   /* |v| */
             const v8i bigger = a > amax;
-            amax = vsel(bigger, a, amax);
-            vmax = vsel(bigger, v, vmax);
+            amax = VSEL(bigger, a, amax);
+            vmax = VSEL(bigger, v, vmax);
         }
-        const v8f inv_max = vsel(amax > tiny, -one / vmax, zero);
+        const v8f inv_max = VSEL(amax > tiny, -one / vmax, zero);
         v8f best_g = zero, best_s = zero;
         for (int k = 0; k < plan.ndeltas + plan.nrefine; k++) {
             v8f iscale;
             if (k < plan.ndeltas) {
-                iscale = vsplat((float)nmax + plan.deltas[k]) * inv_max;
+                iscale = VSPLAT((float)nmax + plan.deltas[k]) * inv_max;
             } else {
-                const v8f abs_s = (v8f)((v8i)best_s & ~(v8i)vsplat(-0.0f));
-                iscale = vsel(abs_s > tiny, one / best_s, zero);
+                const v8f abs_s = (v8f)((v8i)best_s & ~(v8i)VSPLAT(-0.0f));
+                iscale = VSEL(abs_s > tiny, one / best_s, zero);
             }
             v8f sll = zero, sxl = zero;
             for (int i = 0; i < sb; i++) {
-                const v8f v = vload(xt + i * ns + g);
+                v8f v; VLOAD(v, xt + i * ns + g);
                 v8f t = v * iscale + bias;
-                t = vsel(t >= zero, t, zero);
-                t = vsel(t > top, top, t);
-                const v8f l = vtrunc(t) - vnmax;
+                t = VSEL(t >= zero, t, zero);
+                t = VSEL(t > top, top, t);
+                const v8f l = VTRUNC(t) - vnmax;
                 sll += l * l;
                 sxl += v * l;
             }
-            const v8f sc = vsel(sll > zero, sxl / sll, zero);
+            const v8f sc = VSEL(sll > zero, sxl / sll, zero);
             const v8f gain = sc * sxl;
             const v8i better = gain > best_g;
-            best_g = vsel(better, gain, best_g);
-            best_s = vsel(better, sc, best_s);
+            best_g = VSEL(better, gain, best_g);
+            best_s = VSEL(better, sc, best_s);
         }
-        vstore(scale + g, best_s);
+        VSTORE(scale + g, best_s);
     }
 }
 
 static ALWAYS_INLINE void round_asym_v8(const float *restrict x, uint8_t *restrict L, const int n, const int nmax,
                                         const float d, const float m) {
     const float idf = d != 0.0f ? 1.0f / d : 0.0f;
-    const v8f id = vsplat(idf), vm = vsplat(m), half = vsplat(0.5f), zero = vsplat(0.0f), top = vsplat((float)nmax);
+    const v8f id = VSPLAT(idf), vm = VSPLAT(m), half = VSPLAT(0.5f), zero = VSPLAT(0.0f), top = VSPLAT((float)nmax);
     for (int i = 0; i < n; i += 8) {
-        v8f t = (vload(x + i) + vm) * id + half;
-        t = vsel(t >= zero, t, zero);
-        t = vsel(t > top, top, t);
+        v8f xv; VLOAD(xv, x + i);
+        v8f t = (xv + vm) * id + half;
+        t = VSEL(t >= zero, t, zero);
+        t = VSEL(t > top, top, t);
         const v8i q = __builtin_convertvector(t, v8i);
         for (int j = 0; j < 8; j++) L[i + j] = (uint8_t)q[j];
     }
@@ -275,11 +274,12 @@ static ALWAYS_INLINE void round_asym_v8(const float *restrict x, uint8_t *restri
 static ALWAYS_INLINE void round_sym_v8(const float *restrict x, uint8_t *restrict L, const int n, const int nmax,
                                        const float d) {
     const float idf = d != 0.0f ? 1.0f / d : 0.0f;
-    const v8f id = vsplat(idf), bias = vsplat((float)nmax + 0.5f), zero = vsplat(0.0f), top = vsplat((float)(2 * nmax - 1));
+    const v8f id = VSPLAT(idf), bias = VSPLAT((float)nmax + 0.5f), zero = VSPLAT(0.0f), top = VSPLAT((float)(2 * nmax - 1));
     for (int i = 0; i < n; i += 8) {
-        v8f t = vload(x + i) * id + bias;
-        t = vsel(t >= zero, t, zero);
-        t = vsel(t > top, top, t);
+        v8f xv; VLOAD(xv, x + i);
+        v8f t = xv * id + bias;
+        t = VSEL(t >= zero, t, zero);
+        t = VSEL(t > top, top, t);
         const v8i q = __builtin_convertvector(t, v8i);
         for (int j = 0; j < 8; j++) L[i + j] = (uint8_t)q[j];
     }
