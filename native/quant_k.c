@@ -351,11 +351,11 @@ static inline float quantize_scales_unsigned(const float *v, uint8_t *q, int ns,
 
 /* ---- per-type search plans -------------------------------------------------- */
 
-static const float DELTAS_Q2[] = {-0.5f, 0.0f, 0.5f, 1.0f};
-static const float DELTAS_Q3[] = {-0.5f, 0.0f, 0.5f};
-static const float DELTAS_Q4[] = {-1.0f, -0.5f, 0.0f, 0.5f, 1.0f};
-static const float DELTAS_Q5[] = {-0.5f, 0.0f, 0.5f, 1.0f};
-static const float DELTAS_Q6[] = {-0.5f, 0.0f, 0.5f};
+static const float DELTAS_Q2[] = {-0.5f, -0.25f, 0.0f, 0.25f, 0.5f, 0.75f, 1.0f};
+static const float DELTAS_Q3[] = {-0.5f, -0.25f, 0.0f, 0.25f, 0.5f};
+static const float DELTAS_Q4[] = {-1.0f, -0.75f, -0.5f, -0.25f, 0.0f, 0.25f, 0.5f, 0.75f, 1.0f};
+static const float DELTAS_Q5[] = {-0.5f, -0.25f, 0.0f, 0.25f, 0.5f, 0.75f, 1.0f};
+static const float DELTAS_Q6[] = {-0.5f, -0.25f, 0.0f, 0.25f, 0.5f};
 
 #define PLAN(d, r) ((search_plan){(d), (int)(sizeof(d) / sizeof((d)[0])), (r)})
 
