@@ -52,4 +52,57 @@ void dg_bf16_to_f32(const uint16_t *src, float *dst, int64_t n);
 /* Comma-separated CPU features the dispatcher found ("avx2,fma,avx512f,avx512vnni" or "scalar"). */
 const char *dg_cpu_features(void);
 
+/* ------------------------------------------------------------------------------------------------------
+ * Forward pass (native/model.c). Python fills these structs with pointers into the memory-mapped GGUF;
+ * every size was validated against the file before the call.
+ */
+
+/* One weight tensor in its stored type: ne0 values per row (ggml order), ne1 rows, ne2 matrices (experts). */
+typedef struct {
+    const void *data;
+    int type;
+    int64_t ne0, ne1, ne2;
+} dg_tensor;
+
+typedef struct {
+    int sliding;                 /* 1: sliding-window layer (own V projection); 0: full layer (V = raw K) */
+    int head_dim, n_kv_heads;
+    dg_tensor attn_norm, attn_q, attn_k, attn_v, attn_output, attn_q_norm, attn_k_norm, post_attention_norm;
+    dg_tensor ffn_norm, ffn_gate, ffn_up, ffn_down, post_ffw_norm_1;
+    dg_tensor ffn_gate_inp, ffn_gate_inp_scale, ffn_down_exps_scale;     /* router proj [H,E], scale [H], [E] */
+    dg_tensor pre_ffw_norm_2, ffn_gate_up_exps, ffn_down_exps, post_ffw_norm_2, post_ffw_norm;
+    float dec_scale, enc_scale;  /* layer_output_scale, enc_layer_output_scale */
+} dg_layer;
+
+typedef struct {
+    int n_layers, hidden, n_heads, n_experts, top_k, expert_ff, dense_ff, vocab;
+    int sliding_window;          /* W: encoder queries see keys q-W < k <= q; the decoder sees the last W-1 */
+    int rope_pairs_full;         /* leading dim pairs the full layers rotate; the rest stay as they are */
+    float eps, theta_full, theta_sliding, softcap, embed_scale;
+    dg_tensor token_embd, output_norm, sc_pre_norm, sc_gate, sc_up, sc_down;
+    const dg_layer *layers;      /* n_layers entries */
+    int n_threads;
+} dg_model;
+
+/* The KV cache of one sequence, owned by native code. Full layers keep every position up to capacity;
+ * sliding layers keep the last W-1 positions (all that a later query can see). */
+typedef struct dg_cache dg_cache;
+
+dg_cache *dg_cache_new(const dg_model *m, int64_t capacity, char *err, size_t errlen);
+void dg_cache_free(dg_cache *c);
+int64_t dg_cache_length(const dg_cache *c);            /* positions encoded so far */
+/* Forget everything after the first n positions (n <= length; sliding layers must still hold them). */
+int dg_cache_truncate(dg_cache *c, int64_t n, char *err, size_t errlen);
+
+/* Encoder pass: ids[n] at positions length..length+n-1, causal (+ sliding window), encoder layer scalars;
+ * appends K/V to the cache. No head, no logits. */
+int dg_encode(const dg_model *m, dg_cache *c, const int32_t *ids, int64_t n, char *err, size_t errlen);
+
+/* Decoder pass over a canvas ids[n] at positions length..length+n-1: bidirectional over the cached context
+ * (full layers: all of it; sliding layers: the last W-1 positions) plus the canvas, decoder layer scalars,
+ * self-conditioning from sc_logits [n, vocab] (NULL: none, i.e. the first step), final norm, tied head,
+ * softcap. Writes logits [n, vocab]. Reads the cache, never writes it. */
+int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t n, const float *sc_logits,
+              float *logits, char *err, size_t errlen);
+
 #endif
