@@ -20,12 +20,16 @@ static inline uint8_t np_cast_u8(float f) {
     return (uint8_t)(uint32_t)(int32_t)f;
 }
 
-/* gguf-py's np_roundf: round half away from zero, built from floor. */
+/* gguf-py's np_roundf: a = |n|; b = floor(a) + floor(2 * (a - floor(a))); sign(n) * b,
+ * i.e. round half away from zero. Below 2^23 floor of a non-negative float is its
+ * int32 truncation (no libm call on baseline x86); above, a is already integral and
+ * numpy's formula returns n itself, as does NaN/inf (which the cast then zeroes). */
 static inline float np_roundf(float n) {
-    float a = fabsf(n);
-    float fl = floorf(a);
-    float b = fl + floorf(2.0f * (a - fl));
-    return n > 0 ? b : n < 0 ? -b : 0.0f * b;
+    const float a = fabsf(n);
+    if (!(a < 8388608.0f)) return n;
+    const float fl = (float)(int32_t)a;
+    const float b = fl + (float)(int32_t)(2.0f * (a - fl));
+    return n < 0 ? -b : b;
 }
 
 /* ---- F32 / F16 / BF16 ------------------------------------------------------ */
@@ -63,7 +67,7 @@ static void quantize_row_q8_0(const float *x, void *dst, int64_t n) {
     block_q8_0 *y = dst;
     for (int64_t b = 0; b < n / QK8_0; b++, x += QK8_0) {
         float amax = 0.0f;
-        for (int j = 0; j < QK8_0; j++) amax = fmaxf(amax, fabsf(x[j]));
+        for (int j = 0; j < QK8_0; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;   /* inputs are finite */
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = dg_f32_to_f16(d);
@@ -155,7 +159,7 @@ static void dequantize_row_q5_0(const void *src, float *y, int64_t n) {
 
 static inline void minmax(const float *x, int n, float *mn, float *mx) {
     float lo = x[0], hi = x[0];
-    for (int j = 1; j < n; j++) { lo = fminf(lo, x[j]); hi = fmaxf(hi, x[j]); }
+    for (int j = 1; j < n; j++) { lo = x[j] < lo ? x[j] : lo; hi = x[j] > hi ? x[j] : hi; }
     *mn = lo; *mx = hi;
 }
 

@@ -517,23 +517,32 @@ static ALWAYS_INLINE void q6_K_block(const float *restrict x, block_q6_K *restri
 DEFINE_ALL(ref, , 0)
 DEFINE_ALL(vec, , 1)
 
-/* DGGUF_NO_SIMD=1 forces the plain scalar reference (tests compare the paths). */
+/* DGGUF_NO_SIMD=1 forces the plain scalar reference, DGGUF_NO_SIMD=avx2 the
+ * baseline vector build; tests compare all paths. */
+static int simd_level(void) {
+    const char *off = getenv("DGGUF_NO_SIMD");
+    if (off && *off) return strcmp(off, "avx2") ? 0 : 1;
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
+#endif
+    return 1;
+}
+
 #if defined(__x86_64__)
 DEFINE_ALL(avx2, __attribute__((target("avx2,fma"))), 1)
-#define DISPATCH(T)                                                                   \
-    void dg_quantize_row_##T(const float *x, void *dst, int64_t n) {                 \
-        if (getenv("DGGUF_NO_SIMD")) quantize_row_##T##_ref(x, dst, n);              \
-        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))     \
-            quantize_row_##T##_avx2(x, dst, n);                                      \
-        else quantize_row_##T##_vec(x, dst, n);                                      \
-    }
+#define CALL_AVX2(T) quantize_row_##T##_avx2(x, dst, n)
 #else
-#define DISPATCH(T)                                                                   \
-    void dg_quantize_row_##T(const float *x, void *dst, int64_t n) {                 \
-        if (getenv("DGGUF_NO_SIMD")) quantize_row_##T##_ref(x, dst, n);              \
-        else quantize_row_##T##_vec(x, dst, n);                                      \
-    }
+#define CALL_AVX2(T) quantize_row_##T##_vec(x, dst, n)
 #endif
+
+#define DISPATCH(T)                                                   \
+    void dg_quantize_row_##T(const float *x, void *dst, int64_t n) { \
+        switch (simd_level()) {                                      \
+        case 0: quantize_row_##T##_ref(x, dst, n); break;            \
+        case 1: quantize_row_##T##_vec(x, dst, n); break;            \
+        default: CALL_AVX2(T); break;                                \
+        }                                                            \
+    }
 
 DISPATCH(q2_K)
 DISPATCH(q3_K)
