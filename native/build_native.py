@@ -24,8 +24,10 @@ ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
     "dgguf._native",
     '#include "dgguf.h"',
+    # setuptools wants paths relative to setup.py's directory
     sources=sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c")),
     include_dirs=[str(HERE.relative_to(HERE.parent))],
+    libraries=["m", "pthread"],
     extra_compile_args=["-std=c11", "-O3", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 
