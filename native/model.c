@@ -1,0 +1,570 @@
+/* model.c: the DiffusionGemma forward pass (encoder and decoder over one weight set) and its KV cache.
+ *
+ * Read top to bottom: the cache, the scratch buffers of one call, then one function per stage
+ * (embed, decoder input with self-conditioning, attention block, dense MLP, MoE, head) and the two
+ * passes that string them together, dg_encode and dg_decode. The math is docs/diffusiongemma.md
+ * sections 4 and 5, in fp32; the ops live in ops.c.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dgguf.h"
+#include "ops.h"
+
+#define FAIL(code, ...) do { snprintf(err, errlen, __VA_ARGS__); return (code); } while (0)
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* ---- the KV cache ----------------------------------------------------------------------------------- */
+
+/* One layer's keys (normed + roped) and values (rms-normed), [cap, n_kv, head_dim] each. Rows 0..n-1 hold
+ * positions length-n .. length-1: every position for full layers, the last W-1 for sliding layers. */
+typedef struct {
+    int sliding, n_kv, head_dim;
+    int64_t cap, n;
+    float *k, *v;
+} cache_layer;
+
+struct dg_cache {
+    int n_layers, window;
+    int64_t capacity, length;
+    int broken;                  /* a failed encode left the layers inconsistent */
+    cache_layer *layers;
+};
+
+static int64_t kv_width(const cache_layer *cl) { return (int64_t)cl->n_kv * cl->head_dim; }
+
+static int check_model(const dg_model *m, char *err, size_t errlen);
+
+dg_cache *dg_cache_new(const dg_model *m, int64_t capacity, char *err, size_t errlen) {
+    if (check_model(m, err, errlen) != DG_OK) return NULL;
+    if (capacity < 1) {
+        snprintf(err, errlen, "cache capacity %lld is not positive", (long long)capacity);
+        return NULL;
+    }
+    dg_cache *c = calloc(1, sizeof *c);
+    if (c) c->layers = calloc((size_t)m->n_layers, sizeof *c->layers);
+    if (!c || !c->layers) goto oom;
+    c->n_layers = m->n_layers;
+    c->window = m->sliding_window;
+    c->capacity = capacity;
+    for (int l = 0; l < m->n_layers; l++) {
+        const dg_layer *ly = &m->layers[l];
+        cache_layer *cl = &c->layers[l];
+        cl->sliding = ly->sliding;
+        cl->n_kv = ly->n_kv_heads;
+        cl->head_dim = ly->head_dim;
+        cl->cap = ly->sliding ? min64(m->sliding_window - 1, capacity) : capacity;
+        const double bytes = (double)max64(cl->cap, 1) * (double)kv_width(cl) * sizeof(float);
+        if (bytes > (double)(SIZE_MAX / 4)) goto oom;
+        cl->k = malloc((size_t)bytes);
+        cl->v = malloc((size_t)bytes);
+        if (!cl->k || !cl->v) goto oom;
+    }
+    return c;
+oom:
+    dg_cache_free(c);
+    snprintf(err, errlen, "out of memory for a KV cache of %lld positions", (long long)capacity);
+    return NULL;
+}
+
+void dg_cache_free(dg_cache *c) {
+    if (!c) return;
+    if (c->layers)
+        for (int l = 0; l < c->n_layers; l++) {
+            free(c->layers[l].k);
+            free(c->layers[l].v);
+        }
+    free(c->layers);
+    free(c);
+}
+
+int64_t dg_cache_length(const dg_cache *c) { return c ? c->length : 0; }
+
+int dg_cache_truncate(dg_cache *c, int64_t n, char *err, size_t errlen) {
+    if (!c) FAIL(DG_E_VALUE, "no cache");
+    if (c->broken) FAIL(DG_E_VALUE, "the cache is unusable after a failed encode; start a new one");
+    if (n < 0 || n > c->length)
+        FAIL(DG_E_SHAPE, "cannot truncate a cache of %lld positions to %lld", (long long)c->length, (long long)n);
+    for (int l = 0; l < c->n_layers; l++) {      /* check every layer before changing any */
+        const cache_layer *cl = &c->layers[l];
+        const int64_t first_held = c->length - cl->n, first_needed = n - min64(n, cl->cap);
+        if (first_needed < first_held)
+            FAIL(DG_E_SHAPE, "cannot truncate to %lld positions: sliding layer %d holds only positions %lld.. "
+                 "(the last %lld), and position %lld would be visible", (long long)n, l, (long long)first_held,
+                 (long long)cl->cap, (long long)first_needed);
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        cache_layer *cl = &c->layers[l];
+        const int64_t keep = min64(n, cl->cap), from = (n - keep) - (c->length - cl->n), w = kv_width(cl);
+        memmove(cl->k, cl->k + from * w, (size_t)(keep * w) * sizeof(float));
+        memmove(cl->v, cl->v + from * w, (size_t)(keep * w) * sizeof(float));
+        cl->n = keep;
+    }
+    c->length = n;
+    return DG_OK;
+}
+
+/* Append n new rows of K/V; sliding layers then keep only their last cap rows. */
+static void cache_append(cache_layer *cl, const float *k, const float *v, int64_t n) {
+    const int64_t w = kv_width(cl);
+    if (n >= cl->cap) {
+        memcpy(cl->k, k + (n - cl->cap) * w, (size_t)(cl->cap * w) * sizeof(float));
+        memcpy(cl->v, v + (n - cl->cap) * w, (size_t)(cl->cap * w) * sizeof(float));
+        cl->n = cl->cap;
+        return;
+    }
+    const int64_t keep = min64(cl->n, cl->cap - n), drop = cl->n - keep;
+    if (drop) {
+        memmove(cl->k, cl->k + drop * w, (size_t)(keep * w) * sizeof(float));
+        memmove(cl->v, cl->v + drop * w, (size_t)(keep * w) * sizeof(float));
+    }
+    memcpy(cl->k + keep * w, k, (size_t)(n * w) * sizeof(float));
+    memcpy(cl->v + keep * w, v, (size_t)(n * w) * sizeof(float));
+    cl->n = keep + n;
+}
+
+/* ---- checks ----------------------------------------------------------------------------------------- */
+
+/* A weight: data, a type whose blocks tile ne0, and the expected shape (vectors must be F32). */
+static int check_tensor(const dg_tensor *t, const char *name, int layer, int64_t ne0, int64_t ne1, int64_t ne2,
+                        char *err, size_t errlen) {
+    char where[32] = "";
+    if (layer >= 0) snprintf(where, sizeof where, "blk.%d.", layer);
+    if (!t->data) FAIL(DG_E_VALUE, "tensor %s%s has no data", where, name);
+    if (t->ne0 != ne0 || t->ne1 != ne1 || t->ne2 != ne2)
+        FAIL(DG_E_SHAPE, "tensor %s%s has shape [%lld, %lld, %lld], expected [%lld, %lld, %lld]", where, name,
+             (long long)t->ne0, (long long)t->ne1, (long long)t->ne2, (long long)ne0, (long long)ne1,
+             (long long)ne2);
+    if (ne1 == 1 && ne2 == 1 && t->type != DG_TYPE_F32)
+        FAIL(DG_E_TYPE, "tensor %s%s is a vector of type %d; vectors must be F32", where, name, t->type);
+    if (tensor_row_bytes(t) == 0)
+        FAIL(DG_E_TYPE, "tensor %s%s: type %d cannot hold rows of %lld values", where, name, t->type,
+             (long long)t->ne0);
+    return DG_OK;
+}
+
+static int check_model(const dg_model *m, char *err, size_t errlen) {
+    if (!m || !m->layers) FAIL(DG_E_VALUE, "no model");
+    if (m->n_layers < 1 || m->hidden < 1 || m->n_heads < 1 || m->n_experts < 1 || m->top_k < 1 ||
+        m->top_k > m->n_experts || m->expert_ff < 1 || m->dense_ff < 1 || m->vocab < 1 || m->sliding_window < 1)
+        FAIL(DG_E_SHAPE, "model sizes out of range (layers %d, hidden %d, heads %d, experts %d top %d, "
+             "window %d)", m->n_layers, m->hidden, m->n_heads, m->n_experts, m->top_k, m->sliding_window);
+    const int64_t H = m->hidden, V = m->vocab, F = m->dense_ff, I = m->expert_ff, E = m->n_experts;
+    int rc;
+#define CHECK(t, name, l, a, b, c) if ((rc = check_tensor(&(t), name, l, a, b, c, err, errlen)) != DG_OK) return rc
+    CHECK(m->token_embd, "token_embd.weight", -1, H, V, 1);
+    CHECK(m->output_norm, "output_norm.weight", -1, H, 1, 1);
+    CHECK(m->sc_pre_norm, "self_cond_pre_norm.weight", -1, H, 1, 1);
+    CHECK(m->sc_gate, "self_cond_gate.weight", -1, H, F, 1);
+    CHECK(m->sc_up, "self_cond_up.weight", -1, H, F, 1);
+    CHECK(m->sc_down, "self_cond_down.weight", -1, F, H, 1);
+    for (int l = 0; l < m->n_layers; l++) {
+        const dg_layer *ly = &m->layers[l];
+        const int64_t d = ly->head_dim, kv = ly->n_kv_heads;
+        if (d < 2 || d % 2 || kv < 1 || m->n_heads % kv)
+            FAIL(DG_E_SHAPE, "layer %d: head_dim %d / %d KV heads do not fit %d heads", l, ly->head_dim,
+                 ly->n_kv_heads, m->n_heads);
+        if (!ly->sliding && (m->rope_pairs_full < 0 || m->rope_pairs_full > d / 2))
+            FAIL(DG_E_SHAPE, "layer %d: %d rotated pairs for head_dim %lld", l, m->rope_pairs_full, (long long)d);
+        CHECK(ly->attn_norm, "attn_norm.weight", l, H, 1, 1);
+        CHECK(ly->attn_q, "attn_q.weight", l, H, m->n_heads * d, 1);
+        CHECK(ly->attn_k, "attn_k.weight", l, H, kv * d, 1);
+        if (ly->sliding) CHECK(ly->attn_v, "attn_v.weight", l, H, kv * d, 1);
+        CHECK(ly->attn_output, "attn_output.weight", l, m->n_heads * d, H, 1);
+        CHECK(ly->attn_q_norm, "attn_q_norm.weight", l, d, 1, 1);
+        CHECK(ly->attn_k_norm, "attn_k_norm.weight", l, d, 1, 1);
+        CHECK(ly->post_attention_norm, "post_attention_norm.weight", l, H, 1, 1);
+        CHECK(ly->ffn_norm, "ffn_norm.weight", l, H, 1, 1);
+        CHECK(ly->ffn_gate, "ffn_gate.weight", l, H, F, 1);
+        CHECK(ly->ffn_up, "ffn_up.weight", l, H, F, 1);
+        CHECK(ly->ffn_down, "ffn_down.weight", l, F, H, 1);
+        CHECK(ly->post_ffw_norm_1, "post_ffw_norm_1.weight", l, H, 1, 1);
+        CHECK(ly->ffn_gate_inp, "ffn_gate_inp.weight", l, H, E, 1);
+        CHECK(ly->ffn_gate_inp_scale, "ffn_gate_inp.scale", l, H, 1, 1);
+        CHECK(ly->ffn_down_exps_scale, "ffn_down_exps.scale", l, E, 1, 1);
+        CHECK(ly->pre_ffw_norm_2, "pre_ffw_norm_2.weight", l, H, 1, 1);
+        CHECK(ly->ffn_gate_up_exps, "ffn_gate_up_exps.weight", l, H, 2 * I, E);
+        CHECK(ly->ffn_down_exps, "ffn_down_exps.weight", l, I, H, E);
+        CHECK(ly->post_ffw_norm_2, "post_ffw_norm_2.weight", l, H, 1, 1);
+        CHECK(ly->post_ffw_norm, "post_ffw_norm.weight", l, H, 1, 1);
+    }
+#undef CHECK
+    return DG_OK;
+}
+
+static int check_cache(const dg_model *m, const dg_cache *c, char *err, size_t errlen) {
+    if (!c) FAIL(DG_E_VALUE, "no cache");
+    if (c->broken) FAIL(DG_E_VALUE, "the cache is unusable after a failed encode; start a new one");
+    if (c->n_layers != m->n_layers || c->window != m->sliding_window)
+        FAIL(DG_E_SHAPE, "the cache was made for another model (%d layers, window %d)", c->n_layers, c->window);
+    for (int l = 0; l < m->n_layers; l++) {
+        const cache_layer *cl = &c->layers[l];
+        const dg_layer *ly = &m->layers[l];
+        if (cl->sliding != ly->sliding || cl->n_kv != ly->n_kv_heads || cl->head_dim != ly->head_dim)
+            FAIL(DG_E_SHAPE, "the cache was made for another model (layer %d)", l);
+    }
+    return DG_OK;
+}
+
+static int check_ids(const dg_model *m, const int32_t *ids, int64_t n, char *err, size_t errlen) {
+    if (n < 0) FAIL(DG_E_SHAPE, "negative token count %lld", (long long)n);
+    if (n > 0 && !ids) FAIL(DG_E_VALUE, "no token ids");
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= m->vocab)
+            FAIL(DG_E_VALUE, "token id %d at index %lld is outside the vocabulary 0..%d", ids[i], (long long)i,
+                 m->vocab - 1);
+    return DG_OK;
+}
+
+/* ---- scratch buffers of one pass ---------------------------------------------------------------------- */
+
+typedef struct {
+    dg_pool *pool;
+    int64_t n;                                 /* tokens in this pass */
+    float *h;                                  /* residual stream [n, H] */
+    float *x, *tmp, *h1, *h2;                  /* [n, H] */
+    float *q, *att;                            /* [n, n_heads * d_max] */
+    float *k, *v;                              /* [n, kv_max]: this pass's keys and values */
+    float *g, *u;                              /* [n, max(F, 2I)] */
+    float *xs, *ys;                            /* one expert's tokens: [n, H] in and out */
+    int *sel;                                  /* [n] tokens routed to the current expert */
+    float *sel_w;                              /* [n] their weights */
+    float *router;                             /* [n, E] */
+    int *top_idx;                              /* [n, top_k] */
+    float *top_w;                              /* [n, top_k] */
+    float *inv_freq;                           /* [d_max / 2] */
+    float *scores;                             /* [threads, max keys] */
+    int64_t max_keys;
+} run_state;
+
+static void run_state_free(run_state *s) {
+    pool_free(s->pool);
+    free(s->h); free(s->x); free(s->tmp); free(s->h1); free(s->h2); free(s->q); free(s->att); free(s->k);
+    free(s->v); free(s->g); free(s->u); free(s->xs); free(s->ys); free(s->sel); free(s->sel_w);
+    free(s->router); free(s->top_idx); free(s->top_w); free(s->inv_freq); free(s->scores);
+}
+
+static void *alloc_f(int64_t count) { return malloc((size_t)max64(count, 1) * sizeof(float)); }
+
+static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int64_t n, char *err, size_t errlen) {
+    memset(s, 0, sizeof *s);
+    const int64_t H = m->hidden, I = m->expert_ff, wide = max64(m->dense_ff, 2 * I);
+    int64_t d_max = 0, kv_max = 0, held_max = 0;
+    for (int l = 0; l < m->n_layers; l++) {
+        d_max = max64(d_max, m->layers[l].head_dim);
+        kv_max = max64(kv_max, (int64_t)m->layers[l].n_kv_heads * m->layers[l].head_dim);
+        held_max = max64(held_max, c->layers[l].n);
+    }
+    s->n = n;
+    s->pool = pool_new(m->n_threads);
+    s->max_keys = held_max + n;
+    const int nt = pool_threads(s->pool);
+    s->h = alloc_f(n * H); s->x = alloc_f(n * H); s->tmp = alloc_f(n * H);
+    s->h1 = alloc_f(n * H); s->h2 = alloc_f(n * H);
+    s->q = alloc_f(n * m->n_heads * d_max); s->att = alloc_f(n * m->n_heads * d_max);
+    s->k = alloc_f(n * kv_max); s->v = alloc_f(n * kv_max);
+    s->g = alloc_f(n * wide); s->u = alloc_f(n * wide);
+    s->xs = alloc_f(n * H); s->ys = alloc_f(n * H);
+    s->sel = malloc((size_t)n * sizeof(int)); s->sel_w = alloc_f(n);
+    s->router = alloc_f(n * m->n_experts);
+    s->top_idx = malloc((size_t)(n * m->top_k) * sizeof(int)); s->top_w = alloc_f(n * m->top_k);
+    s->inv_freq = alloc_f(d_max / 2);
+    s->scores = alloc_f(nt * s->max_keys);
+    if (!s->pool || !s->h || !s->x || !s->tmp || !s->h1 || !s->h2 || !s->q || !s->att || !s->k || !s->v ||
+        !s->g || !s->u || !s->xs || !s->ys || !s->sel || !s->sel_w || !s->router || !s->top_idx || !s->top_w ||
+        !s->inv_freq || !s->scores) {
+        run_state_free(s);
+        FAIL(DG_E_VALUE, "out of memory for the scratch buffers of %lld tokens", (long long)n);
+    }
+    return DG_OK;
+}
+
+/* ---- stages ----------------------------------------------------------------------------------------- */
+
+/* h[t] = E[ids[t]] * embed_scale, each embedding row dequantized from its stored type. */
+static int embed(const dg_model *m, float *h, const int32_t *ids, int64_t n, char *err, size_t errlen) {
+    const dg_tensor *E = &m->token_embd;
+    const size_t rb = tensor_row_bytes(E);
+    for (int64_t t = 0; t < n; t++) {
+        float *row = h + t * m->hidden;
+        int rc = dg_dequantize_rows(E->type, (const char *)E->data + (size_t)ids[t] * rb, row, 1, m->hidden,
+                                    err, errlen);
+        if (rc != DG_OK) return rc;
+        for (int i = 0; i < m->hidden; i++) row[i] *= m->embed_scale;
+    }
+    return DG_OK;
+}
+
+/* out = down(gelu(gate(x)) * up(x)): the gated GELU MLP of the dense FFN and of self-conditioning. */
+static int gated_mlp(run_state *s, float *out, const float *x, const dg_tensor *gate, const dg_tensor *up,
+                     const dg_tensor *down, int64_t n, char *err, size_t errlen) {
+    int rc;
+    if ((rc = matmul(s->pool, s->g, x, gate, 0, n, err, errlen)) != DG_OK) return rc;
+    if ((rc = matmul(s->pool, s->u, x, up, 0, n, err, errlen)) != DG_OK) return rc;
+    const int64_t F = gate->ne1;
+    gelu_tanh(s->g, n * F);
+    for (int64_t i = 0; i < n * F; i++) s->g[i] *= s->u[i];
+    return matmul(s->pool, out, s->g, down, 0, n, err, errlen);
+}
+
+/* Decoder input: h = rms(e + SC(s)), s = softmax(sc_logits) @ E * embed_scale,
+ * SC(s) = down(gelu(gate(rms_w(s, pre_norm))) * up(rms_w(s, pre_norm))). No sc_logits: h = rms(e). */
+static int decoder_input(const dg_model *m, run_state *s, const int32_t *ids, const float *sc_logits,
+                         char *err, size_t errlen) {
+    const int64_t n = s->n, H = m->hidden;
+    int rc;
+    if ((rc = embed(m, s->h, ids, n, err, errlen)) != DG_OK) return rc;
+    if (sc_logits) {
+        if ((rc = soft_embed(s->pool, s->x, sc_logits, &m->token_embd, m->embed_scale, n, err, errlen)) != DG_OK)
+            return rc;
+        for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->x + t * H, m->sc_pre_norm.data, H, m->eps);
+        if ((rc = gated_mlp(s, s->tmp, s->x, &m->sc_gate, &m->sc_up, &m->sc_down, n, err, errlen)) != DG_OK)
+            return rc;
+        for (int64_t i = 0; i < n * H; i++) s->h[i] += s->tmp[i];
+    }
+    for (int64_t t = 0; t < n; t++) rmsnorm(s->h + t * H, s->h + t * H, NULL, H, m->eps);
+    return DG_OK;
+}
+
+/* RoPE inverse frequencies as transformers computes them in fp32: theta^-(2i/d) for the rotated pairs. */
+static int rope_freqs(const dg_model *m, const dg_layer *ly, float *inv_freq) {
+    const int d = ly->head_dim, pairs = ly->sliding ? d / 2 : m->rope_pairs_full;
+    const double theta = ly->sliding ? m->theta_sliding : m->theta_full;
+    for (int i = 0; i < pairs; i++) {
+        const float expo = (float)(2 * i) / (float)d;
+        inv_freq[i] = 1.0f / (float)pow(theta, (double)expo);
+    }
+    return pairs;
+}
+
+typedef struct {
+    const dg_layer *ly;
+    run_state *s;
+    const cache_layer *cl;      /* positions pos0 - cl->n .. pos0 - 1 */
+    int64_t pos0, window;       /* window: 0 for no window (full layers, decoder) */
+    int causal, n_heads;
+} attn_job;
+
+/* Items are (token, head) pairs: each computes one head's output for one query. */
+static void attention_items(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const attn_job *j = ctx;
+    const run_state *s = j->s;
+    const int d = j->ly->head_dim, group = j->n_heads / j->ly->n_kv_heads;
+    const int64_t stride = (int64_t)j->ly->n_kv_heads * d, held = j->cl->n;
+    float *scores = s->scores + thread * s->max_keys;
+    for (int64_t it = lo; it < hi; it++) {
+        const int64_t t = it / j->n_heads, p = j->pos0 + t;
+        const int head = (int)(it % j->n_heads), g = head / group;
+        int64_t a_lo = 0, b_lo = 0, b_hi = j->causal ? t + 1 : s->n;
+        if (j->window) {           /* keys p - W < k <= p */
+            a_lo = max64(0, (p - j->window + 1) - (j->pos0 - held));
+            b_lo = max64(0, t - j->window + 1);
+        }
+        const int64_t na = max64(0, held - a_lo);
+        attention(s->att + (t * j->n_heads + head) * d, s->q + (t * j->n_heads + head) * d,
+                  j->cl->k + a_lo * stride + g * d, j->cl->v + a_lo * stride + g * d, na,
+                  s->k + b_lo * stride + g * d, s->v + b_lo * stride + g * d, b_hi - b_lo, stride, d, scores);
+    }
+}
+
+/* Attention block. x = rms_w(h, attn_norm); q, k = rope(rms_w(proj, norm)); v = rms(v_proj or raw k);
+ * scores q.k (scale 1); h += rms_w(o_proj(attn), post_attention_norm).
+ * Encoder (cache != NULL): causal (+ window on sliding layers), then appends K/V to the cache; kv_only
+ * stops there (the last encoder layer). Decoder: sees the cached keys plus every key of this pass. */
+static int attention_block(const dg_model *m, const dg_layer *ly, run_state *s, const cache_layer *cl,
+                           cache_layer *write, int64_t pos0, int kv_only, char *err, size_t errlen) {
+    const int64_t n = s->n, H = m->hidden, d = ly->head_dim, nh = m->n_heads, nkv = ly->n_kv_heads;
+    int rc;
+    for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->h + t * H, ly->attn_norm.data, H, m->eps);
+    if ((rc = matmul(s->pool, s->q, s->x, &ly->attn_q, 0, n, err, errlen)) != DG_OK) return rc;
+    if ((rc = matmul(s->pool, s->k, s->x, &ly->attn_k, 0, n, err, errlen)) != DG_OK) return rc;
+    if (ly->sliding) {
+        if ((rc = matmul(s->pool, s->v, s->x, &ly->attn_v, 0, n, err, errlen)) != DG_OK) return rc;
+    } else {
+        memcpy(s->v, s->k, (size_t)(n * nkv * d) * sizeof(float));   /* K = V: the raw projection */
+    }
+    const int pairs = rope_freqs(m, ly, s->inv_freq);
+    for (int64_t t = 0; t < n; t++) {
+        for (int64_t hd = 0; hd < nh; hd++) {
+            float *q = s->q + (t * nh + hd) * d;
+            rmsnorm(q, q, ly->attn_q_norm.data, d, m->eps);
+            rope(q, s->inv_freq, pos0 + t, (int)d, pairs);
+        }
+        for (int64_t hd = 0; hd < nkv; hd++) {
+            float *k = s->k + (t * nkv + hd) * d, *v = s->v + (t * nkv + hd) * d;
+            rmsnorm(k, k, ly->attn_k_norm.data, d, m->eps);
+            rope(k, s->inv_freq, pos0 + t, (int)d, pairs);
+            rmsnorm(v, v, NULL, d, m->eps);
+        }
+    }
+    if (kv_only) {
+        cache_append(write, s->k, s->v, n);
+        return DG_OK;
+    }
+    attn_job job = {ly, s, cl, pos0, (write && ly->sliding) ? m->sliding_window : 0, write != NULL, m->n_heads};
+    parallel_for(s->pool, n * nh, attention_items, &job);
+    if (write) cache_append(write, s->k, s->v, n);
+    if ((rc = matmul(s->pool, s->tmp, s->att, &ly->attn_output, 0, n, err, errlen)) != DG_OK) return rc;
+    for (int64_t t = 0; t < n; t++) {
+        float *o = s->tmp + t * H, *h = s->h + t * H;
+        rmsnorm(o, o, ly->post_attention_norm.data, H, m->eps);
+        for (int64_t i = 0; i < H; i++) h[i] += o[i];
+    }
+    return DG_OK;
+}
+
+/* Router on the raw residual: r = rms(h) * scale * H^-0.5, p = softmax(r . W), top-k, weights renormalised
+ * to sum 1 and then multiplied by the per-expert scale. */
+static int route(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
+    const int64_t n = s->n, H = m->hidden, E = m->n_experts, K = m->top_k;
+    const float root = (float)pow((double)H, -0.5);
+    const float *scale = ly->ffn_gate_inp_scale.data, *exp_scale = ly->ffn_down_exps_scale.data;
+    for (int64_t t = 0; t < n; t++) {
+        float *r = s->x + t * H;
+        rmsnorm(r, s->h + t * H, NULL, H, m->eps);
+        for (int64_t i = 0; i < H; i++) r[i] = r[i] * scale[i] * root;
+    }
+    int rc = matmul(s->pool, s->router, s->x, &ly->ffn_gate_inp, 0, n, err, errlen);
+    if (rc != DG_OK) return rc;
+    for (int64_t t = 0; t < n; t++) {
+        float *p = s->router + t * E, *w = s->top_w + t * K;
+        int *idx = s->top_idx + t * K;
+        softmax(p, E);
+        topk(idx, p, (int)E, (int)K);
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K; k++) sum += p[idx[k]];
+        for (int64_t k = 0; k < K; k++) w[k] = p[idx[k]] / sum * exp_scale[idx[k]];
+    }
+    return DG_OK;
+}
+
+/* MoE into s->h2: moe[t] = sum over t's experts e (ascending) of w * down_e(gelu(gate_e(xe)) * up_e(xe)),
+ * xe = rms_w(h, pre_ffw_norm_2); gate_up_exps matrix e holds the gate rows, then the up rows. Each expert's
+ * weights are read once for all the tokens routed to it. */
+static int moe(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
+    const int64_t n = s->n, H = m->hidden, I = m->expert_ff, K = m->top_k;
+    int rc;
+    if ((rc = route(m, ly, s, err, errlen)) != DG_OK) return rc;
+    for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->h + t * H, ly->pre_ffw_norm_2.data, H, m->eps);
+    memset(s->h2, 0, (size_t)(n * H) * sizeof(float));
+    for (int e = 0; e < m->n_experts; e++) {
+        int64_t cnt = 0;
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t k = 0; k < K; k++)
+                if (s->top_idx[t * K + k] == e) {
+                    s->sel[cnt] = (int)t;
+                    s->sel_w[cnt] = s->top_w[t * K + k];
+                    memcpy(s->xs + cnt * H, s->x + t * H, (size_t)H * sizeof(float));
+                    cnt++;
+                }
+        if (!cnt) continue;
+        if ((rc = matmul(s->pool, s->g, s->xs, &ly->ffn_gate_up_exps, e, cnt, err, errlen)) != DG_OK) return rc;
+        for (int64_t c = 0; c < cnt; c++) {            /* act = gelu(gate) * up, packed [cnt, I] into s->u */
+            float *gu = s->g + c * 2 * I, *a = s->u + c * I;
+            gelu_tanh(gu, I);
+            for (int64_t i = 0; i < I; i++) a[i] = gu[i] * gu[I + i];
+        }
+        if ((rc = matmul(s->pool, s->ys, s->u, &ly->ffn_down_exps, e, cnt, err, errlen)) != DG_OK) return rc;
+        for (int64_t c = 0; c < cnt; c++) {
+            float *out = s->h2 + (int64_t)s->sel[c] * H;
+            const float *y = s->ys + c * H;
+            for (int64_t i = 0; i < H; i++) out[i] += y[i] * s->sel_w[c];
+        }
+    }
+    return DG_OK;
+}
+
+/* Feed-forward: the dense MLP and the MoE both read the residual h;
+ * h += rms_w(rms_w(dense, post_ffw_norm_1) + rms_w(moe, post_ffw_norm_2), post_ffw_norm). */
+static int ffn_block(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
+    const int64_t n = s->n, H = m->hidden;
+    int rc;
+    for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->h + t * H, ly->ffn_norm.data, H, m->eps);
+    if ((rc = gated_mlp(s, s->h1, s->x, &ly->ffn_gate, &ly->ffn_up, &ly->ffn_down, n, err, errlen)) != DG_OK)
+        return rc;
+    if ((rc = moe(m, ly, s, err, errlen)) != DG_OK) return rc;
+    for (int64_t t = 0; t < n; t++) {
+        float *h1 = s->h1 + t * H, *h2 = s->h2 + t * H, *h = s->h + t * H;
+        rmsnorm(h1, h1, ly->post_ffw_norm_1.data, H, m->eps);
+        rmsnorm(h2, h2, ly->post_ffw_norm_2.data, H, m->eps);
+        for (int64_t i = 0; i < H; i++) h1[i] += h2[i];
+        rmsnorm(h1, h1, ly->post_ffw_norm.data, H, m->eps);
+        for (int64_t i = 0; i < H; i++) h[i] += h1[i];
+    }
+    return DG_OK;
+}
+
+static void scale_residual(run_state *s, int64_t H, float scalar) {
+    for (int64_t i = 0; i < s->n * H; i++) s->h[i] *= scalar;
+}
+
+/* logits = softcap * tanh(rms_w(h, output_norm) . E^T / softcap), E the tied embedding in its stored type. */
+static int head(const dg_model *m, run_state *s, float *logits, char *err, size_t errlen) {
+    const int64_t n = s->n, H = m->hidden;
+    for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->h + t * H, m->output_norm.data, H, m->eps);
+    int rc = matmul(s->pool, logits, s->x, &m->token_embd, 0, n, err, errlen);
+    if (rc != DG_OK) return rc;
+    if (m->softcap > 0.0f)
+        for (int64_t i = 0; i < n * m->vocab; i++) logits[i] = tanhf(logits[i] / m->softcap) * m->softcap;
+    return DG_OK;
+}
+
+/* ---- the two passes ----------------------------------------------------------------------------------- */
+
+int dg_encode(const dg_model *m, dg_cache *c, const int32_t *ids, int64_t n, char *err, size_t errlen) {
+    int rc;
+    if ((rc = check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
+        (rc = check_ids(m, ids, n, err, errlen)) != DG_OK)
+        return rc;
+    if (n == 0) return DG_OK;
+    if (n > c->capacity - c->length)
+        FAIL(DG_E_SHAPE, "encoding %lld tokens after %lld would exceed the cache capacity of %lld positions",
+             (long long)n, (long long)c->length, (long long)c->capacity);
+    run_state s;
+    if ((rc = run_state_new(&s, m, c, n, err, errlen)) != DG_OK) return rc;
+    const int64_t pos0 = c->length;
+    if ((rc = embed(m, s.h, ids, n, err, errlen)) != DG_OK) goto done;
+    for (int l = 0; l < m->n_layers; l++) {
+        const dg_layer *ly = &m->layers[l];
+        cache_layer *cl = &c->layers[l];
+        const int last = l == m->n_layers - 1;     /* only its K/V matter: skip its attention output and FFN */
+        if ((rc = attention_block(m, ly, &s, cl, cl, pos0, last, err, errlen)) != DG_OK) break;
+        if (last) break;
+        if ((rc = ffn_block(m, ly, &s, err, errlen)) != DG_OK) break;
+        scale_residual(&s, m->hidden, ly->enc_scale);
+    }
+done:
+    if (rc == DG_OK)
+        c->length += n;
+    else
+        c->broken = 1;   /* some layers may already hold the new positions */
+    run_state_free(&s);
+    return rc;
+}
+
+int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t n, const float *sc_logits,
+              float *logits, char *err, size_t errlen) {
+    int rc;
+    if ((rc = check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
+        (rc = check_ids(m, ids, n, err, errlen)) != DG_OK)
+        return rc;
+    if (n == 0) return DG_OK;
+    if (!logits) FAIL(DG_E_VALUE, "no logits buffer");
+    run_state s;
+    if ((rc = run_state_new(&s, m, c, n, err, errlen)) != DG_OK) return rc;
+    if ((rc = decoder_input(m, &s, ids, sc_logits, err, errlen)) != DG_OK) goto done;
+    for (int l = 0; l < m->n_layers; l++) {
+        const dg_layer *ly = &m->layers[l];
+        if ((rc = attention_block(m, ly, &s, &c->layers[l], NULL, c->length, 0, err, errlen)) != DG_OK) goto done;
+        if ((rc = ffn_block(m, ly, &s, err, errlen)) != DG_OK) goto done;
+        scale_residual(&s, m->hidden, ly->dec_scale);
+    }
+    rc = head(m, &s, logits, err, errlen);
+done:
+    run_state_free(&s);
+    return rc;
+}

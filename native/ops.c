@@ -1,0 +1,391 @@
+/* ops.c: the ops of the forward pass (see ops.h), plain scalar C, and the thread pool they run on.
+ *
+ * Numerics follow transformers in fp32: rmsnorm is x * (mean(x^2) + eps)^-0.5 (then * w), softmax
+ * subtracts the max, gelu is the tanh form. Sums of squares and softmax denominators are accumulated
+ * in double, dot products in eight float lanes added in a fixed tree: every output element is computed
+ * by one thread in one order, whatever the thread count.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "ops.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- thread pool ------------------------------------------------------------------------------------ */
+
+struct dg_pool {
+    int n;                       /* threads, the caller included */
+    pthread_t *workers;          /* n - 1 */
+    pthread_mutex_t mu;
+    pthread_cond_t work, done;
+    uint64_t generation;         /* bumped for every parallel_for */
+    int pending;                 /* workers still running the current job */
+    int stop;
+    void (*fn)(void *, int64_t, int64_t, int);
+    void *ctx;
+    int64_t total;
+};
+
+typedef struct {
+    dg_pool *p;
+    int id;
+} worker_arg;
+
+static void chunk(int64_t total, int n, int i, int64_t *lo, int64_t *hi) {
+    *lo = total * i / n;
+    *hi = total * (i + 1) / n;
+}
+
+static void *worker_main(void *arg) {
+    worker_arg *a = arg;
+    dg_pool *p = a->p;
+    const int id = a->id;
+    free(a);
+    uint64_t seen = 0;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->stop && p->generation == seen) pthread_cond_wait(&p->work, &p->mu);
+        if (p->stop) break;
+        seen = p->generation;
+        void (*fn)(void *, int64_t, int64_t, int) = p->fn;
+        void *ctx = p->ctx;
+        int64_t lo, hi;
+        chunk(p->total, p->n, id, &lo, &hi);
+        pthread_mutex_unlock(&p->mu);
+        if (lo < hi) fn(ctx, lo, hi, id);
+        pthread_mutex_lock(&p->mu);
+        if (--p->pending == 0) pthread_cond_signal(&p->done);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+dg_pool *pool_new(int n_threads) {
+    dg_pool *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->n = 1;
+    if (n_threads <= 1) return p;
+    p->workers = calloc((size_t)n_threads - 1, sizeof *p->workers);
+    if (!p->workers) return p;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->work, NULL);
+    pthread_cond_init(&p->done, NULL);
+    for (int i = 1; i < n_threads; i++) {
+        worker_arg *a = malloc(sizeof *a);
+        if (!a) break;
+        a->p = p;
+        a->id = i;
+        if (pthread_create(&p->workers[i - 1], NULL, worker_main, a) != 0) {
+            free(a);
+            break;
+        }
+        p->n = i + 1;
+    }
+    return p;
+}
+
+void pool_free(dg_pool *p) {
+    if (!p) return;
+    if (p->workers) {
+        pthread_mutex_lock(&p->mu);
+        p->stop = 1;
+        pthread_cond_broadcast(&p->work);
+        pthread_mutex_unlock(&p->mu);
+        for (int i = 0; i < p->n - 1; i++) pthread_join(p->workers[i], NULL);
+        pthread_mutex_destroy(&p->mu);
+        pthread_cond_destroy(&p->work);
+        pthread_cond_destroy(&p->done);
+        free(p->workers);
+    }
+    free(p);
+}
+
+int pool_threads(const dg_pool *p) { return p ? p->n : 1; }
+
+void parallel_for(dg_pool *p, int64_t n, void (*fn)(void *, int64_t, int64_t, int), void *ctx) {
+    if (n <= 0) return;
+    if (!p || p->n == 1 || n == 1) {
+        fn(ctx, 0, n, 0);
+        return;
+    }
+    pthread_mutex_lock(&p->mu);
+    p->fn = fn;
+    p->ctx = ctx;
+    p->total = n;
+    p->pending = p->n - 1;
+    p->generation++;
+    pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->mu);
+    int64_t lo, hi;
+    chunk(n, p->n, 0, &lo, &hi);
+    if (lo < hi) fn(ctx, lo, hi, 0);
+    pthread_mutex_lock(&p->mu);
+    while (p->pending > 0) pthread_cond_wait(&p->done, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* ---- elementwise ops -------------------------------------------------------------------------------- */
+
+/* Eight independent float lanes, added pairwise at the end: a fixed order the compiler can vectorise. */
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; i < n; i++, j++) acc[j] += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+void rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float ms = (float)(ss / (double)n) + eps;
+    const float inv = (float)(1.0 / sqrt((double)ms));
+    if (w)
+        for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+    else
+        for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv;
+}
+
+void softmax(float *x, int64_t n) {
+    float max = x[0];
+    for (int64_t i = 1; i < n; i++) max = x[i] > max ? x[i] : max;
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    const float s = (float)sum;
+    for (int64_t i = 0; i < n; i++) x[i] /= s;
+}
+
+void gelu_tanh(float *x, int64_t n) {
+    const float k = 0.7978845608028654f;   /* sqrt(2/pi) */
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    }
+}
+
+void rope(float *x, const float *inv_freq, int64_t pos, int d, int n_pairs) {
+    const int half = d / 2;
+    for (int i = 0; i < n_pairs; i++) {
+        const float angle = (float)pos * inv_freq[i];   /* fp32 product, as transformers computes freqs */
+        const float c = cosf(angle), s = sinf(angle);
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c - x2 * s;
+        x[i + half] = x2 * c + x1 * s;
+    }
+}
+
+void topk(int *idx, const float *x, int n, int k) {
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int i = 0; i < n; i++) {
+            int taken = 0;
+            for (int t = 0; t < j; t++) taken |= idx[t] == i;
+            if (taken) continue;
+            if (best < 0 || x[i] > x[best]) best = i;   /* strict: ties keep the lower index */
+        }
+        idx[j] = best;
+    }
+}
+
+/* ---- matmul ----------------------------------------------------------------------------------------- */
+
+size_t tensor_row_bytes(const dg_tensor *w) {
+    int64_t bs, ts;
+    char err[8];
+    if (dg_type_size(w->type, &bs, &ts, err, sizeof err) != 0 || bs <= 0 || w->ne0 % bs) return 0;
+    return (size_t)(w->ne0 / bs * ts);
+}
+
+typedef struct {
+    float *out;
+    const float *x;
+    const char *base;            /* first row of the matrix */
+    size_t row_bytes;
+    int type;
+    int64_t ncols, nrows, n;
+    float **rowbuf;              /* one row of ncols floats per thread */
+    int *status;                 /* per thread */
+} matmul_job;
+
+static void matmul_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
+    matmul_job *j = ctx;
+    float *row = j->rowbuf[thread];
+    char err[8];
+    for (int64_t r = lo; r < hi; r++) {
+        const void *src = j->base + (size_t)r * j->row_bytes;
+        const float *wr = src;
+        if (j->type != DG_TYPE_F32) {
+            if (dg_dequantize_rows(j->type, src, row, 1, j->ncols, err, sizeof err) != 0) {
+                j->status[thread] = -1;
+                return;
+            }
+            wr = row;
+        }
+        for (int64_t t = 0; t < j->n; t++) j->out[t * j->nrows + r] = dot(j->x + t * j->ncols, wr, j->ncols);
+    }
+}
+
+/* Per-thread row buffers of ncols floats; NULL on allocation failure. */
+static float **alloc_rows(int n_threads, int64_t ncols) {
+    float **rows = calloc((size_t)n_threads, sizeof *rows);
+    if (!rows) return NULL;
+    for (int i = 0; i < n_threads; i++) {
+        rows[i] = malloc((size_t)ncols * sizeof(float));
+        if (!rows[i]) {
+            for (int k = 0; k < i; k++) free(rows[k]);
+            free(rows);
+            return NULL;
+        }
+    }
+    return rows;
+}
+
+static void free_rows(float **rows, int n_threads) {
+    if (!rows) return;
+    for (int i = 0; i < n_threads; i++) free(rows[i]);
+    free(rows);
+}
+
+int matmul(dg_pool *p, float *out, const float *x, const dg_tensor *w, int64_t mat, int64_t n,
+           char *err, size_t errlen) {
+    const size_t rb = tensor_row_bytes(w);
+    if (rb == 0) {
+        snprintf(err, errlen, "matmul: weight of type %d cannot hold rows of %lld values", w->type,
+                 (long long)w->ne0);
+        return DG_E_TYPE;
+    }
+    if (mat < 0 || mat >= w->ne2) {
+        snprintf(err, errlen, "matmul: matrix %lld of %lld", (long long)mat, (long long)w->ne2);
+        return DG_E_SHAPE;
+    }
+    if (n <= 0) return DG_OK;
+    const int nt = pool_threads(p);
+    int status[nt];
+    memset(status, 0, sizeof status);
+    matmul_job j = {out, x, (const char *)w->data + (size_t)mat * (size_t)w->ne1 * rb, rb, w->type,
+                    w->ne0, w->ne1, n, alloc_rows(nt, w->ne0), status};
+    if (!j.rowbuf) {
+        snprintf(err, errlen, "matmul: out of memory");
+        return DG_E_VALUE;
+    }
+    parallel_for(p, w->ne1, matmul_rows, &j);
+    free_rows(j.rowbuf, nt);
+    for (int i = 0; i < nt; i++)
+        if (status[i]) {
+            snprintf(err, errlen, "matmul: cannot dequantize a row of type %d", w->type);
+            return DG_E_TYPE;
+        }
+    return DG_OK;
+}
+
+/* ---- soft embedding --------------------------------------------------------------------------------- */
+
+typedef struct {
+    float *out;
+    const float *logits;
+    const char *base;
+    size_t row_bytes;
+    int type;
+    int64_t ncols, nrows;
+    float scale;
+    float **rowbuf;
+    int *status;
+} soft_job;
+
+/* Tokens [lo, hi): each thread walks every row of W once, in order, so each output sums over v ascending. */
+static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
+    soft_job *j = ctx;
+    float *row = j->rowbuf[thread];
+    const int64_t nt = hi - lo, H = j->ncols, V = j->nrows;
+    float *mx = malloc((size_t)nt * 2 * sizeof(float));
+    double *acc = calloc((size_t)(nt * H), sizeof(double));
+    char err[8];
+    if (!mx || !acc) {
+        free(mx);
+        free(acc);
+        j->status[thread] = -2;
+        return;
+    }
+    float *inv = mx + nt;
+    for (int64_t t = 0; t < nt; t++) {           /* softmax statistics of each token's logits */
+        const float *l = j->logits + (lo + t) * V;
+        float m = l[0];
+        for (int64_t v = 1; v < V; v++) m = l[v] > m ? l[v] : m;
+        double s = 0.0;
+        for (int64_t v = 0; v < V; v++) s += expf(l[v] - m);
+        mx[t] = m;
+        inv[t] = (float)s;
+    }
+    for (int64_t v = 0; v < V; v++) {
+        const void *src = j->base + (size_t)v * j->row_bytes;
+        const float *wr = src;
+        if (j->type != DG_TYPE_F32) {
+            if (dg_dequantize_rows(j->type, src, row, 1, H, err, sizeof err) != 0) {
+                j->status[thread] = -1;
+                break;
+            }
+            wr = row;
+        }
+        for (int64_t t = 0; t < nt; t++) {
+            const float pv = expf(j->logits[(lo + t) * V + v] - mx[t]) / inv[t];
+            if (pv == 0.0f) continue;
+            double *a = acc + t * H;
+            for (int64_t i = 0; i < H; i++) a[i] += (double)pv * wr[i];
+        }
+    }
+    for (int64_t t = 0; t < nt; t++)
+        for (int64_t i = 0; i < H; i++) j->out[(lo + t) * H + i] = (float)acc[t * H + i] * j->scale;
+    free(mx);
+    free(acc);
+}
+
+int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, float scale, int64_t n,
+               char *err, size_t errlen) {
+    const size_t rb = tensor_row_bytes(w);
+    if (rb == 0) {
+        snprintf(err, errlen, "soft_embed: weight of type %d cannot hold rows of %lld values", w->type,
+                 (long long)w->ne0);
+        return DG_E_TYPE;
+    }
+    if (n <= 0) return DG_OK;
+    const int nt = pool_threads(p);
+    int status[nt];
+    memset(status, 0, sizeof status);
+    soft_job j = {out, logits, w->data, rb, w->type, w->ne0, w->ne1, scale, alloc_rows(nt, w->ne0), status};
+    if (!j.rowbuf) {
+        snprintf(err, errlen, "soft_embed: out of memory");
+        return DG_E_VALUE;
+    }
+    parallel_for(p, n, soft_embed_tokens, &j);
+    free_rows(j.rowbuf, nt);
+    for (int i = 0; i < nt; i++)
+        if (status[i]) {
+            snprintf(err, errlen, status[i] == -2 ? "soft_embed: out of memory"
+                                                  : "soft_embed: cannot dequantize a row of type %d", w->type);
+            return status[i] == -2 ? DG_E_VALUE : DG_E_TYPE;
+        }
+    return DG_OK;
+}
+
+/* ---- attention -------------------------------------------------------------------------------------- */
+
+void attention(float *out, const float *q, const float *ka, const float *va, int64_t na,
+               const float *kb, const float *vb, int64_t nb, int64_t stride, int d, float *scores) {
+    const int64_t nk = na + nb;
+    for (int64_t j = 0; j < na; j++) scores[j] = dot(q, ka + j * stride, d);
+    for (int64_t j = 0; j < nb; j++) scores[na + j] = dot(q, kb + j * stride, d);
+    softmax(scores, nk);
+    for (int i = 0; i < d; i++) out[i] = 0.0f;
+    for (int64_t j = 0; j < nk; j++) {
+        const float a = scores[j];
+        const float *v = j < na ? va + j * stride : vb + (j - na) * stride;
+        for (int i = 0; i < d; i++) out[i] += a * v[i];
+    }
+}

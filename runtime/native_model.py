@@ -1,0 +1,165 @@
+"""The native forward pass: a DiffusionGemma GGUF's weights handed to native/model.c, and its KV cache.
+
+NativeModel fills the dg_model / dg_layer structs of native/dgguf.h with pointers into the memory-mapped
+GGUF (no weight is copied or expanded); NativeCache owns one sequence's native KV cache and runs the encoder
+(`encode`: append tokens) and the decoder (`decode`: canvas logits). Shapes and dtypes are checked here,
+once, before any native call; native code checks again and reports errors as DggufError.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dgguf._native import ffi, lib
+from dgguf.convert.errors import DggufError
+from dgguf.convert.gguf_file import GGUFFile
+
+from .model_config import ModelConfig
+
+_ERRLEN = 512
+
+# dg_layer field → GGUF tensor name under blk.N.
+_LAYER_TENSORS = {
+    "attn_norm": "attn_norm.weight", "attn_q": "attn_q.weight", "attn_k": "attn_k.weight",
+    "attn_v": "attn_v.weight", "attn_output": "attn_output.weight", "attn_q_norm": "attn_q_norm.weight",
+    "attn_k_norm": "attn_k_norm.weight", "post_attention_norm": "post_attention_norm.weight",
+    "ffn_norm": "ffn_norm.weight", "ffn_gate": "ffn_gate.weight", "ffn_up": "ffn_up.weight",
+    "ffn_down": "ffn_down.weight", "post_ffw_norm_1": "post_ffw_norm_1.weight",
+    "ffn_gate_inp": "ffn_gate_inp.weight", "ffn_gate_inp_scale": "ffn_gate_inp.scale",
+    "ffn_down_exps_scale": "ffn_down_exps.scale", "pre_ffw_norm_2": "pre_ffw_norm_2.weight",
+    "ffn_gate_up_exps": "ffn_gate_up_exps.weight", "ffn_down_exps": "ffn_down_exps.weight",
+    "post_ffw_norm_2": "post_ffw_norm_2.weight", "post_ffw_norm": "post_ffw_norm.weight",
+}
+# dg_model field → global GGUF tensor name.
+_MODEL_TENSORS = {
+    "token_embd": "token_embd.weight", "output_norm": "output_norm.weight",
+    "sc_pre_norm": "self_cond_pre_norm.weight", "sc_gate": "self_cond_gate.weight",
+    "sc_up": "self_cond_up.weight", "sc_down": "self_cond_down.weight",
+}
+
+
+def _check(status: int, err) -> None:
+    if status != 0:
+        raise DggufError(ffi.string(err).decode(errors="replace"))
+
+
+class NativeModel:
+    """The weights of one GGUF (validated by read_model_config) as native structs. Keeps the file mapped."""
+
+    def __init__(self, gguf: GGUFFile, cfg: ModelConfig, threads: int = 1):
+        if threads < 1:
+            raise DggufError(f"threads must be at least 1, got {threads}")
+        self.gguf, self.cfg, self.threads = gguf, cfg, threads
+        self._keep = []                     # every buffer a native pointer refers to
+        self._tensors = {t.name: t for t in gguf.tensors}
+        n = cfg.n_layers
+        self._layers = ffi.new("dg_layer[]", n)
+        for i in range(n):
+            ly = self._layers[i]
+            ly.sliding = int(cfg.sliding[i])
+            ly.head_dim = cfg.head_dims[i]
+            ly.n_kv_heads = cfg.kv_heads[i]
+            for field, name in _LAYER_TENSORS.items():
+                if field == "attn_v" and not cfg.sliding[i]:
+                    continue                # full layers: V is the raw K projection
+                self._fill(getattr(ly, field), f"blk.{i}.{name}")
+            ly.dec_scale = self._scalar(f"blk.{i}.layer_output_scale.weight")
+            ly.enc_scale = self._scalar(f"blk.{i}.enc_layer_output_scale.weight")
+        m = self._model = ffi.new("dg_model *")
+        m.n_layers, m.hidden, m.n_heads = n, cfg.hidden_size, cfg.n_heads
+        m.n_experts, m.top_k, m.expert_ff = cfg.n_experts, cfg.top_k, cfg.expert_ff
+        m.dense_ff, m.vocab, m.sliding_window = cfg.dense_ff, cfg.vocab_size, cfg.sliding_window
+        m.rope_pairs_full = cfg.rope_rotated_pairs_full
+        m.eps, m.theta_full, m.theta_sliding = cfg.rms_norm_eps, cfg.rope_theta_full, cfg.rope_theta_sliding
+        m.softcap, m.embed_scale = cfg.softcap, cfg.embedding_scale
+        for field, name in _MODEL_TENSORS.items():
+            self._fill(getattr(m, field), name)
+        m.layers = self._layers
+        m.n_threads = threads
+
+    def _fill(self, t, name: str) -> None:
+        info = self._tensors.get(name)
+        if info is None:
+            raise DggufError(f"{self.gguf.path}: missing tensor {name}")
+        buf = ffi.from_buffer(self.gguf.tensor_bytes(info))
+        self._keep.append(buf)
+        ne = tuple(info.ne) + (1,) * (3 - len(info.ne))
+        if len(ne) != 3:
+            raise DggufError(f"{self.gguf.path}: tensor {name} has {len(info.ne)} dimensions")
+        t.data = buf
+        t.type = info.type.ggml
+        t.ne0, t.ne1, t.ne2 = ne
+
+    def _scalar(self, name: str) -> float:
+        info = self._tensors.get(name)
+        if info is None or info.type.name != "F32":
+            raise DggufError(f"{self.gguf.path}: missing F32 tensor {name}")
+        return float(self.gguf.tensor_bytes(info).view("<f4")[0])
+
+    def new_cache(self, capacity: int) -> "NativeCache":
+        return NativeCache(self, capacity)
+
+
+class NativeCache:
+    """One sequence's KV cache: `encode` appends tokens, `decode` returns canvas logits without writing it."""
+
+    def __init__(self, model: NativeModel, capacity: int):
+        capacity = int(capacity)
+        if capacity < 1:
+            raise DggufError(f"cache capacity must be positive, got {capacity}")
+        self.model = model
+        self.capacity = capacity
+        err = ffi.new("char[]", _ERRLEN)
+        c = lib.dg_cache_new(model._model, capacity, err, _ERRLEN)
+        if c == ffi.NULL:
+            raise DggufError(ffi.string(err).decode(errors="replace"))
+        self._c = ffi.gc(c, lib.dg_cache_free)
+
+    @property
+    def length(self) -> int:
+        return int(lib.dg_cache_length(self._c))
+
+    def _ids(self, ids, what: str) -> np.ndarray:
+        a = np.asarray(ids)
+        if a.ndim != 1:
+            raise DggufError(f"{what}: token ids must be 1-D, got shape {a.shape}")
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise DggufError(f"{what}: token ids must be integers, got {a.dtype}")
+        V = self.model.cfg.vocab_size
+        if a.size and (a.min() < 0 or a.max() >= V):
+            bad = a[(a < 0) | (a >= V)][0]
+            raise DggufError(f"{what}: token id {int(bad)} is outside the vocabulary 0..{V - 1}")
+        return np.ascontiguousarray(a, dtype=np.int32)
+
+    def encode(self, ids: np.ndarray) -> None:
+        """Run the encoder over ids at positions length.., appending their K/V to the cache."""
+        a = self._ids(ids, "encode")
+        if self.length + a.size > self.capacity:
+            raise DggufError(f"encode: {a.size} tokens after {self.length} exceed the cache capacity "
+                             f"{self.capacity}")
+        err = ffi.new("char[]", _ERRLEN)
+        _check(lib.dg_encode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), a.size, err, _ERRLEN),
+               err)
+
+    def decode(self, ids: np.ndarray, sc_logits: np.ndarray | None = None) -> np.ndarray:
+        """Canvas logits float32 [n, V] for ids at positions length..length+n-1; sc_logits [n, V] float32
+        (the previous step's processed logits) or None for the first step."""
+        a = self._ids(ids, "decode")
+        n, V = a.size, self.model.cfg.vocab_size
+        sc = ffi.NULL
+        if sc_logits is not None:
+            if not isinstance(sc_logits, np.ndarray) or sc_logits.dtype != np.float32 \
+                    or sc_logits.shape != (n, V) or not sc_logits.flags.c_contiguous:
+                got = (getattr(sc_logits, "dtype", type(sc_logits)), getattr(sc_logits, "shape", None))
+                raise DggufError(f"decode: sc_logits must be a C-contiguous float32 array of shape {(n, V)}, "
+                                 f"got {got[0]} {got[1]}")
+            sc = ffi.from_buffer("float[]", sc_logits)
+        out = np.empty((n, V), dtype=np.float32)
+        err = ffi.new("char[]", _ERRLEN)
+        _check(lib.dg_decode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), n, sc,
+                             ffi.from_buffer("float[]", out), err, _ERRLEN), err)
+        return out
+
+    def truncate(self, n: int) -> None:
+        """Forget every position from n on (sliding layers must still hold the last window before n)."""
+        err = ffi.new("char[]", _ERRLEN)
+        _check(lib.dg_cache_truncate(self._c, int(n), err, _ERRLEN), err)

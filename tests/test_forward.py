@@ -1,0 +1,220 @@
+"""Native forward pass (native/model.c via runtime/native_model.py) against transformers in fp32.
+
+Every reference is `DiffusionGemmaForBlockDiffusion(input_ids=context, decoder_input_ids=canvas,
+self_conditioning_logits=sc).logits`, never our own code: contexts three sliding windows long, with and
+without self-conditioning, on the first canvas and on a later one (the first canvas encoded after the
+context). Plus PR #24423's golden logits, thread-count invariance, chunked encoding and bad inputs.
+
+How close is close: PR #24423's fixture (logits below 0.6) matches its golden fp32 logits to 1e-5. The
+make_checkpoint models have logits up to ~7.5, and there transformers' own fp32 result is 5e-5..1.6e-4 away
+from its fp64 result (the same model loaded in float64): fp32 rounding alone, whoever computes. So those
+checks take the fp64 run as the truth and require our error to be no larger than transformers' fp32 error
+(or 1e-4), and the gap to the fp32 run within 2.5e-4 (both runs carry fp32 noise).
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import PR_TINY
+from dgguf._native import ffi, lib
+from dgguf.convert.errors import DggufError
+from dgguf.convert.gguf_file import read_gguf
+from dgguf.convert.quantize import convert_checkpoint
+from dgguf.runtime.model_config import read_model_config
+from dgguf.runtime.native_model import NativeModel
+
+TOL = 1e-4          # absolute, against the fp64 truth (or PR #24423's golden fp32 logits)
+TOL_FP32 = 2.5e-4   # absolute, against transformers in fp32: two fp32 results, each ~1e-4 from the truth
+
+
+class Case:
+    """One tiny checkpoint: its transformers model in fp32, its F32 GGUF, the native model, inputs."""
+
+    def __init__(self, hf_dir, gguf_path, seed=0):
+        import torch
+        from transformers import DiffusionGemmaForBlockDiffusion
+        self.torch = torch
+        self.hf = {dt: DiffusionGemmaForBlockDiffusion.from_pretrained(
+            hf_dir, dtype=dt, experts_implementation="eager", attn_implementation="eager").eval()
+            for dt in (torch.float32, torch.float64)}   # grouped_mm has no float64 kernel
+        self.gguf = read_gguf(gguf_path)
+        self.cfg = read_model_config(self.gguf)
+        rng = np.random.default_rng(seed)
+        W, C, V = self.cfg.sliding_window, self.cfg.canvas_length, self.cfg.vocab_size
+        self.context = rng.integers(0, V, 3 * W + 1, dtype=np.int32)
+        self.canvas1 = rng.integers(0, V, C, dtype=np.int32)
+        self.canvas2 = rng.integers(0, V, C, dtype=np.int32)
+        self.sc = (rng.standard_normal((C, V)) * 4).astype(np.float32)
+
+    def native(self, threads=1):
+        return NativeModel(self.gguf, self.cfg, threads=threads)
+
+    def reference(self, context, canvas, sc=None):
+        """Transformers' canvas logits in fp32 and in fp64, as float64 arrays."""
+        t = self.torch
+        out = []
+        for dt, model in self.hf.items():
+            with t.no_grad():
+                logits = model(input_ids=t.from_numpy(context.astype(np.int64))[None],
+                               decoder_input_ids=t.from_numpy(canvas.astype(np.int64))[None],
+                               self_conditioning_logits=None if sc is None else t.from_numpy(sc).to(dt)[None])
+            out.append(logits.logits[0].double().numpy())
+        return out
+
+
+def assert_matches_transformers(got, ref32, ref64, label):
+    err64, err32, hf_err = (float(np.abs(a - b).max()) for a, b in ((got, ref64), (got, ref32), (ref32, ref64)))
+    print(f"{label}: max abs vs fp32 {err32:.3g}, vs fp64 {err64:.3g} (transformers fp32 vs fp64 {hf_err:.3g})")
+    assert err64 <= max(TOL, hf_err), label
+    assert err32 <= TOL_FP32, label
+
+
+def _case(checkpoints, tmp_path_factory, config):
+    hf = checkpoints(config)
+    out = convert_checkpoint(hf, tmp_path_factory.mktemp(f"fwd-{config}") / "model-f32.gguf", "F32")
+    return Case(hf, out)
+
+
+@pytest.fixture(scope="module")
+def cases(checkpoints, tmp_path_factory):
+    made = {}
+
+    def get(config):
+        if config not in made:
+            made[config] = _case(checkpoints, tmp_path_factory, config)
+        return made[config]
+    return get
+
+
+def _native_logits(case, threads=1, later=False, sc=None):
+    cache = case.native(threads).new_cache(256)
+    cache.encode(case.context)
+    if later:
+        cache.encode(case.canvas1)
+    canvas = case.canvas2 if later else case.canvas1
+    return cache.decode(canvas, sc)
+
+
+@pytest.mark.parametrize("config", ["tiny", "odd", "decisive"])
+@pytest.mark.parametrize("later", [False, True], ids=["first_canvas", "later_canvas"])
+@pytest.mark.parametrize("with_sc", [False, True], ids=["no_sc", "sc"])
+def test_canvas_logits_match_transformers_beyond_sliding_window(cases, config, later, with_sc):
+    case = cases(config)
+    sc = case.sc if with_sc else None
+    context = np.concatenate([case.context, case.canvas1]) if later else case.context
+    ref32, ref64 = case.reference(context, case.canvas2 if later else case.canvas1, sc)
+    got = _native_logits(case, later=later, sc=sc)
+    assert_matches_transformers(got, ref32, ref64, f"{config} later={later} sc={with_sc}")
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["first_canvas", "later_canvas"])
+def test_bf16_checkpoint_matches_transformers_fp32_compute(cases, later):
+    """BF16 weights widened to F32 on both sides. The GGUF records the bf16 embedding scale (9.8125 for H=96),
+    transformers loaded in fp32 uses sqrt(96) in fp32: the native model is given the fp32 value to compare."""
+    case = cases("bf16")
+    assert case.cfg.embedding_scale == 9.8125
+    fp32 = dataclasses.replace(case.cfg, embedding_scale=float(np.float32(np.sqrt(case.cfg.hidden_size))))
+    context = np.concatenate([case.context, case.canvas1]) if later else case.context
+    ref32, ref64 = case.reference(context, case.canvas2 if later else case.canvas1, case.sc)
+    cache = NativeModel(case.gguf, fp32).new_cache(256)
+    cache.encode(case.context)
+    if later:
+        cache.encode(case.canvas1)
+    got = cache.decode(case.canvas2 if later else case.canvas1, case.sc)
+    assert_matches_transformers(got, ref32, ref64, f"bf16 later={later}")
+
+
+def test_pr24423_fixture_matches_its_golden_transformers_logits():
+    g = read_gguf(PR_TINY / "tiny-f32.gguf")
+    cfg = read_model_config(g)
+    par = PR_TINY / "parity"
+    ids = {k: np.fromfile(par / f"{k}.i32", dtype=np.int32) for k in ("prompt", "canvasA", "canvasB")}
+    hf = {k: np.fromfile(par / f"hf_{k}.bin", dtype=np.float32).reshape(16, cfg.vocab_size)
+          for k in ("A0", "A1", "B0")}
+    cache = NativeModel(g, cfg).new_cache(64)
+    cache.encode(ids["prompt"])
+    got = {"A0": cache.decode(ids["canvasA"]), "A1": cache.decode(ids["canvasA"], hf["A0"]),
+           "B0": cache.decode(ids["canvasB"])}
+    for k in got:
+        err = float(np.abs(got[k] - hf[k]).max())
+        print(f"pr24423 {k}: max abs {err:.3g}")
+        assert err <= TOL, k
+
+
+def test_results_are_bit_identical_for_any_thread_count(cases):
+    case = cases("odd")
+    one = _native_logits(case, threads=1, later=True, sc=case.sc)
+    for threads in (2, 3):
+        assert np.array_equal(_native_logits(case, threads=threads, later=True, sc=case.sc), one)
+
+
+def test_decode_leaves_the_cache_as_it_was(cases):
+    case = cases("tiny")
+    cache = case.native().new_cache(256)
+    cache.encode(case.context)
+    first = cache.decode(case.canvas1, case.sc)
+    cache.decode(case.canvas2)
+    assert cache.length == len(case.context)
+    assert np.array_equal(cache.decode(case.canvas1, case.sc), first)
+
+
+def test_chunked_encoding_equals_one_pass(cases):
+    case = cases("tiny")
+    model = case.native()
+    whole = model.new_cache(256)
+    whole.encode(case.context)
+    parts = model.new_cache(256)
+    for chunk in np.array_split(case.context, [1, 5, 6, 18]):
+        parts.encode(chunk)
+    assert parts.length == whole.length == len(case.context)
+    assert np.array_equal(parts.decode(case.canvas1), whole.decode(case.canvas1))
+
+
+def test_truncate_rewinds_when_the_window_is_held_and_refuses_otherwise(cases):
+    case = cases("tiny")
+    W = case.cfg.sliding_window
+    model = case.native()
+    short = case.context[: W - 2]                  # shorter than the window: every position is still held
+    fresh = model.new_cache(256)
+    fresh.encode(short[:3])
+    rewound = model.new_cache(256)
+    rewound.encode(short)
+    rewound.truncate(3)
+    assert rewound.length == 3
+    assert np.array_equal(rewound.decode(case.canvas1), fresh.decode(case.canvas1))
+    long = model.new_cache(256)
+    long.encode(case.context)
+    with pytest.raises(DggufError, match="sliding layer"):
+        long.truncate(len(case.context) - 1)
+    assert long.length == len(case.context)
+    long.truncate(len(case.context))               # a no-op is always possible
+    with pytest.raises(DggufError):
+        long.truncate(len(case.context) + 1)
+
+
+def test_bad_ids_and_shapes_raise_dggufferror(cases):
+    case = cases("tiny")
+    V = case.cfg.vocab_size
+    cache = case.native().new_cache(64)
+    for bad in (np.array([1, V], dtype=np.int32), np.array([-1, 2], dtype=np.int32)):
+        with pytest.raises(DggufError, match="outside the vocabulary"):
+            cache.encode(bad)
+        with pytest.raises(DggufError, match="outside the vocabulary"):
+            cache.decode(bad)
+    assert cache.length == 0
+    with pytest.raises(DggufError, match="sc_logits"):
+        cache.decode(case.canvas1, case.sc[:, :-1].copy())
+    with pytest.raises(DggufError, match="sc_logits"):
+        cache.decode(case.canvas1, case.sc.astype(np.float64))
+    with pytest.raises(DggufError, match="capacity"):
+        cache.encode(np.zeros(65, dtype=np.int32))
+    # the native checks stand on their own
+    err = ffi.new("char[]", 256)
+    ids = np.array([3, V + 7], dtype=np.int32)
+    out = np.empty((2, V), dtype=np.float32)
+    rc = lib.dg_decode(cache.model._model, cache._c, ffi.from_buffer("int32_t[]", ids), 2, ffi.NULL,
+                       ffi.from_buffer("float[]", out), err, 256)
+    assert rc != 0 and b"outside the vocabulary" in ffi.string(err)
+    rc = lib.dg_encode(cache.model._model, cache._c, ffi.from_buffer("int32_t[]", ids), 2, err, 256)
+    assert rc != 0 and cache.length == 0
