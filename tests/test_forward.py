@@ -20,7 +20,7 @@ from conftest import PR_TINY
 from dgguf._native import ffi, lib
 from dgguf.convert.errors import DggufError
 from dgguf.convert.gguf_file import read_gguf
-from dgguf.convert.quantize import convert_checkpoint
+from dgguf.convert.quantize import convert_checkpoint, requantize
 from dgguf.runtime.model_config import read_model_config
 from dgguf.runtime.native_model import NativeModel
 
@@ -140,6 +140,34 @@ def test_pr24423_fixture_matches_its_golden_transformers_logits():
         err = float(np.abs(got[k] - hf[k]).max())
         print(f"pr24423 {k}: max abs {err:.3g}")
         assert err <= TOL, k
+
+
+def _canvas_logits(path, threads=2):
+    g = read_gguf(path)
+    cfg = read_model_config(g)
+    rng = np.random.default_rng(1)
+    cache = NativeModel(g, cfg, threads=threads).new_cache(128)
+    cache.encode(rng.integers(0, cfg.vocab_size, 3 * cfg.sliding_window, dtype=np.int32))
+    canvas = rng.integers(0, cfg.vocab_size, cfg.canvas_length, dtype=np.int32)
+    sc = (rng.standard_normal((cfg.canvas_length, cfg.vocab_size)) * 4).astype(np.float32)
+    return cache.decode(canvas, sc), {t.type.name for t in g.tensors}
+
+
+@pytest.mark.parametrize("source", ["pr24423:tiny-Q8_0", "pr24423:tiny-Q4_K_M", "tiny:F16", "tiny:BF16",
+                                    "k256:Q4_K_M", "k256:Q2_K"])
+def test_quantized_weights_give_the_logits_of_their_dequantized_values(checkpoints, tmp_path, source):
+    """Every stored type goes through dg_dequantize_rows row by row: a quantized file gives exactly the logits
+    of an F32 file holding its dequantized weights (requantize to F32)."""
+    origin, name = source.split(":")
+    if origin == "pr24423":
+        quant = PR_TINY / f"{name}.gguf"
+    else:
+        quant = convert_checkpoint(checkpoints(origin), tmp_path / f"{name}.gguf", name)
+    f32 = requantize(quant, tmp_path / "dequantized-f32.gguf", "F32")
+    got, types = _canvas_logits(quant)
+    want, _ = _canvas_logits(f32)
+    assert types - {"F32"}, types
+    assert np.array_equal(got, want)
 
 
 def test_results_are_bit_identical_for_any_thread_count(cases):
