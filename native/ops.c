@@ -304,7 +304,7 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
     soft_job *j = ctx;
     float *row = j->rowbuf[thread];
     const int64_t nt = hi - lo, H = j->ncols, V = j->nrows;
-    float *mx = malloc((size_t)nt * 2 * sizeof(float));
+    float *mx = malloc((size_t)nt * 2 * sizeof(float));   /* per token: max logit, then sum of exp */
     double *acc = calloc((size_t)(nt * H), sizeof(double));
     char err[8];
     if (!mx || !acc) {
@@ -313,7 +313,7 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
         j->status[thread] = -2;
         return;
     }
-    float *inv = mx + nt;
+    float *sum = mx + nt;
     for (int64_t t = 0; t < nt; t++) {           /* softmax statistics of each token's logits */
         const float *l = j->logits + (lo + t) * V;
         float m = l[0];
@@ -321,7 +321,7 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
         double s = 0.0;
         for (int64_t v = 0; v < V; v++) s += expf(l[v] - m);
         mx[t] = m;
-        inv[t] = (float)s;
+        sum[t] = (float)s;
     }
     for (int64_t v = 0; v < V; v++) {
         const void *src = j->base + (size_t)v * j->row_bytes;
@@ -334,7 +334,7 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
             wr = row;
         }
         for (int64_t t = 0; t < nt; t++) {
-            const float pv = expf(j->logits[(lo + t) * V + v] - mx[t]) / inv[t];
+            const float pv = expf(j->logits[(lo + t) * V + v] - mx[t]) / sum[t];
             if (pv == 0.0f) continue;
             double *a = acc + t * H;
             for (int64_t i = 0; i < H; i++) a[i] += (double)pv * wr[i];
