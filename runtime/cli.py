@@ -1,4 +1,4 @@
-"""The `dgguf` command: convert, quantize, inspect.
+"""The `dgguf` command: convert, quantize, inspect, run.
 
 User errors print one line, `error: <message>`, and exit 2; `--debug` shows the traceback instead.
 """
@@ -10,16 +10,6 @@ import sys
 
 from dgguf.convert.errors import DggufError
 from dgguf.convert.quant_types import FILE_TYPES
-
-
-def _threads(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--threads must be a positive integer, not {v!r}")
-    return n
 
 
 def _type_name(v: str) -> str:
@@ -69,6 +59,73 @@ def cmd_inspect(a) -> None:
         g.close()
 
 
+def _positive(name: str):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, not {v!r}")
+        return n
+    return parse
+
+
+def _id_list(v: str) -> list[int]:
+    try:
+        ids = [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, not {v!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def cmd_run(a) -> None:
+    from dgguf.runtime.model import Model
+    m = Model.load(a.model, threads=a.threads, ctx=a.ctx)
+    if a.prompt_ids is not None:
+        prompt = a.prompt_ids
+    else:
+        text = m.tokenizer.chat_prompt(a.prompt) if a.chat else a.prompt
+        prompt = m.tokenizer.encode(text)
+    overrides = {"max_denoising_steps": a.steps} if a.steps else {}
+    show = _visual(m) if a.visual else None
+    res = m.generate(prompt, max_new_tokens=a.n, seed=a.seed, early_stop=not a.no_early_stop, on_step=show,
+                     **overrides)
+    text = _decode(m, res.ids)
+    st = res.stats
+    if a.json:
+        json.dump({"ids": res.ids, "text": text, "steps_per_canvas": st.steps_per_canvas,
+                   "tokens_per_forward": st.tokens_per_forward, "seconds_per_step": st.seconds_per_step,
+                   "tokens_per_s": st.tokens_per_s, "max_steps": st.max_steps}, sys.stdout)
+        print()
+        return
+    if a.visual:
+        sys.stderr.write("\n")
+    print(text if text is not None else ",".join(map(str, res.ids)))
+    print(f"[{len(res.ids)} tokens, steps per canvas {st.steps_per_canvas} (max {st.max_steps}), "
+          f"{st.seconds_per_step:.3f} s/step, {st.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+
+
+def _decode(m, ids):
+    try:
+        return m.tokenizer.decode(ids)
+    except DggufError:
+        return None   # a file without the embedded tokenizer: ids only
+
+
+def _visual(m):
+    """Redraw the canvas in place on stderr before every denoising step."""
+    def show(canvas_index, canvas):
+        text = _decode(m, canvas)
+        line = text if text is not None else " ".join(map(str, canvas))
+        line = line.replace("\n", "\u21b5")[:200]
+        sys.stderr.write(f"\r\x1b[2K[canvas {canvas_index}] {line}")
+        sys.stderr.flush()
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgguf", description="DiffusionGemma GGUF converter and runtime")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -90,8 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
     for s in (c, q):
         s.add_argument("--pure", action="store_true", help="every matrix in the base type (no preset mix)")
         s.add_argument("--force", action="store_true", help="overwrite an existing output file")
-        s.add_argument("--threads", type=_threads, default=None)
+        s.add_argument("--threads", type=_positive("--threads"), default=None)
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("run", help="generate text with a DiffusionGemma GGUF")
+    r.add_argument("-m", "--model", required=True)
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="prompt text (tokenized with the model's own tokenizer)")
+    src.add_argument("--prompt-ids", type=_id_list, help="prompt token ids, e.g. 2,17,42 (used verbatim)")
+    r.add_argument("-n", type=_positive("-n"), default=256, help="new tokens (whole canvases are generated)")
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--threads", type=_positive("--threads"), default=None)
+    r.add_argument("--ctx", type=_positive("--ctx"), default=None, help="context limit (default 8192)")
+    r.add_argument("--steps", type=_positive("--steps"), default=None, help="max denoising steps per canvas")
+    r.add_argument("--no-early-stop", action="store_true", help="always run --steps steps per canvas")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    r.add_argument("--json", action="store_true", help="print ids, text and stats as JSON")
+    r.add_argument("--visual", action="store_true", help="show the canvas being denoised")
+    r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("inspect", help="show a GGUF's metadata and tensors")
     i.add_argument("file")

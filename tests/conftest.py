@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -36,3 +37,24 @@ def checkpoints(tmp_path_factory, make_checkpoint):
             cache[key] = make_checkpoint(d / "hf", config=config, **kw)
         return cache[key]
     return get
+
+
+class RecordingDraws:
+    """Our draws, recorded in call order so that the reference's torch.randint / torch.multinomial replay them."""
+
+    def __init__(self, draws):
+        self.draws, self.log = draws, []
+
+    def __call__(self, kind, canvas_index, step, scaled_logits=None):
+        ids = self.draws(kind, canvas_index, step, scaled_logits)
+        self.log.append((kind, ids))
+        return ids
+
+    def replay(self, monkeypatch):
+        def next_draw(expected_kinds, shape):
+            kind, ids = self.log.pop(0)
+            assert kind in expected_kinds
+            return torch.from_numpy(ids.copy()).reshape(shape)
+
+        monkeypatch.setattr(torch, "randint", lambda low, high, size, device=None: next_draw(("init", "noise"), size))
+        monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: next_draw(("sample",), (-1, 1)))

@@ -14,6 +14,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     LinearTemperatureScheduleLogitsProcessor,
 )
 
+from conftest import RecordingDraws
 from dgguf.convert.errors import DggufError
 from dgguf.runtime.sampler import (
     SamplerConfig,
@@ -179,27 +180,6 @@ class FakeDecoder:
         """Stands in for DiffusionGemmaForBlockDiffusion.forward inside transformers' generate."""
         sc = None if self_conditioning_logits is None else self_conditioning_logits[0].numpy()
         return SimpleNamespace(logits=torch.from_numpy(self(decoder_input_ids[0].numpy(), sc))[None])
-
-
-class RecordingDraws:
-    """Our draws, recorded in call order so that the reference's torch.randint / torch.multinomial replay them."""
-
-    def __init__(self, draws):
-        self.draws, self.log = draws, []
-
-    def __call__(self, kind, canvas_index, step, scaled_logits=None):
-        ids = self.draws(kind, canvas_index, step, scaled_logits)
-        self.log.append((kind, ids))
-        return ids
-
-    def replay(self, monkeypatch):
-        def next_draw(expected_kinds, shape):
-            kind, ids = self.log.pop(0)
-            assert kind in expected_kinds
-            return torch.from_numpy(ids.copy()).reshape(shape)
-
-        monkeypatch.setattr(torch, "randint", lambda low, high, size, device=None: next_draw(("init", "noise"), size))
-        monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: next_draw(("sample",), (-1, 1)))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,169 @@
+"""The public model: load a DiffusionGemma GGUF, get canvas logits, generate text block by block.
+
+    from dgguf.runtime import Model
+    m = Model.load("model.gguf")
+    out = m.generate(m.tokenizer.encode("def add(a, b):"), max_new_tokens=64, seed=0)
+
+Generation is autoregressive over canvases: the prompt is encoded once into the native KV cache; each canvas
+is denoised by the entropy-bound sampler (runtime/sampler.py) with decoder passes that read the cache, then
+its committed tokens are encoded (one encoder pass) before the next canvas. Nothing is ever re-encoded.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from dgguf.convert.errors import DggufError
+from dgguf.convert.gguf_file import read_gguf
+
+from .model_config import ModelConfig, read_model_config
+from .native_model import NativeModel
+from .sampler import SamplerConfig, SeededDraws, commit_canvas, denoise_canvas
+
+DEFAULT_CTX = 8192
+
+# transformers' generation-config names → SamplerConfig fields
+_OVERRIDES = {"max_denoising_steps": "steps", "t_min": "t_min", "t_max": "t_max", "entropy_bound": "entropy_bound",
+              "stability_threshold": "stability_threshold", "confidence_threshold": "confidence_threshold"}
+
+
+@dataclass
+class GenerationStats:
+    steps_per_canvas: list[int] = field(default_factory=list)
+    tokens_per_forward: float = 0.0
+    seconds_per_step: float = 0.0
+    tokens_per_s: float = 0.0
+    max_steps: int = 0
+
+
+@dataclass
+class GenerationResult:
+    ids: list[int]
+    stats: GenerationStats
+    text: str | None = None
+
+
+def _default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class Model:
+    def __init__(self, path, gguf, cfg: ModelConfig, native: NativeModel, ctx: int):
+        self.path, self.gguf, self.config, self.native, self.ctx = path, gguf, cfg, native, ctx
+        self._tokenizer = None
+
+    @classmethod
+    def load(cls, path, threads: int | None = None, ctx: int | None = None) -> "Model":
+        """Map and validate a GGUF. ctx (default 8192, capped by the model) bounds prompt + output length."""
+        g = read_gguf(path)
+        try:
+            cfg = read_model_config(g)
+            if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
+                raise DggufError(f"ctx must be a positive integer, got {ctx!r}")
+            n_ctx = min(ctx or DEFAULT_CTX, cfg.context_length)
+            native = NativeModel(g, cfg, threads or _default_threads())
+        except BaseException:
+            g.close()
+            raise
+        return cls(path, g, cfg, native, n_ctx)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+            self._tokenizer = Tokenizer(self.gguf)
+        return self._tokenizer
+
+    def _ids(self, ids, what: str) -> np.ndarray:
+        a = np.asarray(ids)
+        if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
+            raise DggufError(f"{what} must be a non-empty 1-D sequence of token ids")
+        if a.min() < 0 or a.max() >= self.config.vocab_size:
+            bad = int(a[(a < 0) | (a >= self.config.vocab_size)][0])
+            raise DggufError(f"{what}: token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return a.astype(np.int32)
+
+    def canvas_logits(self, context_ids, canvas_ids, self_conditioning_logits=None) -> np.ndarray:
+        """Softcapped logits [len(canvas), V] of a canvas after a context, as transformers'
+        model(input_ids=context, decoder_input_ids=canvas, self_conditioning_logits=sc).logits[0]. Stateless."""
+        ctx_ids = self._ids(context_ids, "context_ids")
+        canvas = self._ids(canvas_ids, "canvas_ids")
+        if len(canvas) > self.config.canvas_length:
+            raise DggufError(f"canvas of {len(canvas)} tokens is longer than the model's canvas_length "
+                             f"{self.config.canvas_length}")
+        if len(ctx_ids) + len(canvas) > self.ctx:
+            raise DggufError(f"context ({len(ctx_ids)}) plus canvas ({len(canvas)}) exceeds ctx {self.ctx}")
+        cache = self.native.new_cache(len(ctx_ids))
+        cache.encode(ctx_ids)
+        return cache.decode(canvas, self_conditioning_logits)
+
+    def sampler_config(self, **overrides) -> SamplerConfig:
+        """The file's sampler defaults with overrides given by transformers' names."""
+        unknown = set(overrides) - set(_OVERRIDES)
+        if unknown:
+            raise DggufError(f"unknown sampler option {sorted(unknown)[0]!r}; known: {', '.join(_OVERRIDES)}")
+        values = {_OVERRIDES[k]: v for k, v in self.config.sampler.items()}
+        values.update({_OVERRIDES[k]: v for k, v in overrides.items() if v is not None})
+        return SamplerConfig(**values)
+
+    def generate(self, prompt_ids, max_new_tokens: int = 256, seed: int | None = None, draws=None,
+                 early_stop: bool = True, on_step=None, **overrides) -> GenerationResult:
+        """Generate whole canvases after the prompt (no BOS added: ids are used verbatim).
+
+        draws(kind, canvas_index, step, scaled_logits=None) replaces the seeded random source (see
+        sampler.denoise_canvas). early_stop=False runs every canvas for max_denoising_steps steps.
+        on_step(canvas_index, canvas_ids) is called before each decoder pass (the CLI's --visual).
+        """
+        prompt = self._ids(prompt_ids, "prompt_ids")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise DggufError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        sc = self.sampler_config(**overrides)
+        if not early_stop:
+            sc = replace(sc, confidence_threshold=0.0)   # mean entropy is never below 0: no early stop
+        C = self.config.canvas_length
+        n_canvases = math.ceil(max_new_tokens / C)
+        if len(prompt) + n_canvases * C > self.ctx:
+            raise DggufError(f"prompt ({len(prompt)} tokens) plus {n_canvases} canvas(es) of {C} exceeds ctx "
+                             f"{self.ctx}; raise --ctx (model limit {self.config.context_length}) or lower -n")
+        if draws is None:
+            draws = SeededDraws(seed if seed is not None else int.from_bytes(os.urandom(8), "little"),
+                                self.config.vocab_size, C)
+        cache = self.native.new_cache(len(prompt) + (n_canvases - 1) * C)
+        t0 = time.perf_counter()
+        cache.encode(prompt)
+        stats = GenerationStats(max_steps=sc.steps)
+        out: list[int] = []
+        decode_time = 0.0
+        for c in range(n_canvases):
+            if c > 0:
+                cache.encode(np.asarray(out[-C:], dtype=np.int32))
+
+            def logits_fn(canvas, sc_logits, c=c):
+                nonlocal decode_time
+                if on_step is not None:
+                    on_step(c, canvas)
+                t = time.perf_counter()
+                logits = cache.decode(np.asarray(canvas, dtype=np.int32), sc_logits)
+                decode_time += time.perf_counter() - t
+                return logits
+
+            res = denoise_canvas(logits_fn, draws, sc, canvas_index=c)
+            ids, stop = commit_canvas(res.tokens, self.config.eos_token_ids, self.config.pad_token_id)
+            out.extend(int(i) for i in ids)
+            stats.steps_per_canvas.append(res.steps)
+            if stop:
+                break
+        elapsed = time.perf_counter() - t0
+        n_steps = sum(stats.steps_per_canvas)
+        produced = sum(1 for i in out if i != self.config.pad_token_id)
+        stats.tokens_per_forward = produced / n_steps
+        stats.seconds_per_step = decode_time / n_steps
+        stats.tokens_per_s = min(len(out), max_new_tokens) / elapsed if elapsed > 0 else 0.0
+        return GenerationResult(ids=out[:max_new_tokens], stats=stats)
+
+    def close(self) -> None:
+        self.gguf.close()
