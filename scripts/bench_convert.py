@@ -10,66 +10,19 @@ peak RssAnon sampled every 20 ms against the budget of 1.5 GB + the largest sour
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import struct
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
+from synthetic import text_config, write_checkpoint
 
-FIXTURE_TOKENIZER = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pr24423-tiny" / "hf"
 LLAMA_QUANTIZE_MIBS = 79.0
 
 
-def synthetic_config(layers: int, vocab: int, dtype: str) -> dict:
-    full = [(i + 1) % 6 == 0 or i == layers - 1 for i in range(layers)]
-    return {
-        "architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
-        "canvas_length": 256, "dtype": dtype, "eos_token_id": [1],
-        "text_config": {
-            "vocab_size": vocab, "hidden_size": 2816, "intermediate_size": 2112, "moe_intermediate_size": 704,
-            "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
-            "global_head_dim": 512, "num_global_key_value_heads": 2, "num_experts": 128, "top_k_experts": 8,
-            "sliding_window": 1024, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
-            "layer_types": ["full_attention" if f else "sliding_attention" for f in full],
-            "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
-    }
-
-
-def write_synthetic(out: Path, layers: int, vocab: int, dtype: str) -> None:
-    """Random weights streamed straight into one safetensors file (no torch, bounded memory)."""
-    from dgguf.convert.checkpoint import read_config
-    from dgguf.convert.tensor_names import expected_shapes
-
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_json = synthetic_config(layers, vocab, {"F16": "float16", "BF16": "bfloat16"}[dtype])
-    (out / "config.json").write_text(json.dumps(cfg_json))
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(FIXTURE_TOKENIZER / f, out / f)
-    cfg, _ = read_config(out)
-    shapes = expected_shapes(cfg)
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        n = int(np.prod(shape)) * 2
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    hjson = json.dumps(header).encode()
-    hjson += b" " * (-len(hjson) % 8)
-    rng = np.random.default_rng(0)
-    with open(out / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(hjson)) + hjson)
-        for name, shape in shapes.items():
-            n = int(np.prod(shape))
-            for s in range(0, n, 1 << 24):
-                x = rng.standard_normal(min(n - s, 1 << 24), dtype=np.float32) * 0.02
-                if len(shape) == 1:
-                    x += 1.0
-                if dtype == "F16":
-                    f.write(x.astype(np.float16).tobytes())
-                else:
-                    f.write((x.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+def real_shape(layers: int, vocab: int) -> dict:
+    """The release's layer shapes: hidden 2816, dense 2112, 128 experts of width 704 (top 8)."""
+    return text_config(vocab=vocab, hidden=2816, dense=2112, expert=704, layers=layers, heads=16, kv=8,
+                       head_dim=256, global_kv=2, global_head_dim=512, experts=128, top_k=8, window=1024)
 
 
 class RssSampler(threading.Thread):
@@ -102,7 +55,7 @@ def main() -> None:
     src = a.dir / f"synthetic-{a.dtype}-{a.layers}L"
     if not (src / "model.safetensors").exists():
         print(f"writing synthetic checkpoint to {src} ...")
-        write_synthetic(src, a.layers, a.vocab, a.dtype)
+        write_checkpoint(src, real_shape(a.layers, a.vocab), a.dtype)
     tensors = read_tensors(src)
     total = sum(t.nbytes for t in tensors.values())
     largest = max(t.nbytes for t in tensors.values())
