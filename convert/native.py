@@ -66,3 +66,27 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     out = np.empty(raw.shape, dtype=np.float32)
     lib.dg_bf16_to_f32(ffi.from_buffer("uint16_t[]", raw), ffi.from_buffer("float[]", out), raw.size)
     return out
+
+
+def matmul_kernel() -> str:
+    """The matmul kernel in use: reference, avx2 or avx512."""
+    return ffi.string(lib.dg_matmul_kernel()).decode()
+
+
+def set_matmul_kernel(name: str) -> None:
+    """Switch the process-wide matmul kernel (tests and benchmarks); DggufError if the CPU lacks it."""
+    err = ffi.new("char[]", _ERRLEN)
+    _check(lib.dg_set_matmul_kernel(name.encode(), err, _ERRLEN), err)
+
+
+def matmul_kernels() -> list[str]:
+    """Every kernel this CPU can run, the reference first."""
+    current, usable = matmul_kernel(), []
+    for name in ("reference", "avx2", "avx512"):
+        try:
+            set_matmul_kernel(name)
+            usable.append(name)
+        except DggufError:
+            pass
+    set_matmul_kernel(current)
+    return usable

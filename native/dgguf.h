@@ -52,6 +52,11 @@ void dg_bf16_to_f32(const uint16_t *src, float *dst, int64_t n);
 /* Comma-separated CPU features the dispatcher found ("avx2,fma,avx512f,avx512vnni" or "scalar"). */
 const char *dg_cpu_features(void);
 
+/* The matmul kernel in use ("reference", "avx2" or "avx512"), and a switch between them (process-wide; for
+ * tests and benchmarks). The best one the CPU supports is chosen at load. */
+const char *dg_matmul_kernel(void);
+int dg_set_matmul_kernel(const char *name, char *err, size_t errlen);
+
 /* ------------------------------------------------------------------------------------------------------
  * Forward pass (native/model.c). Python fills these structs with pointers into the memory-mapped GGUF;
  * every size was validated against the file before the call.

@@ -7,6 +7,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "ops.h"
+#include "gemm.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -129,16 +130,6 @@ void parallel_for(dg_pool *p, int64_t n, void (*fn)(void *, int64_t, int64_t, in
 
 /* ---- elementwise ops -------------------------------------------------------------------------------- */
 
-/* Eight independent float lanes, added pairwise at the end: a fixed order the compiler can vectorise. */
-static float dot(const float *a, const float *b, int64_t n) {
-    float acc[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    for (int j = 0; i < n; i++, j++) acc[j] += a[i] * b[i];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
 void rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
     double ss = 0.0;
     for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -210,25 +201,34 @@ typedef struct {
     size_t row_bytes;
     int type;
     int64_t ncols, nrows, n;
-    float **rowbuf;              /* one row of ncols floats per thread */
+    tile_fn tile;
+    float **rowbuf;              /* TILE_ROWS rows of ncols floats per thread */
     int *status;                 /* per thread */
 } matmul_job;
 
+enum { TILE_ROWS = 4 };
+
+/* Rows [lo, hi) in blocks of TILE_ROWS: dequantize the block once (F32 rows are used in place), then let the
+ * kernel take every token against it. */
 static void matmul_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
     matmul_job *j = ctx;
-    float *row = j->rowbuf[thread];
     char err[8];
-    for (int64_t r = lo; r < hi; r++) {
-        const void *src = j->base + (size_t)r * j->row_bytes;
-        const float *wr = src;
-        if (j->type != DG_TYPE_F32) {
-            if (dg_dequantize_rows(j->type, src, row, 1, j->ncols, err, sizeof err) != 0) {
-                j->status[thread] = -1;
-                return;
+    for (int64_t r0 = lo; r0 < hi; r0 += TILE_ROWS) {
+        const int nr = (int)(hi - r0 < TILE_ROWS ? hi - r0 : TILE_ROWS);
+        const float *rows[TILE_ROWS];
+        for (int i = 0; i < nr; i++) {
+            const void *src = j->base + (size_t)(r0 + i) * j->row_bytes;
+            rows[i] = src;
+            if (j->type != DG_TYPE_F32) {
+                float *buf = j->rowbuf[thread] + (size_t)i * (size_t)j->ncols;
+                if (dg_dequantize_rows(j->type, src, buf, 1, j->ncols, err, sizeof err) != 0) {
+                    j->status[thread] = -1;
+                    return;
+                }
+                rows[i] = buf;
             }
-            wr = row;
         }
-        for (int64_t t = 0; t < j->n; t++) j->out[t * j->nrows + r] = dot(j->x + t * j->ncols, wr, j->ncols);
+        j->tile(j->out + r0, j->nrows, j->x, j->n, rows, nr, j->ncols);
     }
 }
 
@@ -270,7 +270,7 @@ int matmul(dg_pool *p, float *out, const float *x, const dg_tensor *w, int64_t m
     int status[nt];
     memset(status, 0, sizeof status);
     matmul_job j = {out, x, (const char *)w->data + (size_t)mat * (size_t)w->ne1 * rb, rb, w->type,
-                    w->ne0, w->ne1, n, alloc_rows(nt, w->ne0), status};
+                    w->ne0, w->ne1, n, matmul_tile(), alloc_rows(nt, TILE_ROWS * w->ne0), status};
     if (!j.rowbuf) {
         snprintf(err, errlen, "matmul: out of memory");
         return DG_E_VALUE;
@@ -299,19 +299,21 @@ typedef struct {
     int *status;
 } soft_job;
 
-/* Tokens [lo, hi): each thread walks every row of W once, in order, so each output sums over v ascending. */
+enum { SOFT_BLOCK = 128 };   /* vocabulary rows dequantized at a time (rowbuf holds SOFT_BLOCK rows) */
+
+/* Tokens [lo, hi): each thread walks W once in blocks of SOFT_BLOCK rows, in order, so each output sums over
+ * v ascending (in double); the block's probabilities are formed once per token and handed to the kernel. */
 static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
     soft_job *j = ctx;
-    float *row = j->rowbuf[thread];
     const int64_t nt = hi - lo, H = j->ncols, V = j->nrows;
     float *mx = malloc((size_t)nt * 2 * sizeof(float));   /* per token: max logit, then sum of exp */
+    float *pb = malloc((size_t)(nt * SOFT_BLOCK) * sizeof(float));
     double *acc = calloc((size_t)(nt * H), sizeof(double));
+    const axpy_fn axpy = soft_embed_axpy();
     char err[8];
-    if (!mx || !acc) {
-        free(mx);
-        free(acc);
+    if (!mx || !pb || !acc) {
         j->status[thread] = -2;
-        return;
+        goto done;
     }
     float *sum = mx + nt;
     for (int64_t t = 0; t < nt; t++) {           /* softmax statistics of each token's logits */
@@ -323,26 +325,28 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
         mx[t] = m;
         sum[t] = (float)s;
     }
-    for (int64_t v = 0; v < V; v++) {
-        const void *src = j->base + (size_t)v * j->row_bytes;
-        const float *wr = src;
+    for (int64_t v0 = 0; v0 < V; v0 += SOFT_BLOCK) {
+        const int64_t nv = V - v0 < SOFT_BLOCK ? V - v0 : SOFT_BLOCK;
+        const void *src = j->base + (size_t)v0 * j->row_bytes;
+        const float *wb = src;
         if (j->type != DG_TYPE_F32) {
-            if (dg_dequantize_rows(j->type, src, row, 1, H, err, sizeof err) != 0) {
+            if (dg_dequantize_rows(j->type, src, j->rowbuf[thread], nv, H, err, sizeof err) != 0) {
                 j->status[thread] = -1;
-                break;
+                goto done;
             }
-            wr = row;
+            wb = j->rowbuf[thread];
         }
         for (int64_t t = 0; t < nt; t++) {
-            const float pv = expf(j->logits[(lo + t) * V + v] - mx[t]) / sum[t];
-            if (pv == 0.0f) continue;
-            double *a = acc + t * H;
-            for (int64_t i = 0; i < H; i++) a[i] += (double)pv * wr[i];
+            const float *l = j->logits + (lo + t) * V + v0;
+            for (int64_t v = 0; v < nv; v++) pb[t * nv + v] = expf(l[v] - mx[t]) / sum[t];
         }
+        axpy(acc, pb, wb, nt, nv, H);
     }
     for (int64_t t = 0; t < nt; t++)
         for (int64_t i = 0; i < H; i++) j->out[(lo + t) * H + i] = (float)acc[t * H + i] * j->scale;
+done:
     free(mx);
+    free(pb);
     free(acc);
 }
 
@@ -358,7 +362,8 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
     const int nt = pool_threads(p);
     int status[nt];
     memset(status, 0, sizeof status);
-    soft_job j = {out, logits, w->data, rb, w->type, w->ne0, w->ne1, scale, alloc_rows(nt, w->ne0), status};
+    soft_job j = {out, logits, w->data, rb, w->type, w->ne0, w->ne1, scale, alloc_rows(nt, SOFT_BLOCK * w->ne0),
+                  status};
     if (!j.rowbuf) {
         snprintf(err, errlen, "soft_embed: out of memory");
         return DG_E_VALUE;
@@ -379,8 +384,8 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
 void attention(float *out, const float *q, const float *ka, const float *va, int64_t na,
                const float *kb, const float *vb, int64_t nb, int64_t stride, int d, float *scores) {
     const int64_t nk = na + nb;
-    for (int64_t j = 0; j < na; j++) scores[j] = dot(q, ka + j * stride, d);
-    for (int64_t j = 0; j < nb; j++) scores[na + j] = dot(q, kb + j * stride, d);
+    for (int64_t j = 0; j < na; j++) scores[j] = dot_ref(q, ka + j * stride, d);
+    for (int64_t j = 0; j < nb; j++) scores[na + j] = dot_ref(q, kb + j * stride, d);
     softmax(scores, nk);
     for (int i = 0; i < d; i++) out[i] = 0.0f;
     for (int64_t j = 0; j < nk; j++) {

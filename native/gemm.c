@@ -1,0 +1,230 @@
+/* gemm.c: the matmul inner kernel, out[t, r] = x[t, :] . w[r, :] over a block of weight rows already in
+ * float32, in three variants chosen once at run time: the plain reference (ops.c's 8-lane dot), AVX2+FMA and
+ * AVX-512. The SIMD kernels compute a tile of 4 rows x 4 tokens with one vector accumulator per output over
+ * the row length, so each output depends only on its own row and token: results do not depend on how rows
+ * are split across threads or grouped into tiles. Variants differ from each other in the last bits (fused
+ * multiply-add, lane order); tests hold every variant to the same bounds against transformers.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gemm.h"
+
+/* ---- reference --------------------------------------------------------------------------------------- */
+
+/* Eight independent float lanes, added pairwise at the end: a fixed order the compiler can vectorise. */
+float dot_ref(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; i < n; i++, j++) acc[j] += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+static void tile_ref(float *out, int64_t ldo, const float *x, int64_t nt, const float *const *w, int nr,
+                     int64_t k) {
+    for (int64_t t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) out[t * ldo + r] = dot_ref(x + t * k, w[r], k);
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* ---- AVX-512: 4 rows x 4 tokens, 16 lanes, masked tail ------------------------------------------------ */
+
+__attribute__((target("avx512f"))) static void tile_avx512(float *out, int64_t ldo, const float *x, int64_t nt,
+                                                           const float *const *w, int nr, int64_t k) {
+    for (int64_t t0 = 0; t0 < nt; t0 += 4) {
+        /* Rows and tokens past the end repeat the last one; their results are not stored. */
+        const float *xs[4], *ws[4];
+        for (int i = 0; i < 4; i++) {
+            xs[i] = x + (t0 + i < nt ? t0 + i : nt - 1) * k;
+            ws[i] = w[i < nr ? i : nr - 1];
+        }
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; i++)
+            for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 16 <= k; c += 16) {
+            __m512 wv[4];
+            for (int r = 0; r < 4; r++) wv[r] = _mm512_loadu_ps(ws[r] + c);
+            for (int i = 0; i < 4; i++) {
+                __m512 xv = _mm512_loadu_ps(xs[i] + c);
+                for (int r = 0; r < 4; r++) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+            }
+        }
+        if (c < k) {
+            __mmask16 m = (__mmask16)((1u << (k - c)) - 1);
+            __m512 wv[4];
+            for (int r = 0; r < 4; r++) wv[r] = _mm512_maskz_loadu_ps(m, ws[r] + c);
+            for (int i = 0; i < 4; i++) {
+                __m512 xv = _mm512_maskz_loadu_ps(m, xs[i] + c);
+                for (int r = 0; r < 4; r++) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+            }
+        }
+        for (int i = 0; i < 4 && t0 + i < nt; i++)
+            for (int r = 0; r < nr; r++) out[(t0 + i) * ldo + r] = _mm512_reduce_add_ps(acc[i][r]);
+    }
+}
+
+/* ---- AVX2 + FMA: 2 rows x 4 tokens (16 ymm registers), 8 lanes, masked tail --------------------------- */
+
+__attribute__((target("avx2,fma"))) static float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static void tile_avx2(float *out, int64_t ldo, const float *x, int64_t nt,
+                                                          const float *const *w, int nr, int64_t k) {
+    static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    for (int r0 = 0; r0 < nr; r0 += 2) {
+        const float *ws[2] = {w[r0], w[r0 + 1 < nr ? r0 + 1 : r0]};
+        for (int64_t t0 = 0; t0 < nt; t0 += 4) {
+            const float *xs[4];
+            for (int i = 0; i < 4; i++) xs[i] = x + (t0 + i < nt ? t0 + i : nt - 1) * k;
+            __m256 acc[4][2];
+            for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+            int64_t c = 0;
+            for (; c + 8 <= k; c += 8) {
+                __m256 w0 = _mm256_loadu_ps(ws[0] + c), w1 = _mm256_loadu_ps(ws[1] + c);
+                for (int i = 0; i < 4; i++) {
+                    __m256 xv = _mm256_loadu_ps(xs[i] + c);
+                    acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(xv, w1, acc[i][1]);
+                }
+            }
+            if (c < k) {
+                __m256i m = _mm256_loadu_si256((const __m256i *)(lanes + 8 - (k - c)));
+                __m256 w0 = _mm256_maskload_ps(ws[0] + c, m), w1 = _mm256_maskload_ps(ws[1] + c, m);
+                for (int i = 0; i < 4; i++) {
+                    __m256 xv = _mm256_maskload_ps(xs[i] + c, m);
+                    acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(xv, w1, acc[i][1]);
+                }
+            }
+            for (int i = 0; i < 4 && t0 + i < nt; i++)
+                for (int r = 0; r < 2 && r0 + r < nr; r++) out[(t0 + i) * ldo + r0 + r] = hsum256(acc[i][r]);
+        }
+    }
+}
+#endif
+
+/* ---- soft-embedding accumulation: acc[t][h] += sum_v p[t][v] * w[v][h], v ascending, in double ------------
+ * A float times a float is exact in double, so fused and unfused multiply-adds round identically: every
+ * variant gives the reference's bits. */
+
+static void axpy_ref(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h0, int64_t h) {
+    for (int64_t t = 0; t < nt; t++)
+        for (int64_t v = 0; v < nv; v++) {
+            const double pv = p[t * nv + v];
+            for (int64_t i = h0; i < h; i++) acc[t * h + i] += pv * (double)w[v * h + i];
+        }
+}
+
+#if defined(__x86_64__)
+/* 4 tokens x 32 columns (16 zmm accumulators of 8 doubles); columns past the last multiple of 32 go to the
+ * reference loop. */
+__attribute__((target("avx512f"))) static void axpy_avx512(double *acc, const float *p, const float *w,
+                                                           int64_t nt, int64_t nv, int64_t h0, int64_t h) {
+    const int64_t hv = h0 + (h - h0) / 32 * 32;
+    for (int64_t t0 = 0; t0 < nt; t0 += 4) {
+        const int64_t ts[4] = {t0, t0 + 1 < nt ? t0 + 1 : t0, t0 + 2 < nt ? t0 + 2 : t0, t0 + 3 < nt ? t0 + 3 : t0};
+        for (int64_t c = h0; c < hv; c += 32) {
+            __m512d a[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int q = 0; q < 4; q++) a[i][q] = _mm512_loadu_pd(acc + ts[i] * h + c + 8 * q);
+            for (int64_t v = 0; v < nv; v++) {
+                const float *wr = w + v * h + c;
+                __m512d wv[4];
+                for (int q = 0; q < 4; q++) wv[q] = _mm512_cvtps_pd(_mm256_loadu_ps(wr + 8 * q));
+                for (int i = 0; i < 4; i++) {
+                    __m512d pv = _mm512_set1_pd((double)p[ts[i] * nv + v]);
+                    for (int q = 0; q < 4; q++) a[i][q] = _mm512_fmadd_pd(pv, wv[q], a[i][q]);
+                }
+            }
+            for (int i = 0; i < 4 && t0 + i < nt; i++)
+                for (int q = 0; q < 4; q++) _mm512_storeu_pd(acc + ts[i] * h + c + 8 * q, a[i][q]);
+        }
+    }
+    if (hv < h) axpy_ref(acc, p, w, nt, nv, hv, h);
+}
+#endif
+
+static void axpy_ref_all(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h) {
+    axpy_ref(acc, p, w, nt, nv, 0, h);
+}
+
+#if defined(__x86_64__)
+static void axpy_avx512_all(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h) {
+    axpy_avx512(acc, p, w, nt, nv, 0, h);
+}
+#endif
+
+/* ---- dispatch ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const char *name;
+    tile_fn fn;
+    axpy_fn axpy;
+    const char *needs;          /* feature in dg_cpu_features(), or NULL */
+} kernel;
+
+static const kernel KERNELS[] = {
+    {"reference", tile_ref, axpy_ref_all, NULL},
+#if defined(__x86_64__)
+    {"avx2", tile_avx2, axpy_ref_all, "avx2"},
+    {"avx512", tile_avx512, axpy_avx512_all, "avx512f"},
+#endif
+};
+enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
+
+static const kernel *active;
+static pthread_once_t choose_once = PTHREAD_ONCE_INIT;
+
+static int supported(const kernel *k) { return !k->needs || strstr(dg_cpu_features(), k->needs) != NULL; }
+
+/* The best kernel the CPU has; DGGUF_NO_SIMD=1 forces the reference, DGGUF_NO_SIMD=avx512 stops at AVX2. */
+static void choose_kernel(void) {
+    const char *off = getenv("DGGUF_NO_SIMD");
+    active = &KERNELS[0];
+    if (off && strcmp(off, "1") == 0) return;
+    for (int i = 1; i < N_KERNELS; i++) {
+        if (off && strcmp(off, KERNELS[i].name) == 0) break;
+        if (supported(&KERNELS[i])) active = &KERNELS[i];
+    }
+}
+
+tile_fn matmul_tile(void) {
+    pthread_once(&choose_once, choose_kernel);
+    return active->fn;
+}
+
+axpy_fn soft_embed_axpy(void) {
+    pthread_once(&choose_once, choose_kernel);
+    return active->axpy;
+}
+
+const char *dg_matmul_kernel(void) {
+    pthread_once(&choose_once, choose_kernel);
+    return active->name;
+}
+
+int dg_set_matmul_kernel(const char *name, char *err, size_t errlen) {
+    pthread_once(&choose_once, choose_kernel);
+    for (int i = 0; i < N_KERNELS; i++)
+        if (strcmp(KERNELS[i].name, name) == 0) {
+            if (!supported(&KERNELS[i])) {
+                snprintf(err, errlen, "matmul kernel %s needs %s, which this CPU lacks", name, KERNELS[i].needs);
+                return DG_E_TYPE;
+            }
+            active = &KERNELS[i];
+            return DG_OK;
+        }
+    snprintf(err, errlen, "unknown matmul kernel %s", name);
+    return DG_E_TYPE;
+}
