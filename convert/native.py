@@ -90,3 +90,18 @@ def matmul_kernels() -> list[str]:
             pass
     set_matmul_kernel(current)
     return usable
+
+
+def matmul(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """x [n, K] float32 times a stored weight of `shape` (rows, K) in ggml_type: [n, rows], the forward's matmul."""
+    rows, k = shape
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w_raw = np.ascontiguousarray(w_raw, dtype=np.uint8).reshape(-1)
+    if x.ndim != 2 or x.shape[1] != k or w_raw.size != rows * row_bytes(ggml_type, k):
+        raise ValueError("matmul: shapes do not match")
+    out = np.empty((x.shape[0], rows), dtype=np.float32)
+    t = ffi.new("dg_tensor *", {"data": ffi.from_buffer(w_raw), "type": ggml_type, "ne0": k, "ne1": rows, "ne2": 1})
+    err = ffi.new("char[]", _ERRLEN)
+    _check(lib.dg_matmul(t, 0, ffi.from_buffer("float[]", x), x.shape[0], ffi.from_buffer("float[]", out),
+                         threads, err, _ERRLEN), err)
+    return out

@@ -103,6 +103,11 @@ int dg_cache_truncate(dg_cache *c, int64_t n, char *err, size_t errlen);
  * appends K/V to the cache. No head, no logits. */
 int dg_encode(const dg_model *m, dg_cache *c, const int32_t *ids, int64_t n, char *err, size_t errlen);
 
+/* out[t, r] = x[t, :] . W[mat][r, :] for t < n, r < w->ne1 (x is [n, ne0]), with the active matmul kernel on
+ * n_threads threads: the forward's matmul, exposed for kernel tests and benchmarks. */
+int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float *out, int n_threads,
+              char *err, size_t errlen);
+
 /* Decoder pass over a canvas ids[n] at positions length..length+n-1: bidirectional over the cached context
  * (full layers: all of it; sliding layers: the last W-1 positions) plus the canvas, decoder layer scalars,
  * self-conditioning from sc_logits [n, vocab] (NULL: none, i.e. the first step), final norm, tied head,

@@ -232,6 +232,18 @@ static void matmul_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
     }
 }
 
+int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float *out, int n_threads,
+              char *err, size_t errlen) {
+    if (!w || !w->data || !x || !out || n < 0 || w->ne0 < 1 || w->ne1 < 1 || w->ne2 < 1) {
+        snprintf(err, errlen, "dg_matmul: bad arguments");
+        return DG_E_SHAPE;
+    }
+    dg_pool *p = pool_new(n_threads);
+    int rc = matmul(p, out, x, w, mat, n, err, errlen);
+    pool_free(p);
+    return rc;
+}
+
 /* Per-thread row buffers of ncols floats; NULL on allocation failure. */
 static float **alloc_rows(int n_threads, int64_t ncols) {
     float **rows = calloc((size_t)n_threads, sizeof *rows);
