@@ -165,20 +165,48 @@ static void axpy_avx512_all(double *acc, const float *p, const float *w, int64_t
 }
 #endif
 
+/* ---- y += a * x (attention's weighted sum of values) --------------------------------------------------- */
+
+static void axpy_f32_ref(float *y, float a, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) static void axpy_f32_avx2(float *y, float a, const float *x, int64_t n) {
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+__attribute__((target("avx512f"))) static void axpy_f32_avx512(float *y, float a, const float *x, int64_t n) {
+    const __m512 av = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, x + i),
+                                                        _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+#endif
+
 /* ---- dispatch ---------------------------------------------------------------------------------------- */
 
 typedef struct {
     const char *name;
     tile_fn fn;
     axpy_fn axpy;
+    axpy_f32_fn axpy_f32;
     const char *needs;          /* feature in dg_cpu_features(), or NULL */
 } kernel;
 
 static const kernel KERNELS[] = {
-    {"reference", tile_ref, axpy_ref_all, NULL},
+    {"reference", tile_ref, axpy_ref_all, axpy_f32_ref, NULL},
 #if defined(__x86_64__)
-    {"avx2", tile_avx2, axpy_ref_all, "avx2"},
-    {"avx512", tile_avx512, axpy_avx512_all, "avx512f"},
+    {"avx2", tile_avx2, axpy_ref_all, axpy_f32_avx2, "avx2"},
+    {"avx512", tile_avx512, axpy_avx512_all, axpy_f32_avx512, "avx512f"},
 #endif
 };
 enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
@@ -207,6 +235,11 @@ tile_fn matmul_tile(void) {
 axpy_fn soft_embed_axpy(void) {
     pthread_once(&choose_once, choose_kernel);
     return active->axpy;
+}
+
+axpy_f32_fn attention_axpy(void) {
+    pthread_once(&choose_once, choose_kernel);
+    return active->axpy_f32;
 }
 
 const char *dg_matmul_kernel(void) {

@@ -393,16 +393,25 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
 
 /* ---- attention -------------------------------------------------------------------------------------- */
 
+/* Scores of one query against n key rows (stride floats apart), four keys at a time through the matmul kernel. */
+static void scores_of(float *scores, const float *q, const float *k, int64_t n, int64_t stride, int d,
+                      tile_fn tile) {
+    for (int64_t j = 0; j < n; j += 4) {
+        const int nr = (int)(n - j < 4 ? n - j : 4);
+        const float *rows[4];
+        for (int r = 0; r < nr; r++) rows[r] = k + (j + r) * stride;
+        tile(scores + j, 0, q, 1, rows, nr, d);
+    }
+}
+
 void attention(float *out, const float *q, const float *ka, const float *va, int64_t na,
                const float *kb, const float *vb, int64_t nb, int64_t stride, int d, float *scores) {
-    const int64_t nk = na + nb;
-    for (int64_t j = 0; j < na; j++) scores[j] = dot_ref(q, ka + j * stride, d);
-    for (int64_t j = 0; j < nb; j++) scores[na + j] = dot_ref(q, kb + j * stride, d);
-    softmax(scores, nk);
+    const tile_fn tile = matmul_tile();
+    const axpy_f32_fn axpy = attention_axpy();
+    scores_of(scores, q, ka, na, stride, d, tile);
+    scores_of(scores + na, q, kb, nb, stride, d, tile);
+    softmax(scores, na + nb);
     for (int i = 0; i < d; i++) out[i] = 0.0f;
-    for (int64_t j = 0; j < nk; j++) {
-        const float a = scores[j];
-        const float *v = j < na ? va + j * stride : vb + (j - na) * stride;
-        for (int i = 0; i < d; i++) out[i] += a * v[i];
-    }
+    for (int64_t j = 0; j < na; j++) axpy(out, scores[j], va + j * stride, d);
+    for (int64_t j = 0; j < nb; j++) axpy(out, scores[na + j], vb + j * stride, d);
 }
