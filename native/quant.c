@@ -75,7 +75,7 @@ static void quantize_row_q8_0(const float *x, void *dst, int64_t n) {
     }
 }
 
-static void dequantize_row_q8_0(const void *src, float *y, int64_t n) {
+DG_CLONES static void dequantize_row_q8_0(const void *src, float *restrict y, int64_t n) {
     const block_q8_0 *x = src;
     for (int64_t b = 0; b < n / QK8_0; b++, y += QK8_0) {
         const float d = dg_f16_to_f32(x[b].d);
@@ -108,7 +108,7 @@ static void quantize_row_q4_0(const float *x, void *dst, int64_t n) {
     }
 }
 
-static void dequantize_row_q4_0(const void *src, float *y, int64_t n) {
+DG_CLONES static void dequantize_row_q4_0(const void *src, float *restrict y, int64_t n) {
     const block_q4_0 *x = src;
     for (int64_t b = 0; b < n / QK4_0; b++, y += QK4_0) {
         const float d = dg_f16_to_f32(x[b].d);
@@ -141,7 +141,7 @@ static inline uint32_t load_qh(const uint8_t qh[4]) {
     return (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 | (uint32_t)qh[3] << 24;
 }
 
-static void dequantize_row_q5_0(const void *src, float *y, int64_t n) {
+DG_CLONES static void dequantize_row_q5_0(const void *src, float *restrict y, int64_t n) {
     const block_q5_0 *x = src;
     for (int64_t b = 0; b < n / QK5_0; b++, y += QK5_0) {
         const float d = dg_f16_to_f32(x[b].d);
@@ -181,7 +181,7 @@ static void quantize_row_q4_1(const float *x, void *dst, int64_t n) {
     }
 }
 
-static void dequantize_row_q4_1(const void *src, float *y, int64_t n) {
+DG_CLONES static void dequantize_row_q4_1(const void *src, float *restrict y, int64_t n) {
     const block_q4_1 *x = src;
     for (int64_t b = 0; b < n / QK4_1; b++, y += QK4_1) {
         const float d = dg_f16_to_f32(x[b].d), m = dg_f16_to_f32(x[b].m);
@@ -213,7 +213,7 @@ static void quantize_row_q5_1(const float *x, void *dst, int64_t n) {
     }
 }
 
-static void dequantize_row_q5_1(const void *src, float *y, int64_t n) {
+DG_CLONES static void dequantize_row_q5_1(const void *src, float *restrict y, int64_t n) {
     const block_q5_1 *x = src;
     for (int64_t b = 0; b < n / QK5_1; b++, y += QK5_1) {
         const float d = dg_f16_to_f32(x[b].d), m = dg_f16_to_f32(x[b].m);

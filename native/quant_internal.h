@@ -141,6 +141,14 @@ static inline uint16_t dg_f32_to_f16(float f) {
 
 static inline int dg_is_finite_bits(float f) { return (dg_f32_bits(f) & 0x7f800000) != 0x7f800000; }
 
+/* Per-CPU clones of plain loops that vectorise well (GCC picks one at load time through an ifunc): the same
+ * C, so the same IEEE operations and the same bits; -std=c11 keeps multiply-adds unfused. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DG_CLONES
+#endif
+
 /* Row kernels: n values (a multiple of the type's block size). */
 typedef void (*dg_quantize_fn)(const float *x, void *dst, int64_t n);
 typedef void (*dg_dequantize_fn)(const void *src, float *y, int64_t n);

@@ -552,22 +552,25 @@ DISPATCH(q6_K)
 
 /* ---- dequantization ---------------------------------------------------------- */
 
-void dg_dequantize_row_q2_K(const void *src, float *y, int64_t n) {
+DG_CLONES void dg_dequantize_row_q2_K(const void *src, float *restrict y, int64_t n) {
     const block_q2_K *x = src;
-    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+    for (int64_t b = 0; b < n / QK_K; b++) {
         const float d = dg_f16_to_f32(x[b].d), dmin = dg_f16_to_f32(x[b].dmin);
-        for (int v = 0; v < QK_K; v++) {
-            const uint8_t sc = x[b].scales[v / 16];
-            const float dl = d * (float)(sc & 0xf), ml = dmin * (float)(sc >> 4);
-            const int q = (x[b].qs[32 * (v / 128) + v % 32] >> (2 * ((v % 128) / 32))) & 3;
-            y[v] = dl * (float)q - ml;
-        }
+        /* Value 128h + 32j + l is bits 2j..2j+1 of qs[32h + l]; sub-block (16 values) 8h + 2j + l/16. */
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++)
+                for (int g = 0; g < 2; g++, y += 16) {
+                    const uint8_t sc = x[b].scales[8 * h + 2 * j + g];
+                    const float dl = d * (float)(sc & 0xf), ml = dmin * (float)(sc >> 4);
+                    const uint8_t *restrict q = x[b].qs + 32 * h + 16 * g;
+                    for (int l = 0; l < 16; l++) y[l] = dl * (float)((q[l] >> (2 * j)) & 3) - ml;
+                }
     }
 }
 
-void dg_dequantize_row_q3_K(const void *src, float *y, int64_t n) {
+DG_CLONES void dg_dequantize_row_q3_K(const void *src, float *restrict y, int64_t n) {
     const block_q3_K *x = src;
-    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+    for (int64_t b = 0; b < n / QK_K; b++) {
         const float d = dg_f16_to_f32(x[b].d);
         float dl[16];
         for (int s = 0; s < 16; s++) {
@@ -575,11 +578,15 @@ void dg_dequantize_row_q3_K(const void *src, float *y, int64_t n) {
             const int hi = (x[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
             dl[s] = d * (float)((lo | hi << 4) - 32);
         }
-        for (int v = 0; v < QK_K; v++) {
-            const int lo = (x[b].qs[32 * (v / 128) + v % 32] >> (2 * ((v % 128) / 32))) & 3;
-            const int hbit = (x[b].hmask[v % 32] >> (v / 32)) & 1;
-            y[v] = dl[v / 16] * (float)(lo - (hbit ? 0 : 4));
-        }
+        /* Value 128h + 32j + l: low bits 2j..2j+1 of qs[32h + l], high bit 4h + j of hmask[l] (clear: -4). */
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++)
+                for (int g = 0; g < 2; g++, y += 16) {
+                    const float s = dl[8 * h + 2 * j + g];
+                    const uint8_t *restrict q = x[b].qs + 32 * h + 16 * g, *restrict m = x[b].hmask + 16 * g;
+                    for (int l = 0; l < 16; l++)
+                        y[l] = s * (float)(((q[l] >> (2 * j)) & 3) - (((m[l] >> (4 * h + j)) & 1) ? 0 : 4));
+                }
     }
 }
 
@@ -615,15 +622,25 @@ void dg_dequantize_row_q5_K(const void *src, float *y, int64_t n) {
     }
 }
 
-void dg_dequantize_row_q6_K(const void *src, float *y, int64_t n) {
+DG_CLONES void dg_dequantize_row_q6_K(const void *src, float *restrict y, int64_t n) {
     const block_q6_K *x = src;
-    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+    for (int64_t b = 0; b < n / QK_K; b++) {
         const float d = dg_f16_to_f32(x[b].d);
-        for (int v = 0; v < QK_K; v++) {
-            const int h = v / 128, r = v % 128;
-            const int lo = (x[b].ql[64 * h + r % 64] >> (4 * (r / 64))) & 0xf;
-            const int hi = (x[b].qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
-            y[v] = (d * (float)x[b].scales[v / 16]) * (float)((lo | hi << 4) - 32);
-        }
+        const uint8_t *restrict ql = x[b].ql, *restrict qh = x[b].qh;
+        const int8_t *restrict sc = x[b].scales;
+        /* Each half of 128 values: byte l of ql/qh feeds values l, l+32, l+64 and l+96 (low nibbles then high
+         * nibbles of ql, 2-bit fields of qh); l runs in halves of 16 so each value's scale is fixed and the
+         * loop vectorises. */
+        for (int h = 0; h < 2; h++, y += 128, ql += 64, qh += 32, sc += 8)
+            for (int g = 0; g < 2; g++) {
+                const float s0 = d * (float)sc[g], s2 = d * (float)sc[g + 2];
+                const float s4 = d * (float)sc[g + 4], s6 = d * (float)sc[g + 6];
+                for (int l = 16 * g; l < 16 * g + 16; l++) {
+                    y[l] = s0 * (float)(((ql[l] & 0xf) | ((qh[l] & 3) << 4)) - 32);
+                    y[l + 32] = s2 * (float)(((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                    y[l + 64] = s4 * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                    y[l + 96] = s6 * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                }
+            }
     }
 }
