@@ -66,7 +66,7 @@ class TextConfig:
                     self.head_dims[0])
 
 
-def _load_json(path: Path, what: str) -> dict:
+def load_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise DggufError(f"{path}: {what} not found")
     try:
@@ -86,7 +86,7 @@ def read_config(hf_dir: Path) -> tuple[TextConfig, dict]:
 
     Returns the text config and the raw config dict."""
     path = hf_dir / "config.json"
-    raw = _load_json(path, "config.json")
+    raw = load_json(path, "config.json")
     archs = raw.get("architectures") or []
     if ARCHITECTURE not in archs and raw.get("model_type") != "diffusion_gemma":
         found = ", ".join(archs) or raw.get("model_type") or "none"
@@ -138,6 +138,11 @@ def read_config(hf_dir: Path) -> tuple[TextConfig, dict]:
         if isinstance(e, KeyError):
             raise DggufError(f"{path}: text_config lacks {e.args[0]}") from e
         raise DggufError(f"{path}: invalid value in text_config ({e})") from e
+    for kind in ("sliding_attention", "full_attention"):
+        dims = {(d, kv) for d, kv, t in zip(cfg.head_dims, cfg.kv_heads, cfg.layer_types) if t == kind}
+        if len(dims) > 1:
+            raise DggufError(f"{path}: {kind} layers differ in head_dim / KV heads {sorted(dims)}; the GGUF layout "
+                             "holds one value per layer type")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise DggufError(f"{path}: unsupported dtype {cfg.dtype}")
     if cfg.top_k_experts > cfg.num_experts or cfg.num_hidden_layers < 1:
@@ -148,7 +153,7 @@ def read_config(hf_dir: Path) -> tuple[TextConfig, dict]:
 def read_generation_config(hf_dir: Path) -> dict:
     """Sampler settings (defaults filled in) plus eos/pad as generation_config.json gives them."""
     path = hf_dir / "generation_config.json"
-    raw = _load_json(path, "generation_config.json") if path.exists() else {}
+    raw = load_json(path, "generation_config.json") if path.exists() else {}
     out = {k: raw.get(k) if raw.get(k) is not None else v for k, v in SAMPLER_DEFAULTS.items()}
     sampler = raw.get("sampler_config") or {}
     if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
@@ -207,6 +212,8 @@ def _read_safetensors_header(path: Path) -> list[SourceTensor]:
         raise DggufError(f"{path}: cannot read: {e.strerror}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DggufError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(meta, dict):
+        raise DggufError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
     out = []
     for name, info in meta.items():
@@ -214,6 +221,9 @@ def _read_safetensors_header(path: Path) -> list[SourceTensor]:
             continue
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            start, end = int(start), int(end)
+            if min(shape, default=1) < 0 or not 0 <= start <= end:
+                raise ValueError("negative size or offset")
         except (KeyError, TypeError, ValueError) as e:
             raise DggufError(f"{path}: corrupt safetensors entry for {name}") from e
         if dtype not in _DTYPES:
@@ -231,7 +241,7 @@ def read_tensors(hf_dir: Path) -> dict[str, SourceTensor]:
     """Every tensor of the checkpoint (single file or index + shards), headers only."""
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _load_json(index, "index").get("weight_map")
+        weight_map = load_json(index, "index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise DggufError(f"{index}: no weight_map")
         files = sorted(set(weight_map.values()))

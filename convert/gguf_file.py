@@ -328,10 +328,15 @@ def _parse(path: Path, mm) -> GGUFFile:
         if any(d == 0 for d in ne) or ne[0] % tt.block_size:
             raise DggufError(f"{path}: tensor {name} has invalid shape {list(ne)} for type {tt.name}")
         tensors.append(TensorInfo(name, ne, tt, off))
-    align = fields.get("general.alignment")
-    align = int(align.value) if align is not None else ALIGNMENT
-    if align <= 0 or align & (align - 1):
-        c.fail(f"general.alignment {align} is not a power of two")
+    align_field = fields.get("general.alignment")
+    align = ALIGNMENT
+    if align_field is not None:
+        # Native code reads F32 data in place: the spec's multiple of 8 keeps every float aligned.
+        if align_field.type not in (V.UINT8, V.UINT16, V.UINT32, V.UINT64, V.INT32):
+            raise DggufError(f"{path}: general.alignment is a {align_field.type.name}, not an integer")
+        align = int(align_field.value)
+        if align < 8 or align & (align - 1):
+            raise DggufError(f"{path}: general.alignment {align} is not a power of two >= 8")
     data_offset = _align(c.pos, align)
     names = set()
     for t in tensors:

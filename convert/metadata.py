@@ -13,7 +13,7 @@ from pathlib import Path
 from gguf.constants import GGUFValueType as V
 from gguf.utility import size_label
 
-from .checkpoint import TextConfig, embedding_scale
+from .checkpoint import TextConfig, load_json, embedding_scale
 from .errors import DggufError
 from .gguf_file import Field
 
@@ -98,21 +98,21 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
     if not tok_path.is_file():
         raise DggufError(f"{tok_path}: tokenizer.json not found (dgguf embeds the HF tokenizer)")
     raw_json = tok_path.read_text(encoding="utf-8")
+    tc_path = hf_dir / "tokenizer_config.json"
+    tcfg = load_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
     try:
         tok = json.loads(raw_json)
         model = tok["model"]
-        vocab = model["vocab"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DggufError(f"{tok_path}: not an HF tokenizer.json ({e})") from e
-    tc_path = hf_dir / "tokenizer_config.json"
-    tcfg = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
-
-    tokens: dict[int, str] = {int(i): t for t, i in vocab.items()}
-    special = set()
-    for added in tok.get("added_tokens", []):
-        tokens[int(added["id"])] = added["content"]
-        if added.get("special"):
-            special.add(int(added["id"]))
+        tokens: dict[int, str] = {int(i): str(t) for t, i in model["vocab"].items()}
+        special = set()
+        for added in tok.get("added_tokens", []):
+            tokens[int(added["id"])] = str(added["content"])
+            if added.get("special"):
+                special.add(int(added["id"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DggufError(f"{tok_path}: not an HF tokenizer.json ({e!r})") from e
+    if not tokens or min(tokens) < 0:
+        raise DggufError(f"{tok_path}: empty vocabulary or negative token id")
     if max(tokens) >= cfg.vocab_size:
         raise DggufError(f"{tok_path}: token id {max(tokens)} is outside the model's vocabulary ({cfg.vocab_size})")
     names, types = [], []
@@ -137,7 +137,7 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
     eos = special_id("eos_token")
     eos = eos if eos is not None else (cfg.eos_token_ids or [None])[0]
     pad = special_id("pad_token")
-    pad = pad if pad is not None else gen.get("pad_token_id", cfg.pad_token_id)
+    pad = pad if pad is not None else gen["pad_token_id"] if gen["pad_token_id"] is not None else cfg.pad_token_id
     mask = special_id("mask_token")
     out = {
         "tokenizer.ggml.model": Field(V.STRING, "gemma4"),
@@ -146,7 +146,8 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
         "tokenizer.ggml.token_type": _arr(V.INT32, types),
         "tokenizer.ggml.merges": _arr(V.STRING, merges),
     }
-    for key, v in (("bos", special_id("bos_token") if special_id("bos_token") is not None else cfg.bos_token_id),
+    bos = special_id("bos_token")
+    for key, v in (("bos", bos if bos is not None else cfg.bos_token_id),
                    ("eos", eos), ("unknown", special_id("unk_token")), ("padding", pad),
                    ("mask", mask if mask is not None else pad)):
         if v is not None:

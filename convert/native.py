@@ -7,10 +7,12 @@ from dgguf._native import ffi, lib
 
 from .errors import DggufError
 
-_ERRLEN = 256
+ERRLEN = 512
+MAX_THREADS = 1024
 
 
-def _check(status: int, err) -> None:
+def check(status: int, err) -> None:
+    """Raise the native error message of a failed call as a DggufError."""
     if status != 0:
         raise DggufError(ffi.string(err).decode(errors="replace"))
 
@@ -21,8 +23,8 @@ def cpu_features() -> str:
 
 def type_size(ggml_type: int) -> tuple[int, int]:
     """(values per block, bytes per block) of a ggml type."""
-    bs, ts, err = ffi.new("int64_t *"), ffi.new("int64_t *"), ffi.new("char[]", _ERRLEN)
-    _check(lib.dg_type_size(ggml_type, bs, ts, err, _ERRLEN), err)
+    bs, ts, err = ffi.new("int64_t *"), ffi.new("int64_t *"), ffi.new("char[]", ERRLEN)
+    check(lib.dg_type_size(ggml_type, bs, ts, err, ERRLEN), err)
     return bs[0], ts[0]
 
 
@@ -40,9 +42,9 @@ def quantize_rows(x: np.ndarray, ggml_type: int) -> np.ndarray:
         raise ValueError("quantize_rows takes a 2-D array")
     nrows, ncols = x.shape
     out = np.empty((nrows, row_bytes(ggml_type, ncols)), dtype=np.uint8)
-    err = ffi.new("char[]", _ERRLEN)
-    _check(lib.dg_quantize_rows(ggml_type, ffi.from_buffer("float[]", x), ffi.from_buffer(out),
-                                nrows, ncols, err, _ERRLEN), err)
+    err = ffi.new("char[]", ERRLEN)
+    check(lib.dg_quantize_rows(ggml_type, ffi.from_buffer("float[]", x), ffi.from_buffer(out),
+                                nrows, ncols, err, ERRLEN), err)
     return out
 
 
@@ -54,9 +56,9 @@ def dequantize_rows(raw: np.ndarray, ggml_type: int, ncols: int) -> np.ndarray:
         raise DggufError(f"{raw.size} bytes do not hold whole rows of {ncols} values of type {ggml_type}")
     nrows = raw.size // rb
     out = np.empty((nrows, ncols), dtype=np.float32)
-    err = ffi.new("char[]", _ERRLEN)
-    _check(lib.dg_dequantize_rows(ggml_type, ffi.from_buffer(raw), ffi.from_buffer("float[]", out),
-                                  nrows, ncols, err, _ERRLEN), err)
+    err = ffi.new("char[]", ERRLEN)
+    check(lib.dg_dequantize_rows(ggml_type, ffi.from_buffer(raw), ffi.from_buffer("float[]", out),
+                                  nrows, ncols, err, ERRLEN), err)
     return out
 
 
@@ -75,8 +77,8 @@ def matmul_kernel() -> str:
 
 def set_matmul_kernel(name: str) -> None:
     """Switch the process-wide matmul kernel (tests and benchmarks); DggufError if the CPU lacks it."""
-    err = ffi.new("char[]", _ERRLEN)
-    _check(lib.dg_set_matmul_kernel(name.encode(), err, _ERRLEN), err)
+    err = ffi.new("char[]", ERRLEN)
+    check(lib.dg_set_matmul_kernel(name.encode(), err, ERRLEN), err)
 
 
 def matmul_kernels() -> list[str]:
@@ -101,7 +103,7 @@ def matmul(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], x: np.ndar
         raise ValueError("matmul: shapes do not match")
     out = np.empty((x.shape[0], rows), dtype=np.float32)
     t = ffi.new("dg_tensor *", {"data": ffi.from_buffer(w_raw), "type": ggml_type, "ne0": k, "ne1": rows, "ne2": 1})
-    err = ffi.new("char[]", _ERRLEN)
-    _check(lib.dg_matmul(t, 0, ffi.from_buffer("float[]", x), x.shape[0], ffi.from_buffer("float[]", out),
-                         threads, err, _ERRLEN), err)
+    err = ffi.new("char[]", ERRLEN)
+    check(lib.dg_matmul(t, 0, ffi.from_buffer("float[]", x), x.shape[0], ffi.from_buffer("float[]", out),
+                         threads, err, ERRLEN), err)
     return out

@@ -109,8 +109,7 @@ def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = F
     sources = read_tensors(hf_dir)
     order = plan_tensors(cfg, {n: t.shape for n, t in sources.items()})
     if type_name is None:   # the checkpoint's own dtype
-        dt = sources["model.decoder.embed_tokens.weight"].dtype
-        type_name = {"F32": "F32", "F16": "F16", "BF16": "BF16"}[dt]
+        type_name = sources["model.decoder.embed_tokens.weight"].dtype
     ft = file_type(type_name)
     n_attn_v = sum(1 for _, g in order if g.endswith("attn_v.weight"))
     chooser = TypeChooser(ft, cfg.num_hidden_layers, cfg.num_experts, n_attn_v,

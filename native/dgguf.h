@@ -49,7 +49,7 @@ int dg_dequantize_rows(int type, const void *src, float *dst, int64_t nrows, int
 /* Widen n bfloat16 values (raw uint16 bits) to float32. */
 void dg_bf16_to_f32(const uint16_t *src, float *dst, int64_t n);
 
-/* Comma-separated CPU features the dispatcher found ("avx2,fma,avx512f,avx512vnni" or "scalar"). */
+/* Comma-separated CPU features the dispatcher found ("avx2,fma,avx512f,avx512bw,avx512vnni" or "scalar"). */
 const char *dg_cpu_features(void);
 
 /* The matmul kernel in use ("reference", "avx2" or "avx512"), and a switch between them (process-wide; for

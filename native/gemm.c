@@ -1,5 +1,5 @@
 /* gemm.c: the matmul inner kernel, out[t, r] = x[t, :] . w[r, :] over a block of weight rows already in
- * float32, in three variants chosen once at run time: the plain reference (ops.c's 8-lane dot), AVX2+FMA and
+ * float32, in three variants chosen once at run time: the plain reference (dot_ref's 8 lanes), AVX2+FMA and
  * AVX-512. The SIMD kernels compute a tile of 4 rows x 4 tokens with one vector accumulator per output over
  * the row length, so each output depends only on its own row and token: results do not depend on how rows
  * are split across threads or grouped into tiles. Variants differ from each other in the last bits (fused
@@ -216,36 +216,32 @@ static pthread_once_t choose_once = PTHREAD_ONCE_INIT;
 
 static int supported(const kernel *k) { return !k->needs || strstr(dg_cpu_features(), k->needs) != NULL; }
 
-/* The best kernel the CPU has; DGGUF_NO_SIMD=1 forces the reference, DGGUF_NO_SIMD=avx512 stops at AVX2. */
+/* The best kernel the CPU has. DGGUF_NO_SIMD=X turns off instruction set X and everything above it ("avx512"
+ * leaves AVX2, "avx2" the reference); any other non-empty value but "0" forces the reference. */
 static void choose_kernel(void) {
     const char *off = getenv("DGGUF_NO_SIMD");
-    active = &KERNELS[0];
-    if (off && strcmp(off, "1") == 0) return;
-    for (int i = 1; i < N_KERNELS; i++) {
-        if (off && strcmp(off, KERNELS[i].name) == 0) break;
-        if (supported(&KERNELS[i])) active = &KERNELS[i];
-    }
+    const kernel *best = &KERNELS[0];
+    if (!off || !*off || strcmp(off, "0") == 0 || strcmp(off, "avx2") == 0 || strcmp(off, "avx512") == 0)
+        for (int i = 1; i < N_KERNELS; i++) {
+            if (off && strcmp(off, KERNELS[i].name) == 0) break;
+            if (supported(&KERNELS[i])) best = &KERNELS[i];
+        }
+    __atomic_store_n(&active, best, __ATOMIC_RELEASE);
 }
 
-tile_fn matmul_tile(void) {
+/* The switch is process-wide and meant for tests: callers read the pointer once per op. */
+static const kernel *current(void) {
     pthread_once(&choose_once, choose_kernel);
-    return active->fn;
+    return __atomic_load_n(&active, __ATOMIC_ACQUIRE);
 }
 
-axpy_fn soft_embed_axpy(void) {
-    pthread_once(&choose_once, choose_kernel);
-    return active->axpy;
-}
+tile_fn matmul_tile(void) { return current()->fn; }
 
-axpy_f32_fn attention_axpy(void) {
-    pthread_once(&choose_once, choose_kernel);
-    return active->axpy_f32;
-}
+axpy_fn soft_embed_axpy(void) { return current()->axpy; }
 
-const char *dg_matmul_kernel(void) {
-    pthread_once(&choose_once, choose_kernel);
-    return active->name;
-}
+axpy_f32_fn attention_axpy(void) { return current()->axpy_f32; }
+
+const char *dg_matmul_kernel(void) { return current()->name; }
 
 int dg_set_matmul_kernel(const char *name, char *err, size_t errlen) {
     pthread_once(&choose_once, choose_kernel);
@@ -255,7 +251,7 @@ int dg_set_matmul_kernel(const char *name, char *err, size_t errlen) {
                 snprintf(err, errlen, "matmul kernel %s needs %s, which this CPU lacks", name, KERNELS[i].needs);
                 return DG_E_TYPE;
             }
-            active = &KERNELS[i];
+            __atomic_store_n(&active, &KERNELS[i], __ATOMIC_RELEASE);
             return DG_OK;
         }
     snprintf(err, errlen, "unknown matmul kernel %s", name);

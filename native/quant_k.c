@@ -9,10 +9,12 @@
  * super-block is fitted at once, one sub-block per lane (the input is
  * transposed first), so the inner loops are branch-free and identical across
  * lanes: the compiler vectorises them, and the same source compiled with AVX2
- * enabled is the fast path (quant_k_search.h, instantiated twice below). Both
- * builds do the same IEEE operations in the same order, so they agree bit for bit.
+ * enabled is the fast path (the search is instantiated for the scalar
+ * reference, the baseline vector build and AVX2). All three do the same IEEE
+ * operations in the same order, so they agree bit for bit.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -517,15 +519,26 @@ static ALWAYS_INLINE void q6_K_block(const float *restrict x, block_q6_K *restri
 DEFINE_ALL(ref, , 0)
 DEFINE_ALL(vec, , 1)
 
-/* DGGUF_NO_SIMD=1 forces the plain scalar reference, DGGUF_NO_SIMD=avx2 the
- * baseline vector build; tests compare all paths. */
-static int simd_level(void) {
+/* DGGUF_NO_SIMD=X turns off instruction set X and everything above it, here as in the matmul kernels:
+ * "avx2" leaves the baseline vector build, "avx512" (there is no AVX-512 search) the AVX2 one, and "1" the
+ * plain scalar reference. Read once; tests compare all paths. */
+static int level;
+static pthread_once_t level_once = PTHREAD_ONCE_INIT;
+
+static void choose_level(void) {
     const char *off = getenv("DGGUF_NO_SIMD");
-    if (off && *off) return strcmp(off, "avx2") ? 0 : 1;
+    int avx2 = 0;
 #if defined(__x86_64__)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
-    return 1;
+    level = avx2 ? 2 : 1;
+    if (off && strcmp(off, "avx2") == 0) level = 1;
+    else if (off && *off && strcmp(off, "avx512") != 0 && strcmp(off, "0") != 0) level = 0;
+}
+
+static int simd_level(void) {
+    pthread_once(&level_once, choose_level);
+    return level;
 }
 
 #if defined(__x86_64__)

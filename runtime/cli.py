@@ -9,6 +9,7 @@ import json
 import sys
 
 from dgguf.convert.errors import DggufError
+from dgguf.convert.native import MAX_THREADS
 from dgguf.convert.quant_types import FILE_TYPES
 
 
@@ -59,16 +60,20 @@ def cmd_inspect(a) -> None:
         g.close()
 
 
-def _positive(name: str):
+def _integer(name: str, lo: int, hi: int):
     def parse(v: str) -> int:
         try:
             n = int(v)
         except ValueError:
-            n = 0
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, not {v!r}")
+            n = lo - 1
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer in {lo}..{hi}, not {v!r}")
         return n
     return parse
+
+
+def _positive(name: str, hi: int = 2**31 - 1):
+    return _integer(name, 1, hi)
 
 
 def _id_list(v: str) -> list[int]:
@@ -147,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     for s in (c, q):
         s.add_argument("--pure", action="store_true", help="every matrix in the base type (no preset mix)")
         s.add_argument("--force", action="store_true", help="overwrite an existing output file")
-        s.add_argument("--threads", type=_positive("--threads"), default=None)
+        s.add_argument("--threads", type=_positive("--threads", MAX_THREADS), default=None)
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser("run", help="generate text with a DiffusionGemma GGUF")
@@ -156,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-p", "--prompt", help="prompt text (tokenized with the model's own tokenizer)")
     src.add_argument("--prompt-ids", type=_id_list, help="prompt token ids, e.g. 2,17,42 (used verbatim)")
     r.add_argument("-n", type=_positive("-n"), default=256, help="new tokens (whole canvases are generated)")
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--threads", type=_positive("--threads"), default=None)
+    r.add_argument("--seed", type=_integer("--seed", 0, 2**64 - 1), default=None)
+    r.add_argument("--threads", type=_positive("--threads", MAX_THREADS), default=None)
     r.add_argument("--ctx", type=_positive("--ctx"), default=None, help="context limit (default 8192)")
     r.add_argument("--steps", type=_positive("--steps"), default=None, help="max denoising steps per canvas")
     r.add_argument("--no-early-stop", action="store_true", help="always run --steps steps per canvas")

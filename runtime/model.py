@@ -19,6 +19,7 @@ import numpy as np
 
 from dgguf.convert.errors import DggufError
 from dgguf.convert.gguf_file import read_gguf
+from dgguf.convert.quantize import default_threads
 
 from .model_config import ModelConfig, read_model_config
 from .native_model import NativeModel
@@ -47,10 +48,6 @@ class GenerationResult:
     text: str | None = None
 
 
-def _default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 class Model:
     def __init__(self, path, gguf, cfg: ModelConfig, native: NativeModel, ctx: int):
         self.path, self.gguf, self.config, self.native, self.ctx = path, gguf, cfg, native, ctx
@@ -65,7 +62,7 @@ class Model:
             if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
                 raise DggufError(f"ctx must be a positive integer, got {ctx!r}")
             n_ctx = min(ctx or DEFAULT_CTX, cfg.context_length)
-            native = NativeModel(g, cfg, threads or _default_threads())
+            native = NativeModel(g, cfg, threads if threads is not None else default_threads())
         except BaseException:
             g.close()
             raise
@@ -130,6 +127,8 @@ class Model:
             raise DggufError(f"prompt ({len(prompt)} tokens) plus {n_canvases} canvas(es) of {C} exceeds ctx "
                              f"{self.ctx}; raise --ctx (model limit {self.config.context_length}) or lower -n")
         if draws is None:
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+                raise DggufError(f"seed must be an integer in 0..2^64-1, got {seed!r}")
             draws = SeededDraws(seed if seed is not None else int.from_bytes(os.urandom(8), "little"),
                                 self.config.vocab_size, C)
         cache = self.native.new_cache(len(prompt) + (n_canvases - 1) * C)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gguf.constants import GGUFValueType as V
+
 from dgguf.convert.errors import DggufError
 from dgguf.convert.gguf_file import GGUFFile, TensorInfo
 from dgguf.convert.metadata import ARCH
@@ -46,18 +48,58 @@ class ModelConfig:
     sampler: dict                    # transformers' names → defaults from the file
 
 
-def _req(g: GGUFFile, key: str):
-    v = g.get(f"{ARCH}.{key}")
-    if v is None:
-        raise DggufError(f"{g.path}: missing key {ARCH}.{key}")
+_INT_MAX = 2**31 - 1     # sizes go to native code as C ints
+_INTEGER = (V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64)
+_MISSING = object()
+
+
+def _full_key(key: str) -> str:
+    return key if key.startswith(("general.", "diffusion.", "tokenizer.")) else f"{ARCH}.{key}"
+
+
+def _value(g: GGUFFile, key: str, kinds, what: str, default=_MISSING):
+    name = _full_key(key)
+    f = g.fields.get(name)
+    if f is None:
+        if default is _MISSING:
+            raise DggufError(f"{g.path}: missing key {name}")
+        return default
+    if f.type not in kinds:
+        raise DggufError(f"{g.path}: key {name} is a {f.type.name}, expected {what}")
+    return f.value
+
+
+def _int(g: GGUFFile, key: str, lo: int = 1, hi: int = _INT_MAX, default=_MISSING) -> int:
+    v = _value(g, key, _INTEGER, "an integer", default)
+    if not lo <= v <= hi:
+        raise DggufError(f"{g.path}: key {_full_key(key)} = {v} is outside {lo}..{hi}")
+    return int(v)
+
+
+def _float(g: GGUFFile, key: str, positive: bool = True, default=_MISSING) -> float:
+    v = float(_value(g, key, (V.FLOAT32, V.FLOAT64), "a float", default))
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise DggufError(f"{g.path}: key {_full_key(key)} = {v} must be a finite{' positive' if positive else ''} "
+                         "number")
     return v
 
 
-def _per_layer(g: GGUFFile, key: str, n: int) -> list[int]:
-    v = _req(g, key)
-    v = v if isinstance(v, list) else [v] * n
-    if len(v) != n:
-        raise DggufError(f"{g.path}: {ARCH}.{key} has {len(v)} entries for {n} layers")
+def _int_list(g: GGUFFile, key: str, n: int, lo: int = 1, hi: int = _INT_MAX, default=_MISSING) -> list[int]:
+    """A per-layer array of n integers (a single integer means the same for every layer)."""
+    name = _full_key(key)
+    f = g.fields.get(name)
+    if f is None and default is not _MISSING:
+        return default
+    if f is not None and f.type in _INTEGER:
+        v = [f.value] * (n or 1)
+    else:
+        v = _value(g, key, (V.ARRAY,), "an array")
+        if f.item_type not in _INTEGER + (V.BOOL,):
+            raise DggufError(f"{g.path}: key {name} is an array of {f.item_type.name}, expected integers")
+        if n is not None and len(v) != n:
+            raise DggufError(f"{g.path}: key {name} has {len(v)} entries, expected {n}")
+    if not all(lo <= x <= hi for x in v):
+        raise DggufError(f"{g.path}: key {name} has a value outside {lo}..{hi}")
     return [int(x) for x in v]
 
 
@@ -91,48 +133,45 @@ def read_model_config(g: GGUFFile) -> ModelConfig:
     arch = g.get("general.architecture")
     if arch != ARCH:
         raise DggufError(f"{g.path}: architecture {arch!r} is not {ARCH}")
-    n = int(_req(g, "block_count"))
-    H = int(_req(g, "embedding_length"))
-    sliding = [bool(x) for x in _req(g, "attention.sliding_window_pattern")]
-    if len(sliding) != n:
-        raise DggufError(f"{g.path}: sliding_window_pattern has {len(sliding)} entries for {n} layers")
-    d_full, d_swa = int(_req(g, "attention.key_length")), int(_req(g, "attention.key_length_swa"))
+    n = _int(g, "block_count", 1, 4096)
+    H = _int(g, "embedding_length")
+    sliding = [bool(x) for x in _int_list(g, "attention.sliding_window_pattern", n, 0, 1)]
+    d_full, d_swa = _int(g, "attention.key_length"), _int(g, "attention.key_length_swa")
     tensors = {t.name: t for t in g.tensors}
     emb = tensors.get("token_embd.weight")
-    if emb is None or len(emb.ne) != 2:
-        raise DggufError(f"{g.path}: missing tensor token_embd.weight")
-    freqs = tensors.get("rope_freqs.weight")
-    rotated = d_full // 2
-    if freqs is not None and freqs.type.name == "F32":
-        f = g.tensor_bytes(freqs).view("<f4")
-        rotated = int((f < 1e20).sum())
+    if emb is None or len(emb.ne) != 2 or emb.ne[1] > _INT_MAX:
+        raise DggufError(f"{g.path}: missing or invalid tensor token_embd.weight")
+    vocab = int(emb.ne[1])
+    rotated = _rotated_pairs(g, tensors.get("rope_freqs.weight"), d_full)
     tok = g.get("tokenizer.ggml.tokens") or []
-    eos = g.get("diffusion.eos_token_ids")
+    eos = _int_list(g, "diffusion.eos_token_ids", None, 0, vocab - 1, default=None)
     if eos is None:
-        eos = [int(g.get("tokenizer.ggml.eos_token_id", 1))]
+        eos = [_int(g, "tokenizer.ggml.eos_token_id", 0, vocab - 1, default=1)]
         eos += [i for i, t in enumerate(tok) if t in END_OF_TURN_TOKENS and i not in eos]
     c = ModelConfig(
-        vocab_size=int(emb.ne[1]), hidden_size=H, n_layers=n, n_heads=int(_req(g, "attention.head_count")),
-        kv_heads=_per_layer(g, "attention.head_count_kv", n),
+        vocab_size=vocab, hidden_size=H, n_layers=n, n_heads=_int(g, "attention.head_count"),
+        kv_heads=_int_list(g, "attention.head_count_kv", n),
         head_dims=[d_swa if s else d_full for s in sliding], sliding=sliding,
-        sliding_window=int(_req(g, "attention.sliding_window")),
-        rope_theta_full=float(_req(g, "rope.freq_base")), rope_theta_sliding=float(_req(g, "rope.freq_base_swa")),
+        sliding_window=_int(g, "attention.sliding_window"),
+        rope_theta_full=_float(g, "rope.freq_base"), rope_theta_sliding=_float(g, "rope.freq_base_swa"),
         rope_rotated_pairs_full=rotated,
-        rms_norm_eps=float(_req(g, "attention.layer_norm_rms_epsilon")),
-        n_experts=int(_req(g, "expert_count")), top_k=int(_req(g, "expert_used_count")),
-        expert_ff=int(_req(g, "expert_feed_forward_length")), dense_ff=int(_req(g, "feed_forward_length")),
-        canvas_length=int(g.get("diffusion.canvas_length", 256)),
-        context_length=int(_req(g, "context_length")),
-        softcap=float(g.get(f"{ARCH}.final_logit_softcapping", 30.0)),
-        embedding_scale=float(g.get(f"{ARCH}.embedding_scale", float(np.float32(math.sqrt(H))))),
-        eos_token_ids=[int(x) for x in eos],
-        pad_token_id=int(g.get("tokenizer.ggml.padding_token_id", 0)),
-        mask_token_id=g.get("tokenizer.ggml.mask_token_id"),
-        sampler={"max_denoising_steps": int(g.get("diffusion.eb_max_steps", 48)),
-                 "t_min": float(g.get("diffusion.eb_t_min", 0.4)), "t_max": float(g.get("diffusion.eb_t_max", 0.8)),
-                 "entropy_bound": float(g.get("diffusion.eb_entropy_bound", 0.1)),
-                 "stability_threshold": int(g.get("diffusion.eb_stability_threshold", 1)),
-                 "confidence_threshold": float(g.get("diffusion.eb_confidence_threshold", 0.005))},
+        rms_norm_eps=_float(g, "attention.layer_norm_rms_epsilon"),
+        n_experts=_int(g, "expert_count"), top_k=_int(g, "expert_used_count"),
+        expert_ff=_int(g, "expert_feed_forward_length"), dense_ff=_int(g, "feed_forward_length"),
+        canvas_length=_int(g, "diffusion.canvas_length", 1, 1 << 20, default=256),
+        context_length=_int(g, "context_length"),
+        softcap=_float(g, "final_logit_softcapping", default=30.0),
+        embedding_scale=_float(g, "embedding_scale", default=float(np.float32(math.sqrt(H)))),
+        eos_token_ids=eos,
+        pad_token_id=_int(g, "tokenizer.ggml.padding_token_id", 0, vocab - 1, default=0),
+        mask_token_id=_int(g, "tokenizer.ggml.mask_token_id", 0, vocab - 1, default=None),
+        sampler={"max_denoising_steps": _int(g, "diffusion.eb_max_steps", default=48),
+                 "t_min": _float(g, "diffusion.eb_t_min", default=0.4),
+                 "t_max": _float(g, "diffusion.eb_t_max", default=0.8),
+                 "entropy_bound": _float(g, "diffusion.eb_entropy_bound", default=0.1),
+                 "stability_threshold": _int(g, "diffusion.eb_stability_threshold", default=1),
+                 "confidence_threshold": _float(g, "diffusion.eb_confidence_threshold", positive=False,
+                                                default=0.005)},
     )
     if not 1 <= c.top_k <= c.n_experts:
         raise DggufError(f"{g.path}: expert_used_count {c.top_k} is not within 1..{c.n_experts}")
@@ -140,6 +179,21 @@ def read_model_config(g: GGUFFile) -> ModelConfig:
         raise DggufError(f"{g.path}: head_count {c.n_heads} is not a multiple of every layer's KV head count")
     _check_tensors(g, c, tensors)
     return c
+
+
+def _rotated_pairs(g: GGUFFile, freqs: TensorInfo | None, d_full: int) -> int:
+    """How many leading dim pairs the full layers rotate: rope_freqs must be 1 for those and >= 1e20 (no
+    rotation) after, the only pattern the native RoPE implements."""
+    if freqs is None:
+        return d_full // 2
+    if freqs.type.name != "F32":
+        raise DggufError(f"{g.path}: tensor rope_freqs.weight is {freqs.type.name}; vectors must be F32")
+    f = g.tensor_bytes(freqs).view("<f4")
+    r = int((f == 1.0).sum())
+    if not (np.all(f[:r] == 1.0) and np.all(f[r:] >= 1e20)):
+        raise DggufError(f"{g.path}: rope_freqs.weight is not 1 for leading pairs then >= 1e20; "
+                         "this RoPE variant is not supported")
+    return r
 
 
 def _check_tensors(g: GGUFFile, c: ModelConfig, tensors: dict[str, TensorInfo]) -> None:

@@ -11,11 +11,10 @@ import numpy as np
 
 from dgguf._native import ffi, lib
 from dgguf.convert.errors import DggufError
+from dgguf.convert.native import ERRLEN, MAX_THREADS, check
 from dgguf.convert.gguf_file import GGUFFile
 
 from .model_config import ModelConfig
-
-_ERRLEN = 512
 
 # dg_layer field → GGUF tensor name under blk.N.
 _LAYER_TENSORS = {
@@ -37,17 +36,12 @@ _MODEL_TENSORS = {
 }
 
 
-def _check(status: int, err) -> None:
-    if status != 0:
-        raise DggufError(ffi.string(err).decode(errors="replace"))
-
-
 class NativeModel:
     """The weights of one GGUF (validated by read_model_config) as native structs. Keeps the file mapped."""
 
     def __init__(self, gguf: GGUFFile, cfg: ModelConfig, threads: int = 1):
-        if threads < 1:
-            raise DggufError(f"threads must be at least 1, got {threads}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise DggufError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r}")
         self.gguf, self.cfg, self.threads = gguf, cfg, threads
         self._keep = []                     # every buffer a native pointer refers to
         self._tensors = {t.name: t for t in gguf.tensors}
@@ -108,8 +102,8 @@ class NativeCache:
             raise DggufError(f"cache capacity must be positive, got {capacity}")
         self.model = model
         self.capacity = capacity
-        err = ffi.new("char[]", _ERRLEN)
-        c = lib.dg_cache_new(model._model, capacity, err, _ERRLEN)
+        err = ffi.new("char[]", ERRLEN)
+        c = lib.dg_cache_new(model._model, capacity, err, ERRLEN)
         if c == ffi.NULL:
             raise DggufError(ffi.string(err).decode(errors="replace"))
         self._c = ffi.gc(c, lib.dg_cache_free)
@@ -136,8 +130,8 @@ class NativeCache:
         if self.length + a.size > self.capacity:
             raise DggufError(f"encode: {a.size} tokens after {self.length} exceed the cache capacity "
                              f"{self.capacity}")
-        err = ffi.new("char[]", _ERRLEN)
-        _check(lib.dg_encode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), a.size, err, _ERRLEN),
+        err = ffi.new("char[]", ERRLEN)
+        check(lib.dg_encode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), a.size, err, ERRLEN),
                err)
 
     def decode(self, ids: np.ndarray, sc_logits: np.ndarray | None = None) -> np.ndarray:
@@ -154,12 +148,12 @@ class NativeCache:
                                  f"got {got[0]} {got[1]}")
             sc = ffi.from_buffer("float[]", sc_logits)
         out = np.empty((n, V), dtype=np.float32)
-        err = ffi.new("char[]", _ERRLEN)
-        _check(lib.dg_decode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), n, sc,
-                             ffi.from_buffer("float[]", out), err, _ERRLEN), err)
+        err = ffi.new("char[]", ERRLEN)
+        check(lib.dg_decode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), n, sc,
+                             ffi.from_buffer("float[]", out), err, ERRLEN), err)
         return out
 
     def truncate(self, n: int) -> None:
         """Forget every position from n on (sliding layers must still hold the last window before n)."""
-        err = ffi.new("char[]", _ERRLEN)
-        _check(lib.dg_cache_truncate(self._c, int(n), err, _ERRLEN), err)
+        err = ffi.new("char[]", ERRLEN)
+        check(lib.dg_cache_truncate(self._c, int(n), err, ERRLEN), err)

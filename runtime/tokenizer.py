@@ -15,7 +15,10 @@ class Tokenizer:
         if raw is None:
             raise DggufError(f"{g.path}: no embedded HF tokenizer (tokenizer.huggingface.json); "
                              "use --prompt-ids, or re-convert the checkpoint with dgguf")
-        self._tok = HFTokenizer.from_str(raw)
+        try:
+            self._tok = HFTokenizer.from_str(raw)
+        except Exception as e:   # the tokenizers library raises plain Exception on malformed JSON
+            raise DggufError(f"{g.path}: embedded tokenizer.huggingface.json is invalid ({e})") from e
         tokens = g.get("tokenizer.ggml.tokens") or []
         self.bos_id = g.get("tokenizer.ggml.bos_token_id")
         self.bos_text = tokens[self.bos_id] if self.bos_id is not None and self.bos_id < len(tokens) else ""

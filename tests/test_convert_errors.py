@@ -201,3 +201,37 @@ def test_killed_conversion_leaves_no_file_that_looks_like_gguf(tmp_path, hf):
     for q in leftovers:
         assert q.name.startswith(".out.gguf.partial")
         assert q.read_bytes()[:4] != b"GGUF"
+
+
+def test_full_layers_with_different_head_dims_are_refused(capsys, tmp_path, checkpoints):
+    d = tmp_path / "hf"
+    shutil.copytree(checkpoints("tiny", config_form="resaved"), d)
+    edit_config(d, lambda c: c["text_config"]["per_layer_config"].update({"3": {"head_dim": 64,
+                                                                                  "num_key_value_heads": 1}}))
+    expect_error(capsys, tmp_path, d, "full_attention layers differ")
+
+
+def test_safetensors_header_that_is_not_an_object(capsys, tmp_path, hf):
+    import struct
+    body = b"[1, 2, 3]"
+    (hf / "model.safetensors").write_bytes(struct.pack("<Q", len(body)) + body)
+    expect_error(capsys, tmp_path, hf, "model.safetensors", "corrupt")
+
+
+def test_invalid_tokenizer_config_json(capsys, tmp_path, hf):
+    (hf / "tokenizer_config.json").write_text("{not json")
+    expect_error(capsys, tmp_path, hf, "tokenizer_config.json", "invalid JSON")
+
+
+def test_pad_id_falls_back_to_the_text_config(tmp_path, hf):
+    from gguf import GGUFReader
+    from dgguf.convert.quantize import convert_checkpoint
+    tc = json.loads((hf / "tokenizer_config.json").read_text())
+    tc.pop("pad_token", None)
+    (hf / "tokenizer_config.json").write_text(json.dumps(tc))
+    gc = json.loads((hf / "generation_config.json").read_text())
+    gc.pop("pad_token_id", None)
+    (hf / "generation_config.json").write_text(json.dumps(gc))
+    edit_config(hf, lambda c: c["text_config"].__setitem__("pad_token_id", 3))
+    r = GGUFReader(convert_checkpoint(hf, tmp_path / "o.gguf"))
+    assert int(r.fields["tokenizer.ggml.padding_token_id"].contents()) == 3

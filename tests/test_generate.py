@@ -120,6 +120,7 @@ def test_canvas_logits_api_matches_the_pr24423_golden_logits():
     (lambda m: m.generate([2, 3], entropy_bound=0.0), "entropy_bound"),
     (lambda m: m.generate([2, 3], temperature=1.0), "unknown sampler option"),
     (lambda m: m.canvas_logits([2, 3], list(range(40))), "canvas_length"),
+    (lambda m: m.generate([2, 3], max_new_tokens=8, seed=-1), "seed"),
 ])
 def test_bad_input_gives_one_clear_error(tiny, call, message):
     m = Model.load(tiny[1])
@@ -139,6 +140,10 @@ def test_cli_run_json_and_errors(tiny, capsys):
     assert main(["run", "-m", str(tiny[1]), "--prompt-ids", "2,9999"]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "9999" in err and "Traceback" not in err
-    with pytest.raises(SystemExit) as e:
-        main(["run", "-m", str(tiny[1]), "--prompt-ids", "2,x"])
-    assert e.value.code == 2
+    for bad in (["--prompt-ids", "2,x"], ["--prompt-ids", "2", "--seed", "-1"],
+                ["--prompt-ids", "2", "--threads", "5000000000"]):
+        with pytest.raises(SystemExit) as e:
+            main(["run", "-m", str(tiny[1])] + bad)
+        assert e.value.code == 2
+    with pytest.raises(DggufError, match="threads"):
+        Model.load(tiny[1], threads=0)

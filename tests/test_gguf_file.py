@@ -67,3 +67,14 @@ def test_writer_round_trip_and_offsets_beyond_4_gib(tmp_path):
     np.testing.assert_array_equal(g.tensor_bytes(t["small"]).view(np.float32), np.arange(8))
     assert g.get("x.list") == [1, 2, 3] and g.get("x.f") == 0.5
     g.close()
+
+
+@pytest.mark.parametrize("value", [Field(V.STRING, "32"), Field(V.UINT32, 1), Field(V.UINT32, 48)],
+                         ids=["string", "one", "not-power-of-two"])
+def test_bad_alignment_field_is_rejected(tmp_path, value):
+    t = TensorInfo("x", (8,), TENSOR_TYPES["F32"])
+    out = tmp_path / "a.gguf"
+    with GGUFWriter(out, {"general.alignment": value}, [t]) as w:
+        w.write(np.zeros(8, np.float32))
+    with pytest.raises(DggufError, match="general.alignment"):
+        read_gguf(out)

@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 
 from conftest import PR_TINY
+from gguf.constants import GGUFValueType as V
+
 from dgguf.convert.errors import DggufError
+from dgguf.convert.gguf_file import Field, GGUFWriter, TensorInfo
 from dgguf.convert.gguf_file import read_gguf
 from dgguf.convert.quantize import convert_checkpoint
 from dgguf.runtime.model_config import read_model_config
@@ -29,19 +32,19 @@ def test_our_file_carries_its_own_values(checkpoints, tmp_path):
     g.close()
 
 
-def _rewrite(src, dst, drop_tensor=None, arch=None):
-    """Copy a GGUF through our writer, optionally dropping a tensor or changing the architecture."""
-    from gguf.constants import GGUFValueType as V
-    from dgguf.convert.gguf_file import Field, GGUFWriter, TensorInfo
+def _rewrite(src, dst, drop_tensor=None, arch=None, fields=None, tensor_data=None):
+    """Copy a GGUF through our writer, optionally dropping a tensor, changing the architecture, replacing
+    fields, or replacing a tensor's bytes."""
     g = read_gguf(src)
-    fields = dict(g.fields)
+    new_fields = dict(g.fields)
     if arch:
-        fields["general.architecture"] = Field(V.STRING, arch)
+        new_fields["general.architecture"] = Field(V.STRING, arch)
+    new_fields.update(fields or {})
     keep = [t for t in g.tensors if t.name != drop_tensor]
     infos = [TensorInfo(t.name, t.ne, t.type) for t in keep]
-    with GGUFWriter(dst, fields, infos) as w:
+    with GGUFWriter(dst, new_fields, infos) as w:
         for t in keep:
-            w.write(g.tensor_bytes(t))
+            w.write((tensor_data or {}).get(t.name, g.tensor_bytes(t)))
     g.close()
     return dst
 
@@ -55,4 +58,26 @@ def test_missing_tensor_is_named(tmp_path):
 def test_wrong_architecture_is_named(tmp_path):
     p = _rewrite(PR_TINY / "tiny-Q8_0.gguf", tmp_path / "a.gguf", arch="llama")
     with pytest.raises(DggufError, match="architecture 'llama' is not diffusion-gemma"):
+        read_model_config(read_gguf(p))
+
+
+@pytest.mark.parametrize("key,field,message", [
+    ("diffusion-gemma.block_count", Field(V.STRING, "4"), "block_count is a STRING"),
+    ("diffusion-gemma.attention.sliding_window_pattern", Field(V.BOOL, True), "sliding_window_pattern"),
+    ("diffusion.canvas_length", Field(V.UINT32, 0), "canvas_length = 0"),
+    ("diffusion.eos_token_ids", Field(V.ARRAY, ["1"], V.STRING), "eos_token_ids"),
+    ("diffusion-gemma.embedding_length", Field(V.UINT64, 2**40), "embedding_length"),
+])
+def test_mistyped_or_out_of_range_metadata_is_a_clear_error(tmp_path, key, field, message):
+    p = _rewrite(PR_TINY / "tiny-Q8_0.gguf", tmp_path / "m.gguf", fields={key: field})
+    with pytest.raises(DggufError, match=message):
+        read_model_config(read_gguf(p))
+
+
+def test_rope_factors_other_than_the_supported_pattern_are_refused(tmp_path):
+    f = np.ones(16, np.float32)
+    f[4:] = 1e30
+    f[2] = 0.5
+    p = _rewrite(PR_TINY / "tiny-Q8_0.gguf", tmp_path / "r.gguf", tensor_data={"rope_freqs.weight": f})
+    with pytest.raises(DggufError, match="rope_freqs"):
         read_model_config(read_gguf(p))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,17 +205,22 @@ def test_k_quants_survive_degenerate_rows(t):
         assert np.abs(y[r] - rows[r]).max() <= scale * 2.0 ** (1 - bits), f"row {r}"
 
 
+def _quantize_in_subprocess(path, t, no_simd):
+    """sha256 of quantize_rows(np.load(path)) in a fresh process with DGGUF_NO_SIMD set (read once per process)."""
+    code = ("import sys, hashlib, numpy as np; from dgguf.convert import native; "
+            f"print(hashlib.sha256(native.quantize_rows(np.load({str(path)!r}), {int(t)}).tobytes()).hexdigest())")
+    env = {**os.environ, "DGGUF_NO_SIMD": no_simd}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
-def test_k_quant_vector_paths_match_scalar_reference(t, monkeypatch):
+def test_k_quant_vector_paths_match_scalar_reference(t, tmp_path):
     """The scalar reference, the baseline vector build and (where present) the AVX2 build agree bit for bit."""
-    x = matrix("student4_704x2816")[:64]
-    default = native.quantize_rows(x, int(t))
-    monkeypatch.setenv("DGGUF_NO_SIMD", "avx2")
-    baseline_vec = native.quantize_rows(x, int(t))
-    monkeypatch.setenv("DGGUF_NO_SIMD", "1")
-    scalar = native.quantize_rows(x, int(t))
-    assert np.array_equal(scalar, baseline_vec)
-    assert np.array_equal(scalar, default)
+    path = tmp_path / "x.npy"
+    np.save(path, matrix("student4_704x2816")[:64])
+    default, baseline_vec, scalar = (_quantize_in_subprocess(path, t, v) for v in ("", "avx2", "1"))
+    assert len(scalar) == 65
+    assert scalar == baseline_vec == default
 
 
 # ---- errors --------------------------------------------------------------------
