@@ -118,7 +118,8 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(float *out, int64_t ld
  * A float times a float is exact in double, so fused and unfused multiply-adds round identically: every
  * variant gives the reference's bits. */
 
-static void axpy_ref(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h0, int64_t h) {
+/* Columns [h0, h) of the accumulation; the SIMD variant hands its tail columns here. */
+static void axpy_cols(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h0, int64_t h) {
     for (int64_t t = 0; t < nt; t++)
         for (int64_t v = 0; v < nv; v++) {
             const double pv = p[t * nv + v];
@@ -126,15 +127,19 @@ static void axpy_ref(double *acc, const float *p, const float *w, int64_t nt, in
         }
 }
 
+static void axpy_ref(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h) {
+    axpy_cols(acc, p, w, nt, nv, 0, h);
+}
+
 #if defined(__x86_64__)
 /* 4 tokens x 32 columns (16 zmm accumulators of 8 doubles); columns past the last multiple of 32 go to the
  * reference loop. */
 __attribute__((target("avx512f"))) static void axpy_avx512(double *acc, const float *p, const float *w,
-                                                           int64_t nt, int64_t nv, int64_t h0, int64_t h) {
-    const int64_t hv = h0 + (h - h0) / 32 * 32;
+                                                           int64_t nt, int64_t nv, int64_t h) {
+    const int64_t hv = h / 32 * 32;
     for (int64_t t0 = 0; t0 < nt; t0 += 4) {
         const int64_t ts[4] = {t0, t0 + 1 < nt ? t0 + 1 : t0, t0 + 2 < nt ? t0 + 2 : t0, t0 + 3 < nt ? t0 + 3 : t0};
-        for (int64_t c = h0; c < hv; c += 32) {
+        for (int64_t c = 0; c < hv; c += 32) {
             __m512d a[4][4];
             for (int i = 0; i < 4; i++)
                 for (int q = 0; q < 4; q++) a[i][q] = _mm512_loadu_pd(acc + ts[i] * h + c + 8 * q);
@@ -151,17 +156,7 @@ __attribute__((target("avx512f"))) static void axpy_avx512(double *acc, const fl
                 for (int q = 0; q < 4; q++) _mm512_storeu_pd(acc + ts[i] * h + c + 8 * q, a[i][q]);
         }
     }
-    if (hv < h) axpy_ref(acc, p, w, nt, nv, hv, h);
-}
-#endif
-
-static void axpy_ref_all(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h) {
-    axpy_ref(acc, p, w, nt, nv, 0, h);
-}
-
-#if defined(__x86_64__)
-static void axpy_avx512_all(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h) {
-    axpy_avx512(acc, p, w, nt, nv, 0, h);
+    if (hv < h) axpy_cols(acc, p, w, nt, nv, hv, h);
 }
 #endif
 
@@ -203,10 +198,10 @@ typedef struct {
 } kernel;
 
 static const kernel KERNELS[] = {
-    {"reference", tile_ref, axpy_ref_all, axpy_f32_ref, NULL},
+    {"reference", tile_ref, axpy_ref, axpy_f32_ref, NULL},
 #if defined(__x86_64__)
-    {"avx2", tile_avx2, axpy_ref_all, axpy_f32_avx2, "avx2"},
-    {"avx512", tile_avx512, axpy_avx512_all, axpy_f32_avx512, "avx512f"},
+    {"avx2", tile_avx2, axpy_ref, axpy_f32_avx2, "avx2"},
+    {"avx512", tile_avx512, axpy_avx512, axpy_f32_avx512, "avx512f"},
 #endif
 };
 enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };

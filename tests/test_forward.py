@@ -183,7 +183,7 @@ def test_quantized_weights_give_the_logits_of_their_dequantized_values(checkpoin
     assert np.array_equal(got, want)
 
 
-def test_results_are_bit_identical_for_any_thread_count(cases):
+def test_results_are_bit_identical_for_any_thread_count(cases, kernel):
     case = cases("odd")
     one = _native_logits(case, threads=1, later=True, sc=case.sc)
     for threads in (2, 3):
