@@ -11,25 +11,15 @@ load.
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import numpy as np
 
+from benchutil import best_of, load_note
 from dgguf.convert import native
 from dgguf.convert.quant_types import TENSOR_TYPES
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
 COLUMNS = [16, 32, 256]
-
-
-def best(repeats, fn):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
@@ -39,12 +29,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2816)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
-    load = os.getloadavg()[0]
-    print(f"cpu {native.cpu_features()}; kernel {native.matmul_kernel()}; threads {a.threads}; load {load:.2f}"
-          + ("  (foreign load: figures are low)" if load > 0.5 else ""))
+    print(f"cpu {native.cpu_features()}; kernel {native.matmul_kernel()}; threads {a.threads}; {load_note()}")
     rng = np.random.default_rng(0)
     big = rng.standard_normal((2048, 2048)).astype(np.float32)
-    peak = 2 * 2048 ** 3 / best(a.repeats, lambda: big @ big) / 1e9
+    peak = 2 * 2048 ** 3 / best_of(lambda: big @ big, a.repeats) / 1e9
     print(f"numpy GEMM 2048^3: {peak:.0f} GFLOP/s")
     w = rng.standard_normal((a.rows, a.k)).astype(np.float32)
     fast = native.matmul_kernel()
@@ -58,11 +46,11 @@ def main() -> None:
             x = rng.standard_normal((cols, a.k)).astype(np.float32)
             ops = 2 * a.rows * a.k * cols / 1e9
             native.set_matmul_kernel(fast)
-            ours = ops / best(a.repeats, lambda: native.matmul(raw, t.ggml, (a.rows, a.k), x, a.threads))
+            ours = ops / best_of(lambda: native.matmul(raw, t.ggml, (a.rows, a.k), x, a.threads), a.repeats)
             native.set_matmul_kernel("reference")
-            ref = ops / best(max(1, a.repeats // 2), lambda: native.matmul(raw, t.ggml, (a.rows, a.k), x, a.threads))
+            ref = ops / best_of(lambda: native.matmul(raw, t.ggml, (a.rows, a.k), x, a.threads), a.repeats // 2)
             native.set_matmul_kernel(fast)
-            blas = ops / best(a.repeats, lambda: x @ wf.T)
+            blas = ops / best_of(lambda: x @ wf.T, a.repeats)
             print(f"{name:>5} {cols:>5} {ours:>12.1f} {ref:>10.1f} {blas:>17.1f} {ours / blas:>9.2f} "
                   f"{ours / peak:>9.2f}")
 

@@ -11,12 +11,11 @@ same step (model(input_ids, decoder_input_ids, self_conditioning_logits)) in fp3
 from __future__ import annotations
 
 import argparse
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 
+from benchutil import best_of, load_note
 from synthetic import text_config, write_checkpoint
 
 STEPS = 16
@@ -26,20 +25,6 @@ PROMPT_LEN = 23
 def mid_shape() -> dict:
     return text_config(vocab=32768, hidden=1024, dense=768, expert=256, layers=6, heads=16, kv=4, head_dim=128,
                        global_kv=1, global_head_dim=256, experts=32, top_k=4, window=1024)
-
-
-def best_of(n: int, fn) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def foreign_load() -> float:
-    """1-minute load average minus nothing of ours: a hint that another process shares the cores."""
-    return os.getloadavg()[0]
 
 
 def main() -> None:
@@ -62,7 +47,7 @@ def main() -> None:
         write_checkpoint(src, mid_shape(), "F32")
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, 512, PROMPT_LEN).astype(np.int32)
-    print(f"load average before timing: {foreign_load():.2f} (2 cores; > 0.5 means foreign load, numbers suffer)")
+    print(f"before timing: {load_note()}")
 
     ref = DiffusionGemmaForBlockDiffusion.from_pretrained(src, dtype=torch.float32).eval()
     C, V = ref.config.canvas_length, ref.config.text_config.vocab_size
@@ -77,7 +62,7 @@ def main() -> None:
             run = lambda: model(input_ids=ids_t, decoder_input_ids=canvas_t,
                                 self_conditioning_logits=sc_t.to(dtype))
             run()
-            ref_times[name] = best_of(a.repeats, run)
+            ref_times[name] = best_of(run, a.repeats)
     print(f"transformers step (prompt encode + canvas decode, {a.threads} threads): "
           f"fp32 {ref_times['fp32']:.3f} s, bf16 {ref_times['bf16']:.3f} s")
 
@@ -87,9 +72,9 @@ def main() -> None:
             convert_checkpoint(src, path, t)
         m = Model.load(path, threads=a.threads)
         cache = m.native.new_cache(PROMPT_LEN + C)
-        enc = best_of(1, lambda: cache.encode(prompt))
-        step = best_of(a.repeats, lambda: cache.decode(canvas, sc))
-        canvas_encode = best_of(1, lambda: m.native.new_cache(C).encode(canvas))
+        enc = best_of(lambda: cache.encode(prompt), 1)
+        step = best_of(lambda: cache.decode(canvas, sc), a.repeats)
+        canvas_encode = best_of(lambda: m.native.new_cache(C).encode(canvas), 1)
         tok_s = C / (STEPS * step + canvas_encode)
         print(f"dgguf {t:>7}: {step:.3f} s/step, prompt encode {enc:.3f} s, canvas encode {canvas_encode:.3f} s, "
               f"{tok_s:.1f} tok/s at {STEPS} steps; vs transformers fp32 {ref_times['fp32'] / step:.2f}x, "
