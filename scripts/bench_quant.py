@@ -9,7 +9,6 @@ row chunk to float32 and calls dg_quantize_rows on it (cffi drops the GIL).
 from __future__ import annotations
 
 import argparse
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
