@@ -6,6 +6,7 @@
  * sections 4 and 5, in fp32; the ops live in ops.c.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,8 @@ struct dg_cache {
     int64_t capacity, length;
     int broken;                  /* a failed encode left the layers inconsistent */
     cache_layer *layers;
+    dg_pool *pool;               /* the sequence's worker threads, started once */
+    pthread_mutex_t in_use;      /* one pass at a time: the pool and the layers are not shared */
 };
 
 static int64_t kv_width(const cache_layer *cl) { return (int64_t)cl->n_kv * cl->head_dim; }
@@ -46,8 +49,11 @@ dg_cache *dg_cache_new(const dg_model *m, int64_t capacity, char *err, size_t er
         return NULL;
     }
     dg_cache *c = calloc(1, sizeof *c);
-    if (c) c->layers = calloc((size_t)m->n_layers, sizeof *c->layers);
-    if (!c || !c->layers) goto oom;
+    if (!c) goto oom;
+    pthread_mutex_init(&c->in_use, NULL);
+    c->layers = calloc((size_t)m->n_layers, sizeof *c->layers);
+    c->pool = pool_new(m->n_threads);
+    if (!c->layers || !c->pool) goto oom;
     c->n_layers = m->n_layers;
     c->window = m->sliding_window;
     c->capacity = capacity;
@@ -79,6 +85,8 @@ void dg_cache_free(dg_cache *c) {
             free(c->layers[l].v);
         }
     free(c->layers);
+    pool_free(c->pool);
+    pthread_mutex_destroy(&c->in_use);
     free(c);
 }
 
@@ -242,7 +250,6 @@ typedef struct {
 } run_state;
 
 static void run_state_free(run_state *s) {
-    pool_free(s->pool);
     free(s->h); free(s->x); free(s->tmp); free(s->h1); free(s->h2); free(s->q); free(s->att); free(s->k);
     free(s->v); free(s->g); free(s->u); free(s->xs); free(s->ys); free(s->sel); free(s->sel_w);
     free(s->router); free(s->top_idx); free(s->top_w); free(s->inv_freq); free(s->scores);
@@ -260,7 +267,7 @@ static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int
         held_max = max64(held_max, c->layers[l].n);
     }
     s->n = n;
-    s->pool = pool_new(m->n_threads);
+    s->pool = c->pool;
     s->max_keys = held_max + n;
     const int nt = pool_threads(s->pool);
     s->h = alloc_f(n * H); s->x = alloc_f(n * H); s->tmp = alloc_f(n * H);
@@ -274,7 +281,7 @@ static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int
     s->top_idx = malloc((size_t)(n * m->top_k) * sizeof(int)); s->top_w = alloc_f(n * m->top_k);
     s->inv_freq = alloc_f(d_max / 2);
     s->scores = alloc_f(nt * s->max_keys);
-    if (!s->pool || !s->h || !s->x || !s->tmp || !s->h1 || !s->h2 || !s->q || !s->att || !s->k || !s->v ||
+    if (!s->h || !s->x || !s->tmp || !s->h1 || !s->h2 || !s->q || !s->att || !s->k || !s->v ||
         !s->g || !s->u || !s->xs || !s->ys || !s->sel || !s->sel_w || !s->router || !s->top_idx || !s->top_w ||
         !s->inv_freq || !s->scores) {
         run_state_free(s);
@@ -524,8 +531,12 @@ int dg_encode(const dg_model *m, dg_cache *c, const int32_t *ids, int64_t n, cha
     if (n > c->capacity - c->length)
         FAIL(DG_E_SHAPE, "encoding %lld tokens after %lld would exceed the cache capacity of %lld positions",
              (long long)n, (long long)c->length, (long long)c->capacity);
+    if (pthread_mutex_trylock(&c->in_use) != 0) FAIL(DG_E_VALUE, "the cache is in use by another call");
     run_state s;
-    if ((rc = run_state_new(&s, m, c, n, err, errlen)) != DG_OK) return rc;
+    if ((rc = run_state_new(&s, m, c, n, err, errlen)) != DG_OK) {
+        pthread_mutex_unlock(&c->in_use);
+        return rc;
+    }
     const int64_t pos0 = c->length;
     if ((rc = embed(m, s.h, ids, n, err, errlen)) != DG_OK) goto done;
     for (int l = 0; l < m->n_layers; l++) {
@@ -543,6 +554,7 @@ done:
     else
         c->broken = 1;   /* some layers may already hold the new positions */
     run_state_free(&s);
+    pthread_mutex_unlock(&c->in_use);
     return rc;
 }
 
@@ -554,8 +566,14 @@ int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t 
         return rc;
     if (n == 0) return DG_OK;
     if (!logits) FAIL(DG_E_VALUE, "no logits buffer");
+    /* The cache's contents stay const; its lock and worker pool are the only state a pass takes over. */
+    pthread_mutex_t *in_use = &((dg_cache *)c)->in_use;
+    if (pthread_mutex_trylock(in_use) != 0) FAIL(DG_E_VALUE, "the cache is in use by another call");
     run_state s;
-    if ((rc = run_state_new(&s, m, c, n, err, errlen)) != DG_OK) return rc;
+    if ((rc = run_state_new(&s, m, c, n, err, errlen)) != DG_OK) {
+        pthread_mutex_unlock(in_use);
+        return rc;
+    }
     if ((rc = decoder_input(m, &s, ids, sc_logits, err, errlen)) != DG_OK) goto done;
     for (int l = 0; l < m->n_layers; l++) {
         const dg_layer *ly = &m->layers[l];
@@ -566,5 +584,6 @@ int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t 
     rc = head(m, &s, logits, err, errlen);
 done:
     run_state_free(&s);
+    pthread_mutex_unlock(in_use);
     return rc;
 }

@@ -603,7 +603,7 @@ DG_CLONES void dg_dequantize_row_q3_K(const void *src, float *restrict y, int64_
     }
 }
 
-void dg_dequantize_row_q4_K(const void *src, float *y, int64_t n) {
+DG_CLONES void dg_dequantize_row_q4_K(const void *src, float *restrict y, int64_t n) {
     const block_q4_K *x = src;
     for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
         const float d = dg_f16_to_f32(x[b].d), dmin = dg_f16_to_f32(x[b].dmin);
@@ -611,15 +611,14 @@ void dg_dequantize_row_q4_K(const void *src, float *y, int64_t n) {
         unpack_scales_k4(x[b].scales, ls, lm);
         for (int s = 0; s < 8; s++) {
             const float dl = d * (float)ls[s], ml = dmin * (float)lm[s];
-            for (int l = 0; l < 32; l++) {
-                const int q = (x[b].qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0xf;
-                y[32 * s + l] = dl * (float)q - ml;
-            }
+            const uint8_t *restrict qs = x[b].qs + 32 * (s / 2);
+            const int shift = 4 * (s % 2);
+            for (int l = 0; l < 32; l++) y[32 * s + l] = dl * (float)((qs[l] >> shift) & 0xf) - ml;
         }
     }
 }
 
-void dg_dequantize_row_q5_K(const void *src, float *y, int64_t n) {
+DG_CLONES void dg_dequantize_row_q5_K(const void *src, float *restrict y, int64_t n) {
     const block_q5_K *x = src;
     for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
         const float d = dg_f16_to_f32(x[b].d), dmin = dg_f16_to_f32(x[b].dmin);
@@ -627,10 +626,10 @@ void dg_dequantize_row_q5_K(const void *src, float *y, int64_t n) {
         unpack_scales_k4(x[b].scales, ls, lm);
         for (int s = 0; s < 8; s++) {
             const float dl = d * (float)ls[s], ml = dmin * (float)lm[s];
-            for (int l = 0; l < 32; l++) {
-                const int q = ((x[b].qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0xf) | ((x[b].qh[l] >> s) & 1) << 4;
-                y[32 * s + l] = dl * (float)q - ml;
-            }
+            const uint8_t *restrict qs = x[b].qs + 32 * (s / 2), *restrict qh = x[b].qh;
+            const int shift = 4 * (s % 2);
+            for (int l = 0; l < 32; l++)
+                y[32 * s + l] = dl * (float)(((qs[l] >> shift) & 0xf) | ((qh[l] >> s) & 1) << 4) - ml;
         }
     }
 }
