@@ -312,9 +312,7 @@ static int gated_mlp(run_state *s, float *out, const float *x, const dg_tensor *
     int rc;
     if ((rc = matmul(s->pool, s->g, x, gate, 0, n, err, errlen)) != DG_OK) return rc;
     if ((rc = matmul(s->pool, s->u, x, up, 0, n, err, errlen)) != DG_OK) return rc;
-    const int64_t F = gate->ne1;
-    gelu_tanh(s->g, n * F);
-    for (int64_t i = 0; i < n * F; i++) s->g[i] *= s->u[i];
+    gelu_mul(s->pool, s->g, s->u, n, gate->ne1);
     return matmul(s->pool, out, s->g, down, 0, n, err, errlen);
 }
 
@@ -515,8 +513,7 @@ static int head(const dg_model *m, run_state *s, float *logits, char *err, size_
     for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->h + t * H, m->output_norm.data, H, m->eps);
     int rc = matmul(s->pool, logits, s->x, &m->token_embd, 0, n, err, errlen);
     if (rc != DG_OK) return rc;
-    if (m->softcap > 0.0f)
-        for (int64_t i = 0; i < n * m->vocab; i++) logits[i] = tanhf(logits[i] / m->softcap) * m->softcap;
+    if (m->softcap > 0.0f) softcap(s->pool, logits, n, m->vocab, m->softcap);
     return DG_OK;
 }
 

@@ -172,6 +172,37 @@ void rope(float *x, const float *inv_freq, int64_t pos, int d, int n_pairs) {
     }
 }
 
+/* Row-wise elementwise ops run on the pool: each element depends only on itself, so any split gives the
+ * same bits. */
+typedef struct {
+    float *x;
+    const float *y;
+    int64_t width;
+    float cap;
+} rows_job;
+
+static void gelu_mul_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const rows_job *j = ctx;
+    const int64_t a = lo * j->width, b = hi * j->width;
+    gelu_tanh(j->x + a, b - a);
+    for (int64_t i = a; i < b; i++) j->x[i] *= j->y[i];
+}
+
+void gelu_mul(dg_pool *p, float *g, const float *u, int64_t n, int64_t width) {
+    rows_job j = {g, u, width, 0.0f};
+    parallel_for(p, n, gelu_mul_rows, &j);
+}
+
+static void softcap_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const rows_job *j = ctx;
+    for (int64_t i = lo * j->width; i < hi * j->width; i++) j->x[i] = tanhf(j->x[i] / j->cap) * j->cap;
+}
+
+void softcap(dg_pool *p, float *x, int64_t n, int64_t width, float cap) {
+    rows_job j = {x, NULL, width, cap};
+    parallel_for(p, n, softcap_rows, &j);
+}
+
 void topk(int *idx, const float *x, int n, int k) {
     for (int j = 0; j < k; j++) {
         int best = -1;
