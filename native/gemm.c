@@ -114,9 +114,8 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(float *out, int64_t ld
 }
 #endif
 
-/* ---- soft-embedding accumulation: acc[t][h] += sum_v p[t][v] * w[v][h], v ascending, in double ------------
- * A float times a float is exact in double, so fused and unfused multiply-adds round identically: every
- * variant gives the reference's bits. */
+/* ---- soft-embedding accumulation: acc[t][h] += sum_v p[t][v] * w[v][h], v ascending ------------------------
+ * The reference accumulates every product in double (a float times a float is exact there). */
 
 /* Columns [h0, h) of the accumulation; the SIMD variant hands its tail columns here. */
 static void axpy_cols(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h0, int64_t h) {
@@ -132,28 +131,36 @@ static void axpy_ref(double *acc, const float *p, const float *w, int64_t nt, in
 }
 
 #if defined(__x86_64__)
-/* 4 tokens x 32 columns (16 zmm accumulators of 8 doubles); columns past the last multiple of 32 go to the
- * reference loop. */
+/* 6 tokens x 32 columns: the block's products are summed in float (12 zmm accumulators, fused multiply-adds,
+ * v ascending) and each block sum is then added to the double accumulator. Blocks are at most SOFT_BLOCK rows,
+ * so the float partial sums stay short; this differs from the reference in the last bits only. */
 __attribute__((target("avx512f"))) static void axpy_avx512(double *acc, const float *p, const float *w,
                                                            int64_t nt, int64_t nv, int64_t h) {
+    enum { TT = 6 };
     const int64_t hv = h / 32 * 32;
-    for (int64_t t0 = 0; t0 < nt; t0 += 4) {
-        const int64_t ts[4] = {t0, t0 + 1 < nt ? t0 + 1 : t0, t0 + 2 < nt ? t0 + 2 : t0, t0 + 3 < nt ? t0 + 3 : t0};
+    for (int64_t t0 = 0; t0 < nt; t0 += TT) {
+        int64_t ts[TT];
+        for (int i = 0; i < TT; i++) ts[i] = t0 + i < nt ? t0 + i : t0;
         for (int64_t c = 0; c < hv; c += 32) {
-            __m512d a[4][4];
-            for (int i = 0; i < 4; i++)
-                for (int q = 0; q < 4; q++) a[i][q] = _mm512_loadu_pd(acc + ts[i] * h + c + 8 * q);
+            __m512 a[TT][2];
+            for (int i = 0; i < TT; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
             for (int64_t v = 0; v < nv; v++) {
                 const float *wr = w + v * h + c;
-                __m512d wv[4];
-                for (int q = 0; q < 4; q++) wv[q] = _mm512_cvtps_pd(_mm256_loadu_ps(wr + 8 * q));
-                for (int i = 0; i < 4; i++) {
-                    __m512d pv = _mm512_set1_pd((double)p[ts[i] * nv + v]);
-                    for (int q = 0; q < 4; q++) a[i][q] = _mm512_fmadd_pd(pv, wv[q], a[i][q]);
+                const __m512 w0 = _mm512_loadu_ps(wr), w1 = _mm512_loadu_ps(wr + 16);
+                for (int i = 0; i < TT; i++) {
+                    const __m512 pv = _mm512_set1_ps(p[ts[i] * nv + v]);
+                    a[i][0] = _mm512_fmadd_ps(pv, w0, a[i][0]);
+                    a[i][1] = _mm512_fmadd_ps(pv, w1, a[i][1]);
                 }
             }
-            for (int i = 0; i < 4 && t0 + i < nt; i++)
-                for (int q = 0; q < 4; q++) _mm512_storeu_pd(acc + ts[i] * h + c + 8 * q, a[i][q]);
+            for (int i = 0; i < TT && t0 + i < nt; i++)
+                for (int q = 0; q < 2; q++) {
+                    double *d = acc + ts[i] * h + c + 16 * q;
+                    const __m512 s = a[i][q];
+                    _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), _mm512_cvtps_pd(_mm512_castps512_ps256(s))));
+                    _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8),
+                                                          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)))));
+                }
         }
     }
     if (hv < h) axpy_cols(acc, p, w, nt, nv, hv, h);
