@@ -93,18 +93,35 @@ static inline float signed_absmax(const float *x, int n) {
     return max;
 }
 
+/* The 32 levels of one block, in gguf-py's arithmetic: q = min(top, trunc((x - sub) * id + add)). The
+ * symmetric types pass sub = 0 (x - 0 is x, bit for bit) and add = offset + 0.5. */
+static void block_levels(const float *x, float sub, float id, float add, uint8_t top, uint8_t q[32]) {
+    for (int j = 0; j < 32; j++) {
+        uint8_t v = np_cast_u8(truncf((x[j] - sub) * id + add));
+        q[j] = v > top ? top : v;
+    }
+}
+
+/* Low nibbles: value j and value j + 16 share byte j. */
+static void pack_nibbles(uint8_t qs[16], const uint8_t q[32]) {
+    for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((q[j] & 0x0f) | (q[j + 16] << 4));
+}
+
+/* Fifth bits, bit j of a little-endian uint32. */
+static void pack_high_bits(uint8_t qh[4], const uint8_t q[32]) {
+    uint32_t h = 0;
+    for (int j = 0; j < 32; j++) h |= (uint32_t)(q[j] >> 4) << j;
+    for (int k = 0; k < 4; k++) qh[k] = (uint8_t)(h >> (8 * k));
+}
+
 static void quantize_row_q4_0(const float *x, void *dst, int64_t n) {
     block_q4_0 *y = dst;
     for (int64_t b = 0; b < n / QK4_0; b++, x += QK4_0) {
         const float d = signed_absmax(x, QK4_0) / -8.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
         uint8_t q[QK4_0];
-        for (int j = 0; j < QK4_0; j++) {
-            uint8_t v = np_cast_u8(truncf(x[j] * id + 8.5f));
-            q[j] = v > 15 ? 15 : v;
-        }
+        block_levels(x, 0.0f, d != 0.0f ? 1.0f / d : 0.0f, 8.5f, 15, q);
         y[b].d = dg_f32_to_f16(d);
-        for (int j = 0; j < QK4_0 / 2; j++) y[b].qs[j] = (uint8_t)(q[j] | (q[j + QK4_0 / 2] << 4));
+        pack_nibbles(y[b].qs, q);
     }
 }
 
@@ -123,17 +140,11 @@ static void quantize_row_q5_0(const float *x, void *dst, int64_t n) {
     block_q5_0 *y = dst;
     for (int64_t b = 0; b < n / QK5_0; b++, x += QK5_0) {
         const float d = signed_absmax(x, QK5_0) / -16.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
         uint8_t q[QK5_0];
-        uint32_t qh = 0;
-        for (int j = 0; j < QK5_0; j++) {
-            uint8_t v = np_cast_u8(truncf(x[j] * id + 16.5f));
-            q[j] = v > 31 ? 31 : v;
-            qh |= (uint32_t)(q[j] >> 4) << j;
-        }
+        block_levels(x, 0.0f, d != 0.0f ? 1.0f / d : 0.0f, 16.5f, 31, q);
         y[b].d = dg_f32_to_f16(d);
-        for (int k = 0; k < 4; k++) y[b].qh[k] = (uint8_t)(qh >> (8 * k));
-        for (int j = 0; j < QK5_0 / 2; j++) y[b].qs[j] = (uint8_t)((q[j] & 0x0f) | (q[j + QK5_0 / 2] << 4));
+        pack_high_bits(y[b].qh, q);
+        pack_nibbles(y[b].qs, q);
     }
 }
 
@@ -169,15 +180,11 @@ static void quantize_row_q4_1(const float *x, void *dst, int64_t n) {
         float mn, mx;
         minmax(x, QK4_1, &mn, &mx);
         const float d = (mx - mn) / 15.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
         uint8_t q[QK4_1];
-        for (int j = 0; j < QK4_1; j++) {
-            uint8_t v = np_cast_u8(truncf((x[j] - mn) * id + 0.5f));
-            q[j] = v > 15 ? 15 : v;
-        }
+        block_levels(x, mn, d != 0.0f ? 1.0f / d : 0.0f, 0.5f, 15, q);
         y[b].d = dg_f32_to_f16(d);
         y[b].m = dg_f32_to_f16(mn);
-        for (int j = 0; j < QK4_1 / 2; j++) y[b].qs[j] = (uint8_t)(q[j] | (q[j + QK4_1 / 2] << 4));
+        pack_nibbles(y[b].qs, q);
     }
 }
 
@@ -198,18 +205,12 @@ static void quantize_row_q5_1(const float *x, void *dst, int64_t n) {
         float mn, mx;
         minmax(x, QK5_1, &mn, &mx);
         const float d = (mx - mn) / 31.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
         uint8_t q[QK5_1];
-        uint32_t qh = 0;
-        for (int j = 0; j < QK5_1; j++) {
-            uint8_t v = np_cast_u8(truncf((x[j] - mn) * id + 0.5f));
-            q[j] = v > 31 ? 31 : v;
-            qh |= (uint32_t)(q[j] >> 4) << j;
-        }
+        block_levels(x, mn, d != 0.0f ? 1.0f / d : 0.0f, 0.5f, 31, q);
         y[b].d = dg_f32_to_f16(d);
         y[b].m = dg_f32_to_f16(mn);
-        for (int k = 0; k < 4; k++) y[b].qh[k] = (uint8_t)(qh >> (8 * k));
-        for (int j = 0; j < QK5_1 / 2; j++) y[b].qs[j] = (uint8_t)((q[j] & 0x0f) | (q[j + QK5_1 / 2] << 4));
+        pack_high_bits(y[b].qh, q);
+        pack_nibbles(y[b].qs, q);
     }
 }
 
