@@ -39,8 +39,8 @@ class Job:
     """One output tensor: where its rows come from and what type they become."""
     info: TensorInfo
     nrows: int
-    read_rows: Callable[[int, int], np.ndarray]     # (r0, r1) → float32 [r1-r0, ncols]
-    raw_rows: Callable[[int, int], np.ndarray] | None = None   # bytes already in the target type
+    read_rows: Callable[[int, int], np.ndarray] | None   # (r0, r1) → float32 [r1-r0, ncols]
+    raw_rows: Callable[[int, int], np.ndarray] | None = None   # bytes already in the target type (preferred)
     source_bytes: int = 0
 
 
@@ -127,7 +127,7 @@ def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = F
         if t.name == "BF16" and st.dtype == "BF16":
             view = st.view()
             raw = lambda r0, r1, view=view: view[r0:r1]
-        jobs.append(Job(TensorInfo(gname, ne, t), st.rows(), _widen(st), raw, st.nbytes))
+        jobs.append(Job(TensorInfo(gname, ne, t), st.rows(), None if raw else _widen(st), raw, st.nbytes))
         n = int(np.prod(st.shape))
         n_total += n
         if "_exps." in gname and len(st.shape) == 3:
