@@ -1,4 +1,4 @@
-"""The `dgguf` command: convert, quantize, inspect, run.
+"""The `dgguf` command: convert, quantize, inspect, run, bench.
 
 User errors print one line, `error: <message>`, and exit 2; `--debug` shows the traceback instead.
 """
@@ -113,6 +113,64 @@ def cmd_run(a) -> None:
           f"{st.seconds_per_step:.3f} s/step, {st.tokens_per_s:.1f} tok/s]", file=sys.stderr)
 
 
+def step_macs(c, canvas: int, context: int) -> float:
+    """Multiply-adds of one decoder step over a canvas after `context` cached tokens (matmuls and attention)."""
+    H, F, I, nh = c.hidden_size, c.dense_ff, c.expert_ff, c.n_heads
+    per_token = 2 * H * F + F * H                      # self-conditioning MLP
+    per_token += 2 * c.vocab_size * H                  # soft embedding + tied head
+    attention = 0.0
+    for i in range(c.n_layers):
+        d, kv = c.head_dims[i], c.kv_heads[i]
+        per_token += H * nh * d + H * kv * d * (2 if c.sliding[i] else 1) + nh * d * H   # q, k, (v), o
+        per_token += 3 * H * F + H * c.n_experts + c.top_k * 3 * H * I                  # dense, router, experts
+        keys = canvas + (min(context, c.sliding_window - 1) if c.sliding[i] else context)
+        attention += 2 * canvas * nh * keys * d                                        # scores and values
+    return per_token * canvas + attention
+
+
+def cmd_bench(a) -> None:
+    import time
+
+    import numpy as np
+
+    from dgguf.runtime.model import Model
+    m = Model.load(a.model, threads=a.threads, ctx=a.prompt + 2 * 4096)
+    c = m.config
+    C = c.canvas_length
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, c.vocab_size, a.prompt).astype(np.int32)
+    canvas = rng.integers(0, c.vocab_size, C).astype(np.int32)
+    sc = rng.standard_normal((C, c.vocab_size)).astype(np.float32)
+
+    def best(fn):
+        times = []
+        for _ in range(a.repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def encode_prompt():
+        m.native.new_cache(a.prompt).encode(prompt)
+
+    cache = m.native.new_cache(a.prompt + C)
+    cache.encode(prompt)
+    step = best(lambda: cache.decode(canvas, sc))
+    enc_prompt = best(encode_prompt)
+    enc_canvas = best(lambda: m.native.new_cache(C).encode(canvas))
+    gops = 2 * step_macs(c, C, a.prompt) / step / 1e9
+    out = {"threads": m.native.threads, "canvas": C, "prompt_tokens": a.prompt, "seconds_per_step": step,
+           "seconds_prompt_encode": enc_prompt, "seconds_canvas_encode": enc_canvas, "step_gops": gops,
+           "tokens_per_s": C / (a.steps * step + enc_canvas), "steps_per_canvas": a.steps}
+    if a.json:
+        json.dump(out, sys.stdout)
+        print()
+        return
+    print(f"{a.model}: {m.native.threads} threads, canvas {C}, {a.prompt}-token prompt, best of {a.repeats}")
+    print(f"decoder step {step:.4f} s ({gops:.1f} GOP/s effective), prompt encode {enc_prompt:.4f} s, "
+          f"canvas encode {enc_canvas:.4f} s; {out['tokens_per_s']:.1f} tok/s at {a.steps} steps per canvas")
+
+
 def _decode(m, ids):
     try:
         return m.tokenizer.decode(ids)
@@ -170,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print ids, text and stats as JSON")
     r.add_argument("--visual", action="store_true", help="show the canvas being denoised")
     r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("bench", help="time a decoder step and the encoder passes of a GGUF")
+    b.add_argument("-m", "--model", required=True)
+    b.add_argument("--threads", type=_positive("--threads", MAX_THREADS), default=None)
+    b.add_argument("--prompt", type=_positive("--prompt", 1 << 16), default=23, help="prompt tokens (random ids)")
+    b.add_argument("--steps", type=_positive("--steps"), default=16, help="steps per canvas for tok/s")
+    b.add_argument("--repeats", type=_positive("--repeats", 100), default=3)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", help="show a GGUF's metadata and tensors")
     i.add_argument("file")

@@ -147,3 +147,16 @@ def test_cli_run_json_and_errors(tiny, capsys):
         assert e.value.code == 2
     with pytest.raises(DggufError, match="threads"):
         Model.load(tiny[1], threads=0)
+
+
+def test_cli_bench_reports_step_and_encoder_times(tiny, capsys):
+    import json
+    from dgguf.runtime.cli import main, step_macs
+    assert main(["bench", "-m", str(tiny[1]), "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("seconds_per_step", "seconds_prompt_encode", "seconds_canvas_encode", "step_gops", "tokens_per_s"):
+        assert out[key] > 0, key
+    m = Model.load(tiny[1])
+    c = m.config
+    # the soft embedding and the tied head alone are 2 * V * H multiply-adds per canvas token
+    assert step_macs(c, 16, 23) > 2 * c.vocab_size * c.hidden_size * 16
