@@ -351,6 +351,23 @@ static inline float quantize_scales_unsigned(const float *v, uint8_t *q, int ns,
     return d;
 }
 
+/* Quantize signed per-sub-block scales to [-half, half-1] against one f16 scale set from the scale of largest
+ * magnitude (so that one maps to -half exactly); returns the stored scale as a float. */
+static inline float quantize_scales_signed(const float *v, int8_t *q, int ns, int half, uint16_t *d16) {
+    float vmax = 0.0f, amax = 0.0f;
+    for (int s = 0; s < ns; s++)
+        if (fabsf(v[s]) > amax) { amax = fabsf(v[s]); vmax = v[s]; }
+    float d = 0.0f;
+    *d16 = 0;
+    if (amax > 0.0f) {
+        *d16 = dg_f32_to_f16(vmax / (float)-half);
+        d = dg_f16_to_f32(*d16);
+    }
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int s = 0; s < ns; s++) q[s] = (int8_t)nearest_clamped(v[s] * id, -half, half - 1);
+    return d;
+}
+
 /* ---- per-type search plans -------------------------------------------------- */
 
 static const float DELTAS_Q2[] = {-0.5f, -0.25f, 0.0f, 0.25f, 0.5f, 0.75f, 1.0f};
@@ -389,22 +406,9 @@ static ALWAYS_INLINE void q3_K_block(const float *restrict x, block_q3_K *restri
     uint8_t L[QK_K];
     transpose(x, xt, 16, 16);
     FIT_SYM(vec, xt, 16, 16, 4, PLAN(DELTAS_Q3, 2), scale);
-    float vmax = 0.0f, amax = 0.0f;
-    for (int s = 0; s < 16; s++)
-        if (fabsf(scale[s]) > amax) { amax = fabsf(scale[s]); vmax = scale[s]; }
     memset(y->scales, 0, sizeof(y->scales));
-    int8_t sc[16] = {0};
-    float d = 0.0f;
-    if (amax > 0.0f) {
-        y->d = dg_f32_to_f16(vmax / -32.0f);
-        d = dg_f16_to_f32(y->d);
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        for (int s = 0; s < 16; s++) {
-            sc[s] = (int8_t)nearest_clamped(scale[s] * id, -32, 31);
-        }
-    } else {
-        y->d = 0;
-    }
+    int8_t sc[16];
+    const float d = quantize_scales_signed(scale, sc, 16, 32, &y->d);
     for (int s = 0; s < 16; s++) {
         const int u = sc[s] + 32;
         y->scales[s % 8] |= (uint8_t)((u & 0xf) << (4 * (s / 8)));
@@ -477,21 +481,8 @@ static ALWAYS_INLINE void q6_K_block(const float *restrict x, block_q6_K *restri
     uint8_t L[QK_K];
     transpose(x, xt, 16, 16);
     FIT_SYM(vec, xt, 16, 16, 32, PLAN(DELTAS_Q6, 2), scale);
-    float vmax = 0.0f, amax = 0.0f;
-    for (int s = 0; s < 16; s++)
-        if (fabsf(scale[s]) > amax) { amax = fabsf(scale[s]); vmax = scale[s]; }
-    float d = 0.0f;
-    if (amax > 0.0f) {
-        y->d = dg_f32_to_f16(vmax / -128.0f);
-        d = dg_f16_to_f32(y->d);
-    } else {
-        y->d = 0;
-    }
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    for (int s = 0; s < 16; s++) {
-        y->scales[s] = (int8_t)nearest_clamped(scale[s] * id, -128, 127);
-        ROUND_SYM(vec, x + 16 * s, L + 16 * s, 16, 32, d * (float)y->scales[s]);
-    }
+    const float d = quantize_scales_signed(scale, y->scales, 16, 128, &y->d);
+    for (int s = 0; s < 16; s++) ROUND_SYM(vec, x + 16 * s, L + 16 * s, 16, 32, d * (float)y->scales[s]);
     for (int h = 0; h < 2; h++)
         for (int l = 0; l < 32; l++) {
             const uint8_t *q = L + 128 * h + l;
