@@ -225,56 +225,6 @@ size_t tensor_row_bytes(const dg_tensor *w) {
     return (size_t)(w->ne0 / bs * ts);
 }
 
-typedef struct {
-    float *out;
-    const float *x;
-    const char *base;            /* first row of the matrix */
-    size_t row_bytes;
-    int type;
-    int64_t ncols, nrows, n;
-    tile_fn tile;
-    float **rowbuf;              /* TILE_ROWS rows of ncols floats per thread */
-    int *status;                 /* per thread */
-} matmul_job;
-
-enum { TILE_ROWS = 4 };
-
-/* Rows [lo, hi) in blocks of TILE_ROWS: dequantize the block once (F32 rows are used in place), then let the
- * kernel take every token against it. */
-static void matmul_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
-    matmul_job *j = ctx;
-    char err[8];
-    for (int64_t r0 = lo; r0 < hi; r0 += TILE_ROWS) {
-        const int nr = (int)(hi - r0 < TILE_ROWS ? hi - r0 : TILE_ROWS);
-        const float *rows[TILE_ROWS];
-        for (int i = 0; i < nr; i++) {
-            const void *src = j->base + (size_t)(r0 + i) * j->row_bytes;
-            rows[i] = src;
-            if (j->type != DG_TYPE_F32) {
-                float *buf = j->rowbuf[thread] + (size_t)i * (size_t)j->ncols;
-                if (dg_dequantize_rows(j->type, src, buf, 1, j->ncols, err, sizeof err) != 0) {
-                    j->status[thread] = -1;
-                    return;
-                }
-                rows[i] = buf;
-            }
-        }
-        j->tile(j->out + r0, j->nrows, j->x, j->n, rows, nr, j->ncols);
-    }
-}
-
-int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float *out, int n_threads,
-              char *err, size_t errlen) {
-    if (!w || !w->data || !x || !out || n < 0 || w->ne0 < 1 || w->ne1 < 1 || w->ne2 < 1) {
-        snprintf(err, errlen, "dg_matmul: bad arguments");
-        return DG_E_SHAPE;
-    }
-    dg_pool *p = pool_new(n_threads);
-    int rc = matmul(p, out, x, w, mat, n, err, errlen);
-    pool_free(p);
-    return rc;
-}
-
 /* Per-thread row buffers of ncols floats; NULL on allocation failure. */
 static float **alloc_rows(int n_threads, int64_t ncols) {
     float **rows = calloc((size_t)n_threads, sizeof *rows);
@@ -296,36 +246,113 @@ static void free_rows(float **rows, int n_threads) {
     free(rows);
 }
 
+/* What a worker needs beside its job: buffers for dequantized weight rows, and where it reports a failure
+ * (-1: a row would not dequantize, -2: out of memory). */
+typedef struct {
+    float **rowbuf;              /* per thread */
+    int *status;                 /* per thread */
+} weight_scratch;
+
+/* Bytes per row of w, or 0 with the error written when w's type cannot hold its rows. */
+static size_t checked_row_bytes(const char *op, const dg_tensor *w, char *err, size_t errlen) {
+    const size_t rb = tensor_row_bytes(w);
+    if (rb == 0)
+        snprintf(err, errlen, "%s: weight of type %d cannot hold rows of %lld values", op, w->type,
+                 (long long)w->ne0);
+    return rb;
+}
+
+/* Runs fn over [0, n) on the pool with buf_rows rows of w per thread to dequantize into (sc lives in job),
+ * then turns the workers' statuses into one error. */
+static int run_with_rows(dg_pool *p, const char *op, const dg_tensor *w, int64_t buf_rows, int64_t n,
+                         void (*fn)(void *, int64_t, int64_t, int), void *job, weight_scratch *sc,
+                         char *err, size_t errlen) {
+    const int nt = pool_threads(p);
+    int status[nt];
+    memset(status, 0, sizeof status);
+    sc->status = status;
+    sc->rowbuf = alloc_rows(nt, buf_rows * w->ne0);
+    if (!sc->rowbuf) {
+        snprintf(err, errlen, "%s: out of memory", op);
+        return DG_E_VALUE;
+    }
+    parallel_for(p, n, fn, job);
+    free_rows(sc->rowbuf, nt);
+    for (int i = 0; i < nt; i++) {
+        if (status[i] == -2) {
+            snprintf(err, errlen, "%s: out of memory", op);
+            return DG_E_VALUE;
+        }
+        if (status[i]) {
+            snprintf(err, errlen, "%s: cannot dequantize a row of type %d", op, w->type);
+            return DG_E_TYPE;
+        }
+    }
+    return DG_OK;
+}
+
+typedef struct {
+    float *out;
+    const float *x;
+    const char *base;            /* first row of the matrix */
+    size_t row_bytes;
+    int type;
+    int64_t ncols, nrows, n;
+    tile_fn tile;
+    weight_scratch sc;           /* TILE_ROWS rows of ncols floats per thread */
+} matmul_job;
+
+enum { TILE_ROWS = 4 };
+
+/* Rows [lo, hi) in blocks of TILE_ROWS: dequantize the block once (F32 rows are used in place), then let the
+ * kernel take every token against it. */
+static void matmul_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
+    matmul_job *j = ctx;
+    char err[8];
+    for (int64_t r0 = lo; r0 < hi; r0 += TILE_ROWS) {
+        const int nr = (int)(hi - r0 < TILE_ROWS ? hi - r0 : TILE_ROWS);
+        const float *rows[TILE_ROWS];
+        for (int i = 0; i < nr; i++) {
+            const void *src = j->base + (size_t)(r0 + i) * j->row_bytes;
+            rows[i] = src;
+            if (j->type != DG_TYPE_F32) {
+                float *buf = j->sc.rowbuf[thread] + (size_t)i * (size_t)j->ncols;
+                if (dg_dequantize_rows(j->type, src, buf, 1, j->ncols, err, sizeof err) != 0) {
+                    j->sc.status[thread] = -1;
+                    return;
+                }
+                rows[i] = buf;
+            }
+        }
+        j->tile(j->out + r0, j->nrows, j->x, j->n, rows, nr, j->ncols);
+    }
+}
+
+int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float *out, int n_threads,
+              char *err, size_t errlen) {
+    if (!w || !w->data || !x || !out || n < 0 || w->ne0 < 1 || w->ne1 < 1 || w->ne2 < 1) {
+        snprintf(err, errlen, "dg_matmul: bad arguments");
+        return DG_E_SHAPE;
+    }
+    dg_pool *p = pool_new(n_threads);
+    int rc = matmul(p, out, x, w, mat, n, err, errlen);
+    pool_free(p);
+    return rc;
+}
+
+
 int matmul(dg_pool *p, float *out, const float *x, const dg_tensor *w, int64_t mat, int64_t n,
            char *err, size_t errlen) {
-    const size_t rb = tensor_row_bytes(w);
-    if (rb == 0) {
-        snprintf(err, errlen, "matmul: weight of type %d cannot hold rows of %lld values", w->type,
-                 (long long)w->ne0);
-        return DG_E_TYPE;
-    }
+    const size_t rb = checked_row_bytes("matmul", w, err, errlen);
+    if (rb == 0) return DG_E_TYPE;
     if (mat < 0 || mat >= w->ne2) {
         snprintf(err, errlen, "matmul: matrix %lld of %lld", (long long)mat, (long long)w->ne2);
         return DG_E_SHAPE;
     }
     if (n <= 0) return DG_OK;
-    const int nt = pool_threads(p);
-    int status[nt];
-    memset(status, 0, sizeof status);
     matmul_job j = {out, x, (const char *)w->data + (size_t)mat * (size_t)w->ne1 * rb, rb, w->type,
-                    w->ne0, w->ne1, n, matmul_tile(), alloc_rows(nt, TILE_ROWS * w->ne0), status};
-    if (!j.rowbuf) {
-        snprintf(err, errlen, "matmul: out of memory");
-        return DG_E_VALUE;
-    }
-    parallel_for(p, w->ne1, matmul_rows, &j);
-    free_rows(j.rowbuf, nt);
-    for (int i = 0; i < nt; i++)
-        if (status[i]) {
-            snprintf(err, errlen, "matmul: cannot dequantize a row of type %d", w->type);
-            return DG_E_TYPE;
-        }
-    return DG_OK;
+                    w->ne0, w->ne1, n, matmul_tile(), {0}};
+    return run_with_rows(p, "matmul", w, TILE_ROWS, w->ne1, matmul_rows, &j, &j.sc, err, errlen);
 }
 
 /* ---- soft embedding --------------------------------------------------------------------------------- */
@@ -338,8 +365,7 @@ typedef struct {
     int type;
     int64_t ncols, nrows;
     float scale;
-    float **rowbuf;
-    int *status;
+    weight_scratch sc;           /* SOFT_BLOCK rows of ncols floats per thread */
 } soft_job;
 
 enum { SOFT_BLOCK = 128 };   /* vocabulary rows dequantized at a time (rowbuf holds SOFT_BLOCK rows) */
@@ -355,7 +381,7 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
     const axpy_fn axpy = soft_embed_axpy();
     char err[8];
     if (!mx || !pb || !acc) {
-        j->status[thread] = -2;
+        j->sc.status[thread] = -2;
         goto done;
     }
     float *sum = mx + nt;
@@ -373,11 +399,11 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
         const void *src = j->base + (size_t)v0 * j->row_bytes;
         const float *wb = src;
         if (j->type != DG_TYPE_F32) {
-            if (dg_dequantize_rows(j->type, src, j->rowbuf[thread], nv, H, err, sizeof err) != 0) {
-                j->status[thread] = -1;
+            if (dg_dequantize_rows(j->type, src, j->sc.rowbuf[thread], nv, H, err, sizeof err) != 0) {
+                j->sc.status[thread] = -1;
                 goto done;
             }
-            wb = j->rowbuf[thread];
+            wb = j->sc.rowbuf[thread];
         }
         for (int64_t t = 0; t < nt; t++) {
             const float *l = j->logits + (lo + t) * V + v0;
@@ -395,31 +421,11 @@ done:
 
 int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, float scale, int64_t n,
                char *err, size_t errlen) {
-    const size_t rb = tensor_row_bytes(w);
-    if (rb == 0) {
-        snprintf(err, errlen, "soft_embed: weight of type %d cannot hold rows of %lld values", w->type,
-                 (long long)w->ne0);
-        return DG_E_TYPE;
-    }
+    const size_t rb = checked_row_bytes("soft_embed", w, err, errlen);
+    if (rb == 0) return DG_E_TYPE;
     if (n <= 0) return DG_OK;
-    const int nt = pool_threads(p);
-    int status[nt];
-    memset(status, 0, sizeof status);
-    soft_job j = {out, logits, w->data, rb, w->type, w->ne0, w->ne1, scale, alloc_rows(nt, SOFT_BLOCK * w->ne0),
-                  status};
-    if (!j.rowbuf) {
-        snprintf(err, errlen, "soft_embed: out of memory");
-        return DG_E_VALUE;
-    }
-    parallel_for(p, n, soft_embed_tokens, &j);
-    free_rows(j.rowbuf, nt);
-    for (int i = 0; i < nt; i++)
-        if (status[i]) {
-            snprintf(err, errlen, status[i] == -2 ? "soft_embed: out of memory"
-                                                  : "soft_embed: cannot dequantize a row of type %d", w->type);
-            return status[i] == -2 ? DG_E_VALUE : DG_E_TYPE;
-        }
-    return DG_OK;
+    soft_job j = {out, logits, w->data, rb, w->type, w->ne0, w->ne1, scale, {0}};
+    return run_with_rows(p, "soft_embed", w, SOFT_BLOCK, n, soft_embed_tokens, &j, &j.sc, err, errlen);
 }
 
 /* ---- attention -------------------------------------------------------------------------------------- */
