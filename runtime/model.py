@@ -22,7 +22,7 @@ from dgguf.convert.gguf_file import read_gguf
 from dgguf.convert.quantize import default_threads
 
 from .model_config import ModelConfig, read_model_config
-from .native_model import NativeModel
+from .native_model import NativeModel, token_ids
 from .sampler import SamplerConfig, SeededDraws, commit_canvas, denoise_canvas
 
 DEFAULT_CTX = 8192
@@ -76,13 +76,7 @@ class Model:
         return self._tokenizer
 
     def _ids(self, ids, what: str) -> np.ndarray:
-        a = np.asarray(ids)
-        if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
-            raise DggufError(f"{what} must be a non-empty 1-D sequence of token ids")
-        if a.min() < 0 or a.max() >= self.config.vocab_size:
-            bad = int(a[(a < 0) | (a >= self.config.vocab_size)][0])
-            raise DggufError(f"{what}: token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        return a.astype(np.int32)
+        return token_ids(ids, self.config.vocab_size, what, allow_empty=False)
 
     def canvas_logits(self, context_ids, canvas_ids, self_conditioning_logits=None) -> np.ndarray:
         """Softcapped logits [len(canvas), V] of a canvas after a context, as transformers'

@@ -36,6 +36,19 @@ _MODEL_TENSORS = {
 }
 
 
+def token_ids(ids, vocab: int, what: str, allow_empty: bool = True) -> np.ndarray:
+    """Token ids as a contiguous int32 vector, or a DggufError naming `what` and the offending id."""
+    a = np.asarray(ids)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise DggufError(f"{what}: token ids must be a 1-D sequence of integers, got shape {a.shape} {a.dtype}")
+    if not a.size and not allow_empty:
+        raise DggufError(f"{what} must be a non-empty 1-D sequence of token ids")
+    if a.size and (a.min() < 0 or a.max() >= vocab):
+        bad = a[(a < 0) | (a >= vocab)][0]
+        raise DggufError(f"{what}: token id {int(bad)} is outside the vocabulary 0..{vocab - 1}")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
 class NativeModel:
     """The weights of one GGUF (validated by read_model_config) as native structs. Keeps the file mapped."""
 
@@ -112,21 +125,10 @@ class NativeCache:
     def length(self) -> int:
         return int(lib.dg_cache_length(self._c))
 
-    def _ids(self, ids, what: str) -> np.ndarray:
-        a = np.asarray(ids)
-        if a.ndim != 1:
-            raise DggufError(f"{what}: token ids must be 1-D, got shape {a.shape}")
-        if a.size and not np.issubdtype(a.dtype, np.integer):
-            raise DggufError(f"{what}: token ids must be integers, got {a.dtype}")
-        V = self.model.cfg.vocab_size
-        if a.size and (a.min() < 0 or a.max() >= V):
-            bad = a[(a < 0) | (a >= V)][0]
-            raise DggufError(f"{what}: token id {int(bad)} is outside the vocabulary 0..{V - 1}")
-        return np.ascontiguousarray(a, dtype=np.int32)
 
     def encode(self, ids: np.ndarray) -> None:
         """Run the encoder over ids at positions length.., appending their K/V to the cache."""
-        a = self._ids(ids, "encode")
+        a = token_ids(ids, self.model.cfg.vocab_size, "encode")
         if self.length + a.size > self.capacity:
             raise DggufError(f"encode: {a.size} tokens after {self.length} exceed the cache capacity "
                              f"{self.capacity}")
@@ -137,7 +139,7 @@ class NativeCache:
     def decode(self, ids: np.ndarray, sc_logits: np.ndarray | None = None) -> np.ndarray:
         """Canvas logits float32 [n, V] for ids at positions length..length+n-1; sc_logits [n, V] float32
         (the previous step's processed logits) or None for the first step."""
-        a = self._ids(ids, "decode")
+        a = token_ids(ids, self.model.cfg.vocab_size, "decode")
         n, V = a.size, self.model.cfg.vocab_size
         sc = ffi.NULL
         if sc_logits is not None:
