@@ -1,4 +1,4 @@
-"""The `dgguf` command: convert, quantize, inspect, run, bench.
+"""The `dgguf` command: convert, quantize, inspect, run, bench, eval.
 
 User errors print one line, `error: <message>`, and exit 2; `--debug` shows the traceback instead.
 """
@@ -171,6 +171,33 @@ def cmd_bench(a) -> None:
           f"canvas encode {enc_canvas:.4f} s; {out['tokens_per_s']:.1f} tok/s at {a.steps} steps per canvas")
 
 
+def cmd_eval(a) -> None:
+    from dgguf.runtime.model import Model
+    from dgguf.runtime.quality import evaluate, file_stats
+    try:
+        with open(a.text, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DggufError(f"cannot read --text {a.text}: {e}") from e
+    ref = Model.load(a.ref, threads=a.threads, ctx=a.ctx)
+    quant = Model.load(a.model, threads=a.threads, ctx=a.ctx)
+    rep = evaluate(ref, quant, text, seed=a.seed, max_tokens=a.max_tokens, prompts=a.prompts,
+                   new_tokens=a.new_tokens)
+    out = {"model": a.model, "ref": a.ref, **file_stats(a.model), **rep.as_dict()}
+    if a.json:
+        json.dump(out, sys.stdout)
+        print()
+        return
+    print(f"{a.model} against {a.ref}: {rep.tokens} held-out tokens, {rep.positions} canvas positions")
+    print(f"size {out['size_bytes'] / 2**20:.2f} MiB, {out['bits_per_weight']:.2f} bits per weight")
+    print(f"kl mean {rep.kl_mean:.3g} p99 {rep.kl_p99:.3g} nats, top1 {rep.top1:.4f}")
+    for n in rep.by_noise:
+        print(f"  noise {n.t:.2f}: kl mean {n.kl_mean:.3g} p99 {n.kl_p99:.3g}, top1 {n.top1:.4f}")
+    print(f"committed {rep.committed:.4f}, steps_ratio {rep.steps_ratio:.3f} "
+          f"({rep.quant_steps_per_canvas:.2f} / {rep.ref_steps_per_canvas:.2f} steps per canvas), "
+          f"{rep.quant_seconds_per_step:.4f} s/step")
+
+
 def _decode(m, ids):
     try:
         return m.tokenizer.decode(ids)
@@ -237,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive("--repeats", 100), default=3)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="divergence of a quantized GGUF from its reference on a held-out text")
+    e.add_argument("-m", "--model", required=True, help="the GGUF to judge")
+    e.add_argument("--ref", required=True, help="the reference GGUF (same model, BF16/F32)")
+    e.add_argument("--text", required=True, help="held-out UTF-8 text file")
+    e.add_argument("--seed", type=_integer("--seed", 0, 2**32 - 1), default=0)
+    e.add_argument("--threads", type=_positive("--threads", MAX_THREADS), default=None)
+    e.add_argument("--ctx", type=_positive("--ctx"), default=None, help="context limit (default 8192)")
+    e.add_argument("--max-tokens", type=_positive("--max-tokens"), default=None,
+                   help="score only the first N tokens of the text")
+    e.add_argument("--prompts", type=_positive("--prompts", 1000), default=8, help="generations compared")
+    e.add_argument("--new-tokens", type=_positive("--new-tokens"), default=None,
+                   help="tokens per generation (default two canvases)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", help="show a GGUF's metadata and tensors")
     i.add_argument("file")

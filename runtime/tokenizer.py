@@ -25,10 +25,10 @@ class Tokenizer:
         self.add_bos = bool(g.get("tokenizer.ggml.add_bos_token", True))
         self.template = g.get("tokenizer.chat_template")
 
-    def encode(self, text: str) -> list[int]:
-        """Ids as the HF tokenizer gives them, with BOS first when the model wants one (added once)."""
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Ids as the HF tokenizer gives them, with BOS first when the model wants one (added once) and bos."""
         ids = self._tok.encode(text).ids
-        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+        if bos and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
 
