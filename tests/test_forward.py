@@ -78,7 +78,8 @@ class Case:
 
 def assert_matches_transformers(got, ref32, ref64, label):
     err64, err32, hf_err = (float(np.abs(a - b).max()) for a, b in ((got, ref64), (got, ref32), (ref32, ref64)))
-    print(f"{label} ({native.matmul_kernel()}): max abs vs fp32 {err32:.3g}, vs fp64 {err64:.3g} (transformers fp32 vs fp64 {hf_err:.3g})")
+    print(f"{label} ({native.matmul_kernel()}): max abs vs fp32 {err32:.3g}, vs fp64 {err64:.3g} "
+          f"(transformers fp32 vs fp64 {hf_err:.3g})")
     assert err64 <= max(TOL, REL_TOL * float(np.abs(ref64).max())), label
     assert err32 <= TOL_FP32, label
 

@@ -171,7 +171,8 @@ def matrix(name: str) -> np.ndarray:
     if not _MATRICES:
         _MATRICES.update(seeded_matrices())
     m = _MATRICES[name]
-    assert hashlib.sha256(m.tobytes()).hexdigest() == FIXTURE["matrices"][name], "test matrix differs from the measured one"
+    assert hashlib.sha256(m.tobytes()).hexdigest() == FIXTURE["matrices"][name], \
+        "test matrix differs from the measured one"
     return m
 
 
@@ -181,7 +182,8 @@ def test_rmse_within_2_percent_of_ggml_reference(name, tname):
     t = Q[tname]
     y = native.dequantize_rows(native.quantize_rows(x, int(t)), int(t), x.shape[1])
     rmse = float(np.sqrt(np.mean((y.astype(np.float64) - x) ** 2)))
-    assert rmse <= 1.02 * FIXTURE["rmse"][name][tname], f"{tname} on {name}: {rmse:.6e} vs ggml {FIXTURE['rmse'][name][tname]:.6e}"
+    ggml = FIXTURE["rmse"][name][tname]
+    assert rmse <= 1.02 * ggml, f"{tname} on {name}: {rmse:.6e} vs ggml {ggml:.6e}"
 
 
 @pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
@@ -247,9 +249,11 @@ def test_row_length_must_be_a_whole_number_of_blocks(t):
     err = native.ffi.new("char[]", 256)
     x = np.zeros(bs * 2, np.float32)
     out = np.zeros(4096, np.uint8)
-    rc = native.lib.dg_quantize_rows(int(t), native.ffi.from_buffer("float[]", x), native.ffi.from_buffer(out), 1, bs + 16, err, 256)
+    rc = native.lib.dg_quantize_rows(int(t), native.ffi.from_buffer("float[]", x), native.ffi.from_buffer(out), 1,
+                                     bs + 16, err, 256)
     assert rc == native.lib.DG_E_SHAPE and b"multiple" in native.ffi.string(err)
-    rc = native.lib.dg_dequantize_rows(int(t), native.ffi.from_buffer(out), native.ffi.from_buffer("float[]", x), 1, bs + 16, err, 256)
+    rc = native.lib.dg_dequantize_rows(int(t), native.ffi.from_buffer(out), native.ffi.from_buffer("float[]", x), 1,
+                                       bs + 16, err, 256)
     assert rc == native.lib.DG_E_SHAPE
 
 
@@ -258,7 +262,8 @@ def test_negative_sizes_are_rejected():
     x = np.zeros(64, np.float32)
     out = np.zeros(64, np.uint8)
     for nrows, ncols in [(-1, 32), (1, -32)]:
-        rc = native.lib.dg_quantize_rows(int(Q.Q8_0), native.ffi.from_buffer("float[]", x), native.ffi.from_buffer(out), nrows, ncols, err, 256)
+        rc = native.lib.dg_quantize_rows(int(Q.Q8_0), native.ffi.from_buffer("float[]", x),
+                                         native.ffi.from_buffer(out), nrows, ncols, err, 256)
         assert rc == native.lib.DG_E_SHAPE and b"negative" in native.ffi.string(err)
 
 
