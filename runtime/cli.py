@@ -113,26 +113,10 @@ def cmd_run(a) -> None:
           f"{st.seconds_per_step:.3f} s/step, {st.tokens_per_s:.1f} tok/s]", file=sys.stderr)
 
 
-def step_macs(c, canvas: int, context: int) -> float:
-    """Multiply-adds of one decoder step over a canvas after `context` cached tokens (matmuls and attention)."""
-    H, F, I, nh = c.hidden_size, c.dense_ff, c.expert_ff, c.n_heads
-    per_token = 2 * H * F + F * H                      # self-conditioning MLP
-    per_token += 2 * c.vocab_size * H                  # soft embedding + tied head
-    attention = 0.0
-    for i in range(c.n_layers):
-        d, kv = c.head_dims[i], c.kv_heads[i]
-        per_token += H * nh * d + H * kv * d * (2 if c.sliding[i] else 1) + nh * d * H   # q, k, (v), o
-        per_token += 3 * H * F + H * c.n_experts + c.top_k * 3 * H * I                  # dense, router, experts
-        keys = canvas + (min(context, c.sliding_window - 1) if c.sliding[i] else context)
-        attention += 2 * canvas * nh * keys * d                                        # scores and values
-    return per_token * canvas + attention
-
-
 def cmd_bench(a) -> None:
-    import time
-
     import numpy as np
 
+    from dgguf.runtime.bench import best_of, foreign_load, step_macs
     from dgguf.runtime.model import Model
     m = Model.load(a.model, threads=a.threads, ctx=a.prompt + 2 * 4096)
     c = m.config
@@ -143,30 +127,30 @@ def cmd_bench(a) -> None:
     sc = rng.standard_normal((C, c.vocab_size)).astype(np.float32)
 
     def best(fn):
-        times = []
-        for _ in range(a.repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
+        return best_of(fn, a.repeats)
 
     def encode_prompt():
         m.native.new_cache(a.prompt).encode(prompt)
 
     cache = m.native.new_cache(a.prompt + C)
     cache.encode(prompt)
+    load = foreign_load()
     step = best(lambda: cache.decode(canvas, sc))
     enc_prompt = best(encode_prompt)
     enc_canvas = best(lambda: m.native.new_cache(C).encode(canvas))
     gops = 2 * step_macs(c, C, a.prompt) / step / 1e9
     out = {"threads": m.native.threads, "canvas": C, "prompt_tokens": a.prompt, "seconds_per_step": step,
            "seconds_prompt_encode": enc_prompt, "seconds_canvas_encode": enc_canvas, "step_gops": gops,
-           "tokens_per_s": C / (a.steps * step + enc_canvas), "steps_per_canvas": a.steps}
+           "tokens_per_s": C / (a.steps * step + enc_canvas), "steps_per_canvas": a.steps,
+           "foreign_load_cores": load}
     if a.json:
         json.dump(out, sys.stdout)
         print()
         return
     print(f"{a.model}: {m.native.threads} threads, canvas {C}, {a.prompt}-token prompt, best of {a.repeats}")
+    if load is not None and load > 0.2:
+        print(f"warning: other processes kept {load:.2f} cores busy before timing; the figures are low",
+              file=sys.stderr)
     print(f"decoder step {step:.4f} s ({gops:.1f} GOP/s effective), prompt encode {enc_prompt:.4f} s, "
           f"canvas encode {enc_canvas:.4f} s; {out['tokens_per_s']:.1f} tok/s at {a.steps} steps per canvas")
 

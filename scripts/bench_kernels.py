@@ -14,7 +14,7 @@ import argparse
 
 import numpy as np
 
-from benchutil import best_of, load_note
+from dgguf.runtime.bench import best_of, load_note
 from dgguf.convert import native
 from dgguf.convert.quant_types import TENSOR_TYPES
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchutil import best_of, load_note
+from dgguf.runtime.bench import best_of, load_note
 from synthetic import text_config, write_checkpoint
 
 STEPS = 16

@@ -151,7 +151,8 @@ def test_cli_run_json_and_errors(tiny, capsys):
 
 def test_cli_bench_reports_step_and_encoder_times(tiny, capsys):
     import json
-    from dgguf.runtime.cli import main, step_macs
+    from dgguf.runtime.bench import step_macs
+    from dgguf.runtime.cli import main
     assert main(["bench", "-m", str(tiny[1]), "--repeats", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("seconds_per_step", "seconds_prompt_encode", "seconds_canvas_encode", "step_gops", "tokens_per_s"):
