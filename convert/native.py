@@ -107,3 +107,29 @@ def matmul(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], x: np.ndar
     check(lib.dg_matmul(t, 0, ffi.from_buffer("float[]", x), x.shape[0], ffi.from_buffer("float[]", out),
                          threads, err, ERRLEN), err)
     return out
+
+
+def sample_step(logits: np.ndarray, temp: float, uniforms: np.ndarray | None = None, threads: int = 1):
+    """(scaled, argmax, entropy, sampled or None) of one sampler step: native/sample.c's fused version of
+    runtime/sampler.py's scale_logits, token_stats and inverse_cdf_sample."""
+    if not isinstance(logits, np.ndarray) or logits.dtype != np.float32 or logits.ndim != 2 \
+            or not logits.flags.c_contiguous:
+        raise DggufError("sample_step: logits must be a C-contiguous float32 [n, V] array")
+    n, V = logits.shape
+    scaled = np.empty_like(logits)
+    argmax = np.empty(n, dtype=np.int64)
+    entropy = np.empty(n, dtype=np.float32)
+    sampled = u = ffi.NULL
+    if uniforms is not None:
+        uniforms = np.ascontiguousarray(uniforms, dtype=np.float64)
+        if uniforms.shape != (n,):
+            raise DggufError(f"sample_step: {uniforms.shape} uniforms for {n} rows")
+        u = ffi.from_buffer("double[]", uniforms)
+        sampled = np.empty(n, dtype=np.int64)
+    err = ffi.new("char[]", ERRLEN)
+    check(lib.dg_sample_step(ffi.from_buffer("float[]", logits), n, V, float(temp), u,
+                             ffi.from_buffer("float[]", scaled), ffi.from_buffer("int64_t[]", argmax),
+                             ffi.from_buffer("float[]", entropy),
+                             ffi.NULL if sampled is ffi.NULL else ffi.from_buffer("int64_t[]", sampled),
+                             threads, err, ERRLEN), err)
+    return scaled, argmax, entropy, (None if sampled is ffi.NULL else sampled)

@@ -115,4 +115,11 @@ int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float 
 int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t n, const float *sc_logits,
               float *logits, char *err, size_t errlen);
 
+/* One sampler step (native/sample.c) over rows of softcapped logits [n, V]: scaled = logits / temp (written to
+ * scaled [n, V], the next step's self-conditioning input); per row the first argmax and the entropy (nats) of
+ * softmax(scaled); and, when uniforms != NULL, sampled[r] = the first token whose cumulative probability mass
+ * exceeds uniforms[r] (inverse-CDF sampling). Rows run on n_threads threads; results do not depend on it. */
+int dg_sample_step(const float *logits, int64_t n, int64_t V, float temp, const double *uniforms, float *scaled,
+                   int64_t *argmax, float *entropy, int64_t *sampled, int n_threads, char *err, size_t errlen);
+
 #endif

@@ -144,7 +144,7 @@ class Model:
                 decode_time += time.perf_counter() - t
                 return logits
 
-            res = denoise_canvas(logits_fn, draws, sc, canvas_index=c)
+            res = denoise_canvas(logits_fn, draws, sc, canvas_index=c, threads=self.native.threads)
             ids, stop = commit_canvas(res.tokens, self.config.eos_token_ids, self.config.pad_token_id)
             out.extend(int(i) for i in ids)
             stats.steps_per_canvas.append(res.steps)

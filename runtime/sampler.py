@@ -13,7 +13,7 @@ with two deliberate differences, both confined to cases the reference leaves to 
 Randomness comes from a `draws` source rather than a global RNG, so a runtime can be replayed token for token
 against the reference (whose `torch.randint` / `torch.multinomial` a test patches to return the same draws).
 
-Pure numpy: the runtime needs no torch.
+Numpy, plus one native call per step for the reductions over the vocabulary; the runtime needs no torch.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from dgguf.convert import native
 from dgguf.convert.errors import DggufError
 
 # Rows are processed in blocks of about this many elements, so the float64 work arrays stay a few MiB even
@@ -169,11 +170,17 @@ class SeededDraws:
         self.vocab_size = vocab_size
         self.canvas_length = canvas_length
 
+    def _rng(self, kind, canvas_index, step):
+        return np.random.Generator(np.random.PCG64([self.seed, _DRAW_KINDS[kind], canvas_index, step]))
+
+    def sample_uniforms(self, canvas_index, step, n):
+        """The n uniforms a "sample" draw turns into tokens (denoise_canvas samples with them natively)."""
+        return self._rng("sample", canvas_index, step).random(n)
+
     def __call__(self, kind, canvas_index, step, scaled_logits=None):
-        rng = np.random.Generator(np.random.PCG64([self.seed, _DRAW_KINDS[kind], canvas_index, step]))
         if kind == "sample":
-            return inverse_cdf_sample(scaled_logits, rng.random(len(scaled_logits)))
-        return rng.integers(0, self.vocab_size, self.canvas_length, dtype=np.int64)
+            return inverse_cdf_sample(scaled_logits, self.sample_uniforms(canvas_index, step, len(scaled_logits)))
+        return self._rng(kind, canvas_index, step).integers(0, self.vocab_size, self.canvas_length, dtype=np.int64)
 
 
 @dataclass
@@ -185,7 +192,8 @@ class CanvasResult:
     entropy: np.ndarray
 
 
-def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConfig, canvas_index: int = 0):
+def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConfig, canvas_index: int = 0,
+                   threads: int = 1):
     """Run the denoising loop of one canvas, as the reference's inner loop does for a batch of one.
 
     canvas_logits(canvas_ids int64[C], sc) -> softcapped logits [C, V] float32, where sc is None on the first
@@ -200,6 +208,9 @@ def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConf
     accepted and noise elsewhere; the argmax canvas is stable when it equals each of the last
     stability_threshold argmax canvases, confident when the mean entropy is below confidence_threshold; stop
     after a step that is both.
+
+    The per-step reductions (scale, argmax, entropy, and the sampling itself when draws is a SeededDraws) run
+    natively on `threads` threads (native/sample.c); the functions above are their reference.
     """
     canvas = draws("init", canvas_index, config.steps)
     # The reference starts the history at -1, which no argmax equals, so the first step is never stable.
@@ -207,9 +218,12 @@ def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConf
                     maxlen=config.stability_threshold)
     sc = None
     for step in range(config.steps, 0, -1):
-        scaled = scale_logits(canvas_logits(canvas, sc), temperature(step, config.steps, config.t_min, config.t_max))
-        sampled = draws("sample", canvas_index, step, scaled)
-        argmax, entropy = token_stats(scaled)
+        logits = np.ascontiguousarray(canvas_logits(canvas, sc), dtype=np.float32)
+        temp = temperature(step, config.steps, config.t_min, config.t_max)
+        uniforms = draws.sample_uniforms(canvas_index, step, len(logits)) if isinstance(draws, SeededDraws) else None
+        scaled, argmax, entropy, sampled = native.sample_step(logits, temp, uniforms, threads)
+        if sampled is None:
+            sampled = draws("sample", canvas_index, step, scaled)
         accept = accept_mask(entropy, config.entropy_bound)
         canvas = np.where(accept, sampled, draws("noise", canvas_index, step))
 

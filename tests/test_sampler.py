@@ -15,6 +15,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from conftest import RecordingDraws
+from dgguf.convert import native
 from dgguf.convert.errors import DggufError
 from dgguf.runtime.sampler import (
     SamplerConfig,
@@ -26,6 +27,7 @@ from dgguf.runtime.sampler import (
     inverse_cdf_sample,
     scale_logits,
     temperature,
+    token_stats,
 )
 
 EOS_IDS = [1, 6, 50]  # the tiny checkpoint's generation config
@@ -227,6 +229,54 @@ def test_seeded_draws_depend_only_on_their_key():
         assert not np.array_equal(noise, other)
     logits = np.random.default_rng(0).standard_normal((64, 1000)).astype(np.float32)
     np.testing.assert_array_equal(draws("sample", 0, 3, logits), draws("sample", 0, 3, logits))
+
+
+@pytest.mark.parametrize("n_rows,vocab,temp", [(1, 1, 0.5), (3, 17, 0.8), (64, 1000, 0.4), (7, 4099, 1.3)])
+def test_native_sample_step_matches_the_numpy_reference(n_rows, vocab, temp):
+    rng = np.random.default_rng(vocab)
+    logits = (30 * np.tanh(3 * rng.standard_normal((n_rows, vocab)))).astype(np.float32)   # softcapped range
+    logits[0, -1] = logits[0].max()                     # a tie: the first maximal index wins
+    uniforms = rng.random(n_rows)
+    scaled, argmax, entropy, sampled = native.sample_step(logits, temp, uniforms, threads=2)
+    ref_scaled = scale_logits(logits, np.float32(temp))
+    ref_argmax, ref_entropy = token_stats(ref_scaled)
+    np.testing.assert_array_equal(scaled, ref_scaled)                     # the self-conditioning input, bit for bit
+    np.testing.assert_array_equal(argmax, ref_argmax)
+    np.testing.assert_allclose(entropy, ref_entropy, rtol=3e-7, atol=1e-7)  # float exp vs float64 exp
+    np.testing.assert_array_equal(sampled, inverse_cdf_sample(ref_scaled, uniforms))
+
+
+def test_native_sample_step_is_independent_of_threads():
+    logits = np.random.default_rng(1).standard_normal((37, 2053)).astype(np.float32) * 5
+    uniforms = np.random.default_rng(2).random(37)
+    runs = [native.sample_step(logits, 0.7, uniforms, threads=t) for t in (1, 2, 3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+    assert native.sample_step(logits, 0.7, None)[3] is None
+
+
+def test_native_sample_step_rejects_bad_values():
+    logits = np.zeros((2, 8), dtype=np.float32)
+    for temp in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(DggufError, match="temperature"):
+            native.sample_step(logits, temp)
+    with pytest.raises(DggufError, match="float32"):
+        native.sample_step(logits.astype(np.float64), 0.5)
+    with pytest.raises(DggufError, match="uniforms"):
+        native.sample_step(logits, 0.5, np.zeros(3))
+
+
+def test_denoise_canvas_samples_natively_as_the_draws_would():
+    """SeededDraws' fast path (native inverse-CDF) gives what calling the draws for each sample gives."""
+    vocab, canvas = 300, 16
+    config = SamplerConfig(steps=10, entropy_bound=0.2, stability_threshold=1, confidence_threshold=0.3)
+    seeded = SeededDraws(seed=77, vocab_size=vocab, canvas_length=canvas)
+    fast = denoise_canvas(FakeDecoder(vocab, canvas, 3.0, 0.5, 0.3), seeded, config)
+    slow = denoise_canvas(FakeDecoder(vocab, canvas, 3.0, 0.5, 0.3), lambda *a: seeded(*a), config)
+    assert fast.steps == slow.steps
+    np.testing.assert_array_equal(fast.tokens, slow.tokens)
+    np.testing.assert_array_equal(fast.entropy, slow.entropy)
 
 
 def test_inverse_cdf_sample_follows_the_probabilities():

@@ -1,0 +1,130 @@
+/* sample.c: the sampler's per-step reductions over a canvas's logits, rows in parallel.
+ *
+ * One pass per row replaces numpy's scale / max / exp / entropy / inverse-CDF chain (runtime/sampler.py keeps
+ * those as the reference; tests compare). exp is a float polynomial evaluated in plain C with unfused
+ * operations (-std=c11), so every clone computes the same bits and results never depend on the CPU.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "dgguf.h"
+#include "ops.h"
+#include "quant_internal.h"   /* DG_CLONES */
+
+enum { LANES = 16 };           /* partial sums per row: a fixed order the compiler can keep in vector registers */
+
+/* exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2, exp(r) by its degree-6 Taylor polynomial (relative error
+ * below 2e-7 on that range), times 2^n built in the exponent bits; 0 below the float range. */
+static inline float exp_nonpositive(float x) {
+    float xc = x < -87.0f ? -87.0f : x;               /* selects, not branches: the loops stay vectorizable */
+    float y = xc * 1.44269504f;
+    int n = (int)floorf(y + 0.5f);                    /* nearest; a bare (int) cast would stop vectorization */
+    float r = (xc - (float)n * 0.693145752f) - (float)n * 1.42860677e-6f;   /* ln2 split in two for accuracy */
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f +
+              r * 1.3888889e-3f)))));
+    union { uint32_t u; float f; } scale = { .u = (uint32_t)(n + 127) << 23 };
+    return x < -87.0f ? 0.0f : p * scale.f;
+}
+
+typedef struct {
+    const float *logits;
+    int64_t V;
+    float temp;
+    const double *uniforms;
+    float *scaled, **scratch;
+    int64_t *argmax, *sampled;
+    float *entropy;
+} step_ctx;
+
+DG_CLONES
+static float scale_and_max(float *scaled, const float *logits, int64_t V, float temp) {
+    float m[LANES];
+    for (int j = 0; j < LANES; j++) m[j] = -INFINITY;
+    int64_t v = 0;
+    for (; v + LANES <= V; v += LANES)
+        for (int j = 0; j < LANES; j++) {
+            float s = logits[v + j] / temp;
+            scaled[v + j] = s;
+            m[j] = s > m[j] ? s : m[j];
+        }
+    for (; v < V; v++) {
+        scaled[v] = logits[v] / temp;
+        m[0] = scaled[v] > m[0] ? scaled[v] : m[0];
+    }
+    float mx = m[0];
+    for (int j = 1; j < LANES; j++) mx = m[j] > mx ? m[j] : mx;
+    return mx;
+}
+
+/* e[v] = exp(scaled[v] - mx); *Z = sum e, *S = sum e * (scaled - mx), both in double over LANES fixed lanes. */
+DG_CLONES
+static void exp_sums(float *e, const float *scaled, int64_t V, float mx, double *Z, double *S) {
+    for (int64_t v = 0; v < V; v++) e[v] = exp_nonpositive(scaled[v] - mx);
+    double z[LANES] = {0}, s[LANES] = {0};
+    int64_t v = 0;
+    for (; v + LANES <= V; v += LANES)
+        for (int j = 0; j < LANES; j++) {
+            z[j] += e[v + j];
+            s[j] += (double)e[v + j] * (scaled[v + j] - mx);
+        }
+    for (; v < V; v++) {
+        z[0] += e[v];
+        s[0] += (double)e[v] * (scaled[v] - mx);
+    }
+    double zt = 0, st = 0;
+    for (int j = 0; j < LANES; j++) { zt += z[j]; st += s[j]; }
+    *Z = zt;
+    *S = st;
+}
+
+static void step_rows(void *arg, int64_t lo, int64_t hi, int thread) {
+    const step_ctx *c = arg;
+    const int64_t V = c->V;
+    float *e = c->scratch[thread];
+    for (int64_t r = lo; r < hi; r++) {
+        float *scaled = c->scaled + r * V;
+        float mx = scale_and_max(scaled, c->logits + r * V, V, c->temp);
+        int64_t am = 0;
+        while (am < V - 1 && scaled[am] != mx) am++;      /* the first maximal index, as argmax returns */
+        double Z, S;
+        exp_sums(e, scaled, V, mx, &Z, &S);
+        c->argmax[r] = am;
+        c->entropy[r] = (float)(log(Z) - S / Z);
+        if (c->uniforms) {                                   /* first v whose cumulative sum exceeds u * Z */
+            double target = c->uniforms[r] * Z, cum = 0;
+            int64_t v = 0;
+            for (; v < V - 1; v++) {
+                cum += e[v];
+                if (cum > target) break;
+            }
+            c->sampled[r] = v;
+        }
+    }
+}
+
+int dg_sample_step(const float *logits, int64_t n, int64_t V, float temp, const double *uniforms, float *scaled,
+                   int64_t *argmax, float *entropy, int64_t *sampled, int n_threads, char *err, size_t errlen) {
+    if (n < 1 || V < 1 || !(temp > 0.0f) || !isfinite(temp) || (uniforms && !sampled)) {
+        snprintf(err, errlen, "sample_step: bad arguments (n %lld, vocab %lld, temperature %g)", (long long)n,
+                 (long long)V, (double)temp);
+        return DG_E_VALUE;
+    }
+    dg_pool *pool = pool_new(n_threads);
+    int nt = pool_threads(pool);
+    float **scratch = calloc((size_t)nt, sizeof(float *));
+    int ok = scratch != NULL;
+    for (int i = 0; ok && i < nt; i++) ok = (scratch[i] = malloc((size_t)V * sizeof(float))) != NULL;
+    if (ok) {
+        step_ctx c = { logits, V, temp, uniforms, scaled, scratch, argmax, sampled, entropy };
+        parallel_for(pool, n, step_rows, &c);
+    }
+    for (int i = 0; scratch && i < nt; i++) free(scratch[i]);
+    free(scratch);
+    pool_free(pool);
+    if (!ok) {
+        snprintf(err, errlen, "sample_step: out of memory for %d rows of %lld floats", nt, (long long)V);
+        return DG_E_VALUE;
+    }
+    return DG_OK;
+}
