@@ -434,15 +434,6 @@ static inline void pack_scales_k4(uint8_t *out, const uint8_t *ls, const uint8_t
     }
 }
 
-static inline void unpack_scales_k4(const uint8_t *in, uint8_t *ls, uint8_t *lm) {
-    for (int j = 0; j < 4; j++) {
-        ls[j] = in[j] & 63;
-        lm[j] = in[j + 4] & 63;
-        ls[j + 4] = (uint8_t)((in[j + 8] & 0xf) | (in[j] >> 6) << 4);
-        lm[j + 4] = (uint8_t)((in[j + 8] >> 4) | (in[j + 4] >> 6) << 4);
-    }
-}
-
 /* Shared by Q4_K (nmax 15) and Q5_K (nmax 31): fills d, dmin, scales and L. */
 static ALWAYS_INLINE void k4_common(const float *restrict x, uint16_t *d16, uint16_t *m16, uint8_t *scales,
                                     uint8_t *restrict L, const int nmax, const search_plan plan, const int vec) {
