@@ -202,7 +202,7 @@ typedef struct {
     tile_fn fn;
     axpy_fn axpy;
     axpy_f32_fn axpy_f32;
-    int8_tile_fn int8;          /* NULL: float activations for every weight type */
+    const int8_kernel *int8;    /* NULL: float activations for every weight type */
     const char *needs;          /* features in dg_cpu_features(), or NULL */
     int automatic;              /* a candidate for the default */
 } kernel;
@@ -211,12 +211,12 @@ typedef struct {
  * activations and F32/F16/BF16 weights through their level's float kernel. */
 static const kernel KERNELS[] = {
     {"reference", tile_ref, axpy_ref, axpy_f32_ref, NULL, NULL, 1},
-    {"int8-reference", tile_ref, axpy_ref, axpy_f32_ref, int8_tile_ref, NULL, 0},
+    {"int8-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, NULL, 0},
 #if defined(__x86_64__)
     {"avx2", tile_avx2, axpy_ref, axpy_f32_avx2, NULL, "avx2", 1},
-    {"int8-avx2", tile_avx2, axpy_ref, axpy_f32_avx2, int8_tile_avx2, "avx2", 1},
+    {"int8-avx2", tile_avx2, axpy_ref, axpy_f32_avx2, &INT8_AVX2, "avx2", 1},
     {"avx512", tile_avx512, axpy_avx512, axpy_f32_avx512, NULL, "avx512f", 1},
-    {"int8-avx512vnni", tile_avx512, axpy_avx512, axpy_f32_avx512, int8_tile_avx512vnni, "avx512vnni", 1},
+    {"int8-avx512vnni", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, "avx512vnni", 1},
 #endif
 };
 enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
@@ -248,7 +248,7 @@ static const kernel *current(void) {
 
 tile_fn matmul_tile(void) { return current()->fn; }
 
-int8_tile_fn matmul_int8_tile(void) { return current()->int8; }
+const int8_kernel *matmul_int8(void) { return current()->int8; }
 
 axpy_fn soft_embed_axpy(void) { return current()->axpy; }
 

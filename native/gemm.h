@@ -23,7 +23,7 @@ float dot_ref(const float *a, const float *b, int64_t n);
 /* ---- int8 activations against quantized weights (gemm_int8.c) ----------------------------------------------
  * K values are cut into groups of 512 (16 blocks of 32, the last group zero-padded), stored lane per block: byte
  * 64 j + 4 L + i of a group is value 4 j + i of block L. */
-enum { INT8_GROUP = 512 };
+enum { INT8_GROUP = 512, INT8_ROWS = 32 };
 
 /* One group of a quantized activation row: int8 values, the scale of each block, and the terms of the weight
  * type's offset (ia, ib: -zero * sum of qx over the block or its two halves) and mins (ma, mb: dx * sum qx). */
@@ -46,27 +46,31 @@ typedef struct int8_type int8_type;
 /* The integer view of a stored type, or NULL when the type has none (F32, F16, BF16). */
 const int8_type *int8_type_of(int type);
 int64_t int8_groups(int64_t k);
-/* One stored row of k values into int8_groups(k) groups. */
-void int8_unpack_row(const int8_type *t, const void *row, int64_t k, wgt_group *out);
-/* One token's k floats into int8_groups(k) groups, with the terms type t needs. */
-void int8_quantize_row(const int8_type *t, const float *x, int64_t k, act_group *out);
 
-/* out[i * ldo + r] = x[i] . w[r] for i < nt tokens (ng groups each), r < nr (nr <= 4) unpacked rows. */
+/* One stored row of k values into int8_groups(k) groups. */
+typedef void (*int8_unpack_fn)(const int8_type *t, const void *row, int64_t k, wgt_group *out);
+/* One token's k floats into int8_groups(k) groups, with the terms type t needs. */
+typedef void (*int8_quantize_fn)(const int8_type *t, const float *x, int64_t k, act_group *out);
+/* out[i * ldo + r] = x[i] . w[r] for i < nt tokens (ng groups each), r < nr (nr <= INT8_ROWS) unpacked rows. */
 typedef void (*int8_tile_fn)(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w,
                              int nr, int64_t ng, const int8_type *t);
-void int8_tile_ref(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr,
-                   int64_t ng, const int8_type *t);
+
+/* One instruction set's int8 functions; every one gives the reference's bits. */
+typedef struct {
+    int8_tile_fn tile;
+    int8_unpack_fn unpack;
+    int8_quantize_fn quantize;
+} int8_kernel;
+
+extern const int8_kernel INT8_REFERENCE;
 #if defined(__x86_64__)
-void int8_tile_avx2(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr,
-                    int64_t ng, const int8_type *t);
-void int8_tile_avx512vnni(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w,
-                          int nr, int64_t ng, const int8_type *t);
+extern const int8_kernel INT8_AVX2, INT8_AVX512VNNI;
 #endif
 
 /* The active kernels. */
 tile_fn matmul_tile(void);
 /* NULL when the active kernel keeps float activations for every weight type. */
-int8_tile_fn matmul_int8_tile(void);
+const int8_kernel *matmul_int8(void);
 axpy_fn soft_embed_axpy(void);
 axpy_f32_fn attention_axpy(void);
 

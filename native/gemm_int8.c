@@ -32,8 +32,7 @@
  * 8-lane super-blocks), their scales (sa: per 32 values, or per first 16 with sb for the second 16) and mins
  * (wa, wb: the additive term per value). Levels go to lev[32 L + v]. */
 
-typedef void (*levels_fn)(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa,
-                          float *wb);
+#define INLINE static inline __attribute__((always_inline))
 
 struct int8_type {
     int type;
@@ -42,20 +41,20 @@ struct int8_type {
     int split;                   /* a scale per 16 values */
     int mins;                    /* wm != 0 */
     int wide;                    /* levels up to 255 (AVX2's 16-bit pair sums would saturate) */
-    levels_fn levels;
 };
 
-static uint32_t load_u32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
+INLINE uint32_t load_u32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
 
-static void levels_q8_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+INLINE void levels_q8_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q8_0 *x = src;
     for (int b = 0; b < lanes; b++) {
         sa[b] = dg_f16_to_f32(x[b].d);
-        for (int i = 0; i < 32; i++) lev[32 * b + i] = (uint8_t)x[b].qs[i] ^ 0x80;   /* q + 128 */
+        memcpy(lev + 32 * b, x[b].qs, 32);
     }
+    for (int i = 0; i < 32 * lanes; i++) lev[i] ^= 0x80;   /* q + 128 */
 }
 
-static void levels_q4_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+INLINE void levels_q4_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q4_0 *x = src;
     for (int b = 0; b < lanes; b++) {
         sa[b] = dg_f16_to_f32(x[b].d);
@@ -66,7 +65,7 @@ static void levels_q4_0(const void *src, int lanes, uint8_t *restrict lev, float
     }
 }
 
-static void levels_q4_1(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+INLINE void levels_q4_1(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q4_1 *x = src;
     for (int b = 0; b < lanes; b++) {
         sa[b] = dg_f16_to_f32(x[b].d);
@@ -79,7 +78,7 @@ static void levels_q4_1(const void *src, int lanes, uint8_t *restrict lev, float
 }
 
 /* Q5_0 / Q5_1: nibbles plus the fifth bit, bit v of the little-endian qh word. */
-static void five_bits(uint8_t *restrict lev, const uint8_t *qs, const uint8_t qh[4]) {
+INLINE void five_bits(uint8_t *restrict lev, const uint8_t *qs, const uint8_t qh[4]) {
     const uint32_t h = load_u32(qh);
     for (int i = 0; i < 16; i++) {
         lev[i] = (uint8_t)((qs[i] & 0x0f) | ((h >> i) & 1) << 4);
@@ -87,7 +86,7 @@ static void five_bits(uint8_t *restrict lev, const uint8_t *qs, const uint8_t qh
     }
 }
 
-static void levels_q5_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+INLINE void levels_q5_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q5_0 *x = src;
     for (int b = 0; b < lanes; b++) {
         sa[b] = dg_f16_to_f32(x[b].d);
@@ -95,7 +94,7 @@ static void levels_q5_0(const void *src, int lanes, uint8_t *restrict lev, float
     }
 }
 
-static void levels_q5_1(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+INLINE void levels_q5_1(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q5_1 *x = src;
     for (int b = 0; b < lanes; b++) {
         sa[b] = dg_f16_to_f32(x[b].d);
@@ -106,7 +105,7 @@ static void levels_q5_1(const void *src, int lanes, uint8_t *restrict lev, float
 
 /* Q4_K / Q5_K: sub-block s (32 values) has scale d * ls[s] and min -dmin * lm[s]; its nibbles are the low (s
  * even) or high (s odd) halves of qs[32 (s / 2) + l]; Q5_K adds bit s of qh[l]. */
-static void levels_k4(const uint16_t *d, const uint16_t *dmin, const uint8_t *scales, const uint8_t *qs,
+INLINE void levels_k4(const uint16_t *d, const uint16_t *dmin, const uint8_t *scales, const uint8_t *qs,
                       const uint8_t *qh, uint8_t *restrict lev, float *sa, float *wa) {
     uint8_t ls[8], lm[8];
     unpack_scales_k4(scales, ls, lm);
@@ -121,13 +120,13 @@ static void levels_k4(const uint16_t *d, const uint16_t *dmin, const uint8_t *sc
     }
 }
 
-static void levels_q4_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+INLINE void levels_q4_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q4_K *x = src;
     for (int b = 0; b < lanes / 8; b++)
         levels_k4(&x[b].d, &x[b].dmin, x[b].scales, x[b].qs, NULL, lev + 256 * b, sa + 8 * b, wa + 8 * b);
 }
 
-static void levels_q5_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+INLINE void levels_q5_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q5_K *x = src;
     for (int b = 0; b < lanes / 8; b++)
         levels_k4(&x[b].d, &x[b].dmin, x[b].scales, x[b].qs, x[b].qh, lev + 256 * b, sa + 8 * b, wa + 8 * b);
@@ -135,7 +134,7 @@ static void levels_q5_K(const void *src, int lanes, uint8_t *restrict lev, float
 
 /* Q6_K: value 128 h + 32 k + l (k < 4, l < 32) is nibble k / 2 of ql[64 h + 32 (k % 2) + l] with bits 2k..2k+1
  * of qh[32 h + l] on top; 16-value sub-block v / 16 has scale d * sc[v / 16]. */
-static void levels_q6_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+INLINE void levels_q6_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q6_K *x = src;
     for (int b = 0; b < lanes / 8; b++, lev += 256, sa += 8, sb += 8) {
         const float d = dg_f16_to_f32(x[b].d);
@@ -154,7 +153,7 @@ static void levels_q6_K(const void *src, int lanes, uint8_t *restrict lev, float
 
 /* Q3_K: value 128 h + 32 j + 16 g + l has low bits 2j..2j+1 of qs[32 h + 16 g + l] and a third bit 4 h + j of
  * hmask[16 g + l] (level = low | bit << 2, w = scale * (level - 4)); sub-block v / 16 has a signed 6-bit scale. */
-static void levels_q3_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+INLINE void levels_q3_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q3_K *x = src;
     for (int b = 0; b < lanes / 8; b++, lev += 256, sa += 8, sb += 8) {
         const float d = dg_f16_to_f32(x[b].d);
@@ -181,7 +180,7 @@ static void levels_q3_K(const void *src, int lanes, uint8_t *restrict lev, float
 
 /* Q2_K: value 128 h + 32 j + 16 g + l is bits 2j..2j+1 of qs[32 h + 16 g + l]; sub-block v / 16 has scale
  * d * (sc & 15) and min -dmin * (sc >> 4). */
-static void levels_q2_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+INLINE void levels_q2_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q2_K *x = src;
     for (int b = 0; b < lanes / 8; b++, lev += 256, sa += 8, sb += 8, wa += 8, wb += 8) {
         const float d = dg_f16_to_f32(x[b].d), dmin = dg_f16_to_f32(x[b].dmin);
@@ -201,17 +200,34 @@ static void levels_q2_K(const void *src, int lanes, uint8_t *restrict lev, float
 }
 
 static const int8_type INT8_TYPES[] = {
-    {DG_TYPE_Q8_0, QK8_0, sizeof(block_q8_0), 128, 0, 0, 1, levels_q8_0},
-    {DG_TYPE_Q4_0, QK4_0, sizeof(block_q4_0), 8, 0, 0, 0, levels_q4_0},
-    {DG_TYPE_Q4_1, QK4_1, sizeof(block_q4_1), 0, 0, 1, 0, levels_q4_1},
-    {DG_TYPE_Q5_0, QK5_0, sizeof(block_q5_0), 16, 0, 0, 0, levels_q5_0},
-    {DG_TYPE_Q5_1, QK5_1, sizeof(block_q5_1), 0, 0, 1, 0, levels_q5_1},
-    {DG_TYPE_Q2_K, QK_K, sizeof(block_q2_K), 0, 1, 1, 0, levels_q2_K},
-    {DG_TYPE_Q3_K, QK_K, sizeof(block_q3_K), 4, 1, 0, 0, levels_q3_K},
-    {DG_TYPE_Q4_K, QK_K, sizeof(block_q4_K), 0, 0, 1, 0, levels_q4_K},
-    {DG_TYPE_Q5_K, QK_K, sizeof(block_q5_K), 0, 0, 1, 0, levels_q5_K},
-    {DG_TYPE_Q6_K, QK_K, sizeof(block_q6_K), 32, 1, 0, 0, levels_q6_K},
+    {DG_TYPE_Q8_0, QK8_0, sizeof(block_q8_0), 128, 0, 0, 1},
+    {DG_TYPE_Q4_0, QK4_0, sizeof(block_q4_0), 8, 0, 0, 0},
+    {DG_TYPE_Q4_1, QK4_1, sizeof(block_q4_1), 0, 0, 1, 0},
+    {DG_TYPE_Q5_0, QK5_0, sizeof(block_q5_0), 16, 0, 0, 0},
+    {DG_TYPE_Q5_1, QK5_1, sizeof(block_q5_1), 0, 0, 1, 0},
+    {DG_TYPE_Q2_K, QK_K, sizeof(block_q2_K), 0, 1, 1, 0},
+    {DG_TYPE_Q3_K, QK_K, sizeof(block_q3_K), 4, 1, 0, 0},
+    {DG_TYPE_Q4_K, QK_K, sizeof(block_q4_K), 0, 0, 1, 0},
+    {DG_TYPE_Q5_K, QK_K, sizeof(block_q5_K), 0, 0, 1, 0},
+    {DG_TYPE_Q6_K, QK_K, sizeof(block_q6_K), 32, 1, 0, 0},
 };
+
+/* The levels, scales and mins of `lanes` blocks of t at src (inlined into each instruction-set build below). */
+INLINE void levels(const int8_type *t, const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb,
+                   float *wa, float *wb) {
+    switch (t->type) {
+    case DG_TYPE_Q8_0: levels_q8_0(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q4_0: levels_q4_0(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q4_1: levels_q4_1(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q5_0: levels_q5_0(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q5_1: levels_q5_1(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q2_K: levels_q2_K(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q3_K: levels_q3_K(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q4_K: levels_q4_K(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q5_K: levels_q5_K(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q6_K: levels_q6_K(src, lanes, lev, sa, sb, wa, wb); break;
+    }
+}
 
 const int8_type *int8_type_of(int type) {
     for (size_t i = 0; i < sizeof INT8_TYPES / sizeof INT8_TYPES[0]; i++)
@@ -224,56 +240,97 @@ int64_t int8_groups(int64_t k) { return (k + INT8_GROUP - 1) / INT8_GROUP; }
 /* ---- unpacking weights and quantizing activations --------------------------------------------------------- */
 
 /* Natural order (block L at byte 32 L) to lane-per-block order (dword j of block L at dword 16 j + L). */
-static void to_lanes(uint8_t *restrict out, const uint8_t *restrict lev) {
+INLINE void to_lanes_ref(uint8_t *restrict out, const uint8_t *restrict lev) {
     for (int j = 0; j < 8; j++)
         for (int l = 0; l < 16; l++) memcpy(out + 64 * j + 4 * l, lev + 32 * l + 4 * j, 4);
 }
 
-void int8_unpack_row(const int8_type *t, const void *row, int64_t k, wgt_group *out) {
-    const int64_t ng = int8_groups(k), per_group = INT8_GROUP / t->block;   /* stored blocks per group */
-    for (int64_t g = 0; g < ng; g++) {
-        wgt_group *o = out + g;
-        const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);
-        uint8_t lev[INT8_GROUP];
-        if (lanes < 16) {
-            memset(lev, 0, sizeof lev);
-            memset(o, 0, sizeof *o);
-        }
-        t->levels((const uint8_t *)row + g * per_group * t->block_bytes, lanes, lev, o->sa, o->sb, o->wa, o->wb);
-        to_lanes(o->qs, lev);
-    }
-}
+/* The same permutation of 128 dwords, in three rounds of two-vector shuffles: vector k starts as blocks 2k and
+ * 2k + 1, and each round swaps one bit of the vector number with one bit of the lane (the last round also puts
+ * the lanes in block order). */
+#if defined(__x86_64__)
+#include <immintrin.h>
 
-/* One token: per 32 values, dx = max|x| / 127 and qx = round-to-nearest-even(x / dx) (x * (1 / dx), as the
- * SIMD variants compute it), then the integer and float terms of the type's offset and mins. */
-void int8_quantize_row(const int8_type *t, const float *x, int64_t k, act_group *out) {
-    const int64_t ng = int8_groups(k);
-    for (int64_t g = 0; g < ng; g++) {
-        act_group *o = out + g;
-        const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);
-        int8_t q[INT8_GROUP];
-        memset(o, 0, sizeof *o);
-        memset(q + 32 * lanes, 0, (size_t)(16 - lanes) * 32);
-        for (int l = 0; l < lanes; l++) {
-            const float *xb = x + g * INT8_GROUP + 32 * l;
-            float amax = 0.0f;
-            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
-            const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-            int32_t lo = 0, hi = 0;
-            for (int i = 0; i < 32; i++) {
-                q[32 * l + i] = (int8_t)nearbyintf(xb[i] * id);
-                if (i < 16) lo += q[32 * l + i]; else hi += q[32 * l + i];
+static const int32_t LANE_SWAP[3][2][16] = {
+    {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}, {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}},
+    {{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}},
+    {{0, 8, 1, 9, 2, 10, 3, 11, 16, 24, 17, 25, 18, 26, 19, 27}, {4, 12, 5, 13, 6, 14, 7, 15, 20, 28, 21, 29, 22, 30, 23, 31}},
+};
+
+INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict out, const uint8_t *restrict lev) {
+    __m512i v[8];
+    for (int k = 0; k < 8; k++) v[k] = _mm512_loadu_si512(lev + 64 * k);
+    for (int s = 0; s < 3; s++) {
+        const int vb = 1 << s;
+        const __m512i i0 = _mm512_loadu_si512(LANE_SWAP[s][0]), i1 = _mm512_loadu_si512(LANE_SWAP[s][1]);
+        for (int k = 0; k < 8; k++)
+            if (!(k & vb)) {
+                const __m512i a = v[k], b = v[k | vb];
+                v[k] = _mm512_permutex2var_epi32(a, i0, b);
+                v[k | vb] = _mm512_permutex2var_epi32(a, i1, b);
             }
-            const int32_t first = t->split ? lo : lo + hi;
-            o->d[l] = d;
-            o->ia[l] = -t->zero * first;
-            o->ib[l] = -t->zero * hi;
-            o->ma[l] = d * (float)first;
-            o->mb[l] = d * (float)hi;
-        }
-        to_lanes((uint8_t *)o->qs, (const uint8_t *)q);
     }
+    for (int j = 0; j < 8; j++) _mm512_storeu_si512(out + 64 * j, v[j]);
 }
+#endif
+
+/* Each instruction set gets its own build of the row functions from the same C (the same integer and float
+ * operations, so the same bytes); only the lane permutation has a hand-written AVX-512 form. */
+#define DEFINE_ROW_FNS(SUFFIX, ATTR, TO_LANES)                                                                 \
+    ATTR static void unpack_row_##SUFFIX(const int8_type *t, const void *row, int64_t k, wgt_group *out) {    \
+        const int64_t ng = int8_groups(k), per_group = INT8_GROUP / t->block; /* stored blocks per group */   \
+        for (int64_t g = 0; g < ng; g++) {                                                                      \
+            wgt_group *o = out + g;                                                                             \
+            const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);        \
+            uint8_t lev[INT8_GROUP] __attribute__((aligned(64)));                                               \
+            if (lanes < 16) {                                                                                   \
+                memset(lev, 0, sizeof lev);                                                                     \
+                memset(o, 0, sizeof *o);                                                                        \
+            }                                                                                                   \
+            levels(t, (const uint8_t *)row + g * per_group * t->block_bytes, lanes, lev, o->sa, o->sb, o->wa,  \
+                   o->wb);                                                                                      \
+            TO_LANES(o->qs, lev);                                                                               \
+        }                                                                                                       \
+    }                                                                                                           \
+    /* One token: per 32 values, dx = max|x| / 127 and qx = round-to-nearest-even(x * (1 / dx)), then the     \
+     * integer and float terms of the type's offset and mins. */                                              \
+    ATTR static void quantize_row_##SUFFIX(const int8_type *t, const float *x, int64_t k, act_group *out) {   \
+        const int64_t ng = int8_groups(k);                                                                      \
+        for (int64_t g = 0; g < ng; g++) {                                                                      \
+            act_group *o = out + g;                                                                             \
+            const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);        \
+            int8_t q[INT8_GROUP] __attribute__((aligned(64)));                                                  \
+            if (lanes < 16) {                                                                                   \
+                memset(o, 0, sizeof *o);                                                                        \
+                memset(q + 32 * lanes, 0, (size_t)(16 - lanes) * 32);                                           \
+            }                                                                                                   \
+            for (int l = 0; l < lanes; l++) {                                                                   \
+                const float *xb = x + g * INT8_GROUP + 32 * l;                                                  \
+                float amax = 0.0f;                                                                              \
+                for (int i = 0; i < 32; i++) {                                                                  \
+                    const float a = fabsf(xb[i]);                                                               \
+                    amax = a > amax ? a : amax;                                                                 \
+                }                                                                                               \
+                const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;                                \
+                int32_t lo = 0, hi = 0;                                                                         \
+                for (int i = 0; i < 16; i++) lo += q[32 * l + i] = (int8_t)nearbyintf(xb[i] * id);             \
+                for (int i = 16; i < 32; i++) hi += q[32 * l + i] = (int8_t)nearbyintf(xb[i] * id);            \
+                const int32_t first = t->split ? lo : lo + hi;                                                  \
+                o->d[l] = d;                                                                                    \
+                o->ia[l] = -t->zero * first;                                                                    \
+                o->ib[l] = -t->zero * hi;                                                                       \
+                o->ma[l] = d * (float)first;                                                                    \
+                o->mb[l] = d * (float)hi;                                                                       \
+            }                                                                                                   \
+            TO_LANES((uint8_t *)o->qs, (const uint8_t *)q);                                                     \
+        }                                                                                                       \
+    }
+
+DEFINE_ROW_FNS(ref, , to_lanes_ref)
+#if defined(__x86_64__)
+DEFINE_ROW_FNS(avx2, __attribute__((target("avx2,fma"))), to_lanes_ref)
+DEFINE_ROW_FNS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), to_lanes_avx512)
+#endif
 
 /* ---- the reference kernel ---------------------------------------------------------------------------------- */
 
@@ -312,19 +369,21 @@ static float dot_int8_ref(const wgt_group *w, const act_group *x, int64_t ng, co
     return fold16(acc);
 }
 
-void int8_tile_ref(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr,
+static void int8_tile_ref(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr,
                    int64_t ng, const int8_type *t) {
     for (int64_t i = 0; i < nt; i++)
         for (int r = 0; r < nr; r++) out[i * ldo + r] = dot_int8_ref(w[r], x + i * ng, ng, t);
 }
 
 #if defined(__x86_64__)
-#include <immintrin.h>
 
-/* ---- AVX-512 VNNI: 4 rows x 3 tokens, one 16-lane group at a time -------------------------------------------- */
+/* ---- AVX-512 VNNI ---------------------------------------------------------------------------------------------
+ * Cache blocking: tokens in chunks of TC; for each group, every 4-row x 3-token tile of the block adds its 16
+ * lanes into a float accumulator buffer (rows x TC x 16, in L1), so the group's weights and activations are
+ * read from L1 while the chunk is swept. The per-lane order (groups ascending; halves, then mins) is the
+ * reference's. Padded rows and tokens repeat the last one into accumulator slots of their own (never stored). */
 
-#define TR 4
-#define TT 3
+enum { TR = 4, TT = 3, TC = 12 };
 
 __attribute__((target("avx512f"))) static float fold16_avx512(__m512 a) {
     __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
@@ -333,53 +392,71 @@ __attribute__((target("avx512f"))) static float fold16_avx512(__m512 a) {
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
 }
 
-/* acc += cvt(c) * (ws * dx) */
-#define SCALE_ADD512(acc, c, ws, dx) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), _mm512_mul_ps(ws, dx), acc)
+/* One group of a 4 x 3 tile; acc[r * TC + i] is row r, token i. SPLIT and MINS are constants once inlined. */
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void group_avx512(
+    __m512 *acc, const wgt_group *const *w, const act_group *const *x, const int split, const int mins) {
+    for (int half = 0; half <= split; half++) {
+        const int j0 = split ? 4 * half : 0, j1 = split ? j0 + 4 : 8;
+        __m512i c[TT][TR];
+        for (int i = 0; i < TT; i++) {
+            const __m512i init = _mm512_load_si512(half ? x[i]->ib : x[i]->ia);
+            for (int r = 0; r < TR; r++) c[i][r] = init;
+        }
+        for (int j = j0; j < j1; j++) {
+            __m512i wv[TR];
+            for (int r = 0; r < TR; r++) wv[r] = _mm512_load_si512(w[r]->qs + 64 * j);
+            for (int i = 0; i < TT; i++) {
+                const __m512i xv = _mm512_load_si512(x[i]->qs + 64 * j);
+                for (int r = 0; r < TR; r++) c[i][r] = _mm512_dpbusd_epi32(c[i][r], wv[r], xv);
+            }
+        }
+        for (int i = 0; i < TT; i++) {
+            const __m512 dx = _mm512_load_ps(x[i]->d);
+            for (int r = 0; r < TR; r++) {
+                const __m512 s = _mm512_mul_ps(_mm512_load_ps(half ? w[r]->sb : w[r]->sa), dx);
+                acc[r * TC + i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c[i][r]), s, acc[r * TC + i]);
+            }
+        }
+    }
+    if (mins)
+        for (int half = 0; half <= split; half++)
+            for (int i = 0; i < TT; i++) {
+                const __m512 m = _mm512_load_ps(half ? x[i]->mb : x[i]->ma);
+                for (int r = 0; r < TR; r++)
+                    acc[r * TC + i] = _mm512_fmadd_ps(m, _mm512_load_ps(half ? w[r]->wb : w[r]->wa), acc[r * TC + i]);
+            }
+}
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_tile_avx512vnni(
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(
     float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
-    const int8_type *t) {
-    const wgt_group *ws[TR];
-    for (int r = 0; r < TR; r++) ws[r] = w[r < nr ? r : nr - 1];
-    for (int64_t t0 = 0; t0 < nt; t0 += TT) {
-        const act_group *xs[TT];
-        for (int i = 0; i < TT; i++) xs[i] = x + (t0 + i < nt ? t0 + i : nt - 1) * ng;
-        __m512 acc[TT][TR];
-        for (int i = 0; i < TT; i++)
-            for (int r = 0; r < TR; r++) acc[i][r] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < ng; g++) {
-            for (int half = 0; half < 1 + t->split; half++) {
-                const int j0 = t->split ? 4 * half : 0, j1 = t->split ? j0 + 4 : 8;
-                __m512i c[TT][TR];
-                for (int i = 0; i < TT; i++) {
-                    const __m512i init = _mm512_load_si512(half ? xs[i][g].ib : xs[i][g].ia);
-                    for (int r = 0; r < TR; r++) c[i][r] = init;
-                }
-                for (int j = j0; j < j1; j++) {
-                    __m512i wv[TR];
-                    for (int r = 0; r < TR; r++) wv[r] = _mm512_load_si512(ws[r][g].qs + 64 * j);
-                    for (int i = 0; i < TT; i++) {
-                        const __m512i xv = _mm512_load_si512(xs[i][g].qs + 64 * j);
-                        for (int r = 0; r < TR; r++) c[i][r] = _mm512_dpbusd_epi32(c[i][r], wv[r], xv);
-                    }
-                }
-                for (int i = 0; i < TT; i++) {
-                    const __m512 dx = _mm512_load_ps(xs[i][g].d);
-                    for (int r = 0; r < TR; r++)
-                        SCALE_ADD512(acc[i][r], c[i][r], _mm512_load_ps(half ? ws[r][g].sb : ws[r][g].sa), dx);
+    const int split, const int mins) {
+    const int nrp = (nr + TR - 1) / TR * TR;
+    __m512 acc[INT8_ROWS * TC];
+    for (int64_t t0 = 0; t0 < nt; t0 += TC) {
+        const int tc = (int)(nt - t0 < TC ? nt - t0 : TC);
+        for (int k = 0; k < nrp * TC; k++) acc[k] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++)
+            for (int r0 = 0; r0 < nrp; r0 += TR) {
+                const wgt_group *wg[TR];
+                for (int r = 0; r < TR; r++) wg[r] = w[r0 + r < nr ? r0 + r : nr - 1] + g;
+                for (int i0 = 0; i0 < tc; i0 += TT) {
+                    const act_group *xg[TT];
+                    for (int i = 0; i < TT; i++) xg[i] = x + (t0 + (i0 + i < tc ? i0 + i : tc - 1)) * ng + g;
+                    group_avx512(acc + r0 * TC + i0, wg, xg, split, mins);
                 }
             }
-            if (t->mins)
-                for (int half = 0; half < 1 + t->split; half++)
-                    for (int i = 0; i < TT; i++) {
-                        const __m512 m = _mm512_load_ps(half ? xs[i][g].mb : xs[i][g].ma);
-                        for (int r = 0; r < TR; r++)
-                            acc[i][r] = _mm512_fmadd_ps(m, _mm512_load_ps(half ? ws[r][g].wb : ws[r][g].wa), acc[i][r]);
-                    }
-        }
-        for (int i = 0; i < TT && t0 + i < nt; i++)
-            for (int r = 0; r < nr; r++) out[(t0 + i) * ldo + r] = fold16_avx512(acc[i][r]);
+        for (int i = 0; i < tc; i++)
+            for (int r = 0; r < nr; r++) out[(t0 + i) * ldo + r] = fold16_avx512(acc[r * TC + i]);
     }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int8_tile_avx512vnni(
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
+    const int8_type *t) {
+    if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, 1, 1);
+    else if (t->split) tile_avx512(out, ldo, x, nt, w, nr, ng, 1, 0);
+    else if (t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, 0, 1);
+    else tile_avx512(out, ldo, x, nt, w, nr, ng, 0, 0);
 }
 
 /* ---- AVX2: 2 rows x 2 tokens, a group as two 8-lane halves (lanes 0-7, 8-15) ---------------------------------
@@ -407,7 +484,7 @@ __attribute__((target("avx2,fma"))) static float fold16_avx2(__m256 lo, __m256 h
 #define UR 2
 #define UT 2
 
-__attribute__((target("avx2,fma"))) void int8_tile_avx2(
+__attribute__((target("avx2,fma"))) static void int8_tile_avx2(
     float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
     const int8_type *t) {
     for (int r0 = 0; r0 < nr; r0 += UR) {
@@ -459,4 +536,10 @@ __attribute__((target("avx2,fma"))) void int8_tile_avx2(
         }
     }
 }
+#endif
+
+const int8_kernel INT8_REFERENCE = {int8_tile_ref, unpack_row_ref, quantize_row_ref};
+#if defined(__x86_64__)
+const int8_kernel INT8_AVX2 = {int8_tile_avx2, unpack_row_avx2, quantize_row_avx2};
+const int8_kernel INT8_AVX512VNNI = {int8_tile_avx512vnni, unpack_row_avx512, quantize_row_avx512};
 #endif

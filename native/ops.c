@@ -292,9 +292,9 @@ static int run_with_rows(dg_pool *p, const char *op, const dg_tensor *w, size_t 
     return DG_OK;
 }
 
-enum { TILE_ROWS = 4 };
+enum { TILE_ROWS = 4 };   /* rows per item for the float kernels; INT8_ROWS for the int8 ones */
 
-/* The grouped matmul's work: items of up to TILE_ROWS rows of one matrix, each weighted by its token count. */
+/* The grouped matmul's work: items of up to `rows` rows of one matrix, each weighted by its token count. */
 typedef struct {
     float *out;
     const float *x;
@@ -303,15 +303,15 @@ typedef struct {
     const char *base;            /* first row of the first matrix */
     size_t row_bytes;
     int type;
-    int64_t ncols, nrows, ng;
+    int64_t ncols, nrows, ng, rows;
     tile_fn tile;
-    int8_tile_fn tile8;          /* NULL: float activations */
+    const int8_kernel *k8;       /* NULL: float activations */
     const int8_type *t8;
     int64_t n_items;
     const int64_t *start;        /* work before item i (token-rows); the total at n_items */
     const int32_t *mat;          /* matrix of item i */
     const int64_t *row;          /* first row of item i */
-    weight_scratch sc;           /* TILE_ROWS rows per thread */
+    weight_scratch sc;           /* `rows` rows per thread */
 } matmul_job;
 
 /* Items whose start lies in [lo, hi): each item is one thread's whole, so any split gives the same bits. */
@@ -325,17 +325,17 @@ static void matmul_items(void *ctx, int64_t lo, int64_t hi, int thread) {
     }
     for (int64_t it = a; it < j->n_items && j->start[it] < hi; it++) {
         const int64_t e = j->mat[it], r0 = j->row[it], t0 = j->off[e], nt = j->off[e + 1] - t0;
-        const int nr = (int)(j->nrows - r0 < TILE_ROWS ? j->nrows - r0 : TILE_ROWS);
+        const int nr = (int)(j->nrows - r0 < j->rows ? j->nrows - r0 : j->rows);
         const char *src = j->base + ((size_t)e * (size_t)j->nrows + (size_t)r0) * j->row_bytes;
         float *out = j->out + t0 * j->nrows + r0;
-        if (j->tile8) {
+        if (j->k8) {
             wgt_group *buf = j->sc.rowbuf[thread];
-            const wgt_group *rows[TILE_ROWS];
+            const wgt_group *rows[INT8_ROWS];
             for (int i = 0; i < nr; i++) {
                 rows[i] = buf + i * j->ng;
-                int8_unpack_row(j->t8, src + (size_t)i * j->row_bytes, j->ncols, buf + i * j->ng);
+                j->k8->unpack(j->t8, src + (size_t)i * j->row_bytes, j->ncols, buf + i * j->ng);
             }
-            j->tile8(out, j->nrows, j->xq + t0 * j->ng, nt, rows, nr, j->ng, j->t8);
+            j->k8->tile(out, j->nrows, j->xq + t0 * j->ng, nt, rows, nr, j->ng, j->t8);
             continue;
         }
         const float *rows[TILE_ROWS];
@@ -358,12 +358,13 @@ typedef struct {
     act_group *xq;
     const float *x;
     int64_t ncols, ng;
+    const int8_kernel *k8;
     const int8_type *t8;
 } quantize_job;
 
 static void quantize_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
     const quantize_job *j = ctx;
-    for (int64_t t = lo; t < hi; t++) int8_quantize_row(j->t8, j->x + t * j->ncols, j->ncols, j->xq + t * j->ng);
+    for (int64_t t = lo; t < hi; t++) j->k8->quantize(j->t8, j->x + t * j->ncols, j->ncols, j->xq + t * j->ng);
 }
 
 int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float *out, int n_threads,
@@ -393,37 +394,38 @@ int matmul_grouped(dg_pool *p, float *out, const float *x, const dg_tensor *w, c
                    char *err, size_t errlen) {
     const size_t rb = checked_row_bytes("matmul", w, err, errlen);
     if (rb == 0) return DG_E_TYPE;
-    const int64_t E = w->ne2, R = w->ne1, K = w->ne0, n = off[E], per_mat = (R + TILE_ROWS - 1) / TILE_ROWS;
+    const int64_t E = w->ne2, R = w->ne1, K = w->ne0, n = off[E];
     if (n <= 0) return DG_OK;
-    int8_tile_fn tile8 = matmul_int8_tile();
-    const int8_type *t8 = tile8 ? int8_type_of(w->type) : NULL;
-    if (!t8) tile8 = NULL;
+    const int8_kernel *k8 = matmul_int8();
+    const int8_type *t8 = k8 ? int8_type_of(w->type) : NULL;
+    if (!t8) k8 = NULL;
+    const int64_t rows = k8 ? INT8_ROWS : TILE_ROWS, per_mat = (R + rows - 1) / rows;
     const int64_t ng = int8_groups(K);
     int64_t *start = malloc((size_t)(E * per_mat + 1) * sizeof *start), *row = malloc((size_t)(E * per_mat) * sizeof *row);
     int32_t *mats = malloc((size_t)(E * per_mat) * sizeof *mats);
-    act_group *xq = tile8 ? aligned_alloc(64, (size_t)n * (size_t)ng * sizeof *xq) : NULL;
+    act_group *xq = k8 ? aligned_alloc(64, (size_t)n * (size_t)ng * sizeof *xq) : NULL;
     int rc = DG_OK;
-    if (!start || !row || !mats || (tile8 && !xq)) {
+    if (!start || !row || !mats || (k8 && !xq)) {
         snprintf(err, errlen, "matmul: out of memory");
         rc = DG_E_VALUE;
         goto done;
     }
     int64_t items = 0, work = 0;
     for (int64_t e = 0; e < E; e++)
-        for (int64_t r0 = 0; r0 < R && off[e + 1] > off[e]; r0 += TILE_ROWS, items++) {
+        for (int64_t r0 = 0; r0 < R && off[e + 1] > off[e]; r0 += rows, items++) {
             start[items] = work;
             mats[items] = (int32_t)e;
             row[items] = r0;
-            work += (off[e + 1] - off[e]) * (R - r0 < TILE_ROWS ? R - r0 : TILE_ROWS);
+            work += (off[e + 1] - off[e]) * (R - r0 < rows ? R - r0 : rows);
         }
     start[items] = work;
-    if (tile8) {
-        quantize_job q = {xq, x, K, ng, t8};
+    if (k8) {
+        quantize_job q = {xq, x, K, ng, k8, t8};
         parallel_for(p, n, quantize_tokens, &q);
     }
-    matmul_job j = {out, x, xq, off, w->data, rb, w->type, K, R, ng, matmul_tile(), tile8, t8,
+    matmul_job j = {out, x, xq, off, w->data, rb, w->type, K, R, ng, rows, matmul_tile(), k8, t8,
                     items, start, mats, row, {0}};
-    const size_t buf = tile8 ? TILE_ROWS * (size_t)ng * sizeof(wgt_group) : TILE_ROWS * (size_t)K * sizeof(float);
+    const size_t buf = (size_t)rows * (k8 ? (size_t)ng * sizeof(wgt_group) : (size_t)K * sizeof(float));
     rc = run_with_rows(p, "matmul", w, buf, work, matmul_items, &j, &j.sc, err, errlen);
 done:
     free(start);
