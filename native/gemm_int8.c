@@ -34,6 +34,11 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* Eight bytes at a time ("SWAR"): shifts move bits across byte boundaries, the byte masks cut them off again. */
+#define BYTES(b) (0x0101010101010101ull * (b))
+INLINE uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+INLINE void st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
 struct int8_type {
     int type;
     int64_t block, block_bytes;  /* values and bytes per stored block */
@@ -42,8 +47,6 @@ struct int8_type {
     int mins;                    /* wm != 0 */
     int wide;                    /* levels up to 255 (AVX2's 16-bit pair sums would saturate) */
 };
-
-INLINE uint32_t load_u32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
 
 INLINE void levels_q8_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q8_0 *x = src;
@@ -54,14 +57,20 @@ INLINE void levels_q8_0(const void *src, int lanes, uint8_t *restrict lev, float
     for (int i = 0; i < 32 * lanes; i++) lev[i] ^= 0x80;   /* q + 128 */
 }
 
+/* Nibbles: byte i of a block's 16 holds value i (low) and value i + 16 (high); split eight bytes at a time. */
+INLINE void split_nibbles(uint8_t *restrict lev, const uint8_t *qs) {
+    for (int k = 0; k < 2; k++) {
+        const uint64_t v = ld64(qs + 8 * k);
+        st64(lev + 8 * k, v & BYTES(0x0f));
+        st64(lev + 16 + 8 * k, (v >> 4) & BYTES(0x0f));
+    }
+}
+
 INLINE void levels_q4_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q4_0 *x = src;
     for (int b = 0; b < lanes; b++) {
         sa[b] = dg_f16_to_f32(x[b].d);
-        for (int i = 0; i < 16; i++) {
-            lev[32 * b + i] = x[b].qs[i] & 0x0f;
-            lev[32 * b + 16 + i] = x[b].qs[i] >> 4;
-        }
+        split_nibbles(lev + 32 * b, x[b].qs);
     }
 }
 
@@ -70,37 +79,49 @@ INLINE void levels_q4_1(const void *src, int lanes, uint8_t *restrict lev, float
     for (int b = 0; b < lanes; b++) {
         sa[b] = dg_f16_to_f32(x[b].d);
         wa[b] = dg_f16_to_f32(x[b].m);
-        for (int i = 0; i < 16; i++) {
-            lev[32 * b + i] = x[b].qs[i] & 0x0f;
-            lev[32 * b + 16 + i] = x[b].qs[i] >> 4;
-        }
+        split_nibbles(lev + 32 * b, x[b].qs);
     }
 }
 
-/* Q5_0 / Q5_1: nibbles plus the fifth bit, bit v of the little-endian qh word. */
-INLINE void five_bits(uint8_t *restrict lev, const uint8_t *qs, const uint8_t qh[4]) {
-    const uint32_t h = load_u32(qh);
-    for (int i = 0; i < 16; i++) {
-        lev[i] = (uint8_t)((qs[i] & 0x0f) | ((h >> i) & 1) << 4);
-        lev[16 + i] = (uint8_t)((qs[i] >> 4) | ((h >> (i + 16)) & 1) << 4);
+/* Q5_0 / Q5_1: nibbles plus the fifth bit, bit v of the little-endian qh word: each qh byte spreads to eight
+ * level bytes through a table (bit i -> 16 in byte i). */
+static const uint64_t *fifth_bits(void) {
+    static uint64_t table[256];
+    static int ready;
+    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {   /* idempotent: racing threads write the same values */
+        for (int v = 0; v < 256; v++) {
+            uint64_t t = 0;
+            for (int i = 0; i < 8; i++) t |= (uint64_t)(((v >> i) & 1) << 4) << (8 * i);
+            table[v] = t;
+        }
+        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
     }
+    return table;
+}
+
+INLINE void add_fifth_bits(uint8_t *restrict lev, const uint8_t qh[4], const uint64_t *table) {
+    for (int k = 0; k < 4; k++) st64(lev + 8 * k, ld64(lev + 8 * k) | table[qh[k]]);
 }
 
 INLINE void levels_q5_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q5_0 *x = src;
+    const uint64_t *table = fifth_bits();
     for (int b = 0; b < lanes; b++) {
         sa[b] = dg_f16_to_f32(x[b].d);
-        five_bits(lev + 32 * b, x[b].qs, x[b].qh);
+        split_nibbles(lev + 32 * b, x[b].qs);
     }
+    for (int b = 0; b < lanes; b++) add_fifth_bits(lev + 32 * b, x[b].qh, table);
 }
 
 INLINE void levels_q5_1(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
     const block_q5_1 *x = src;
+    const uint64_t *table = fifth_bits();
     for (int b = 0; b < lanes; b++) {
         sa[b] = dg_f16_to_f32(x[b].d);
         wa[b] = dg_f16_to_f32(x[b].m);
-        five_bits(lev + 32 * b, x[b].qs, x[b].qh);
+        split_nibbles(lev + 32 * b, x[b].qs);
     }
+    for (int b = 0; b < lanes; b++) add_fifth_bits(lev + 32 * b, x[b].qh, table);
 }
 
 /* Q4_K / Q5_K: sub-block s (32 values) has scale d * ls[s] and min -dmin * lm[s]; its nibbles are the low (s
@@ -145,8 +166,9 @@ INLINE void levels_q6_K(const void *src, int lanes, uint8_t *restrict lev, float
         for (int h = 0; h < 2; h++)
             for (int k = 0; k < 4; k++) {
                 const uint8_t *ql = x[b].ql + 64 * h + 32 * (k % 2), *qh = x[b].qh + 32 * h;
-                for (int l = 0; l < 32; l++)
-                    lev[128 * h + 32 * k + l] = (uint8_t)(((ql[l] >> (4 * (k / 2))) & 0x0f) | ((qh[l] >> (2 * k)) & 3) << 4);
+                for (int c = 0; c < 4; c++)
+                    st64(lev + 128 * h + 32 * k + 8 * c, ((ld64(ql + 8 * c) >> (4 * (k / 2))) & BYTES(0x0f)) |
+                                                             ((ld64(qh + 8 * c) >> (2 * k)) & BYTES(3)) << 4);
             }
     }
 }
@@ -171,9 +193,9 @@ INLINE void levels_q3_K(const void *src, int lanes, uint8_t *restrict lev, float
             for (int j = 0; j < 4; j++)
                 for (int g = 0; g < 2; g++) {
                     const uint8_t *q = x[b].qs + 32 * h + 16 * g, *m = x[b].hmask + 16 * g;
-                    for (int l = 0; l < 16; l++)
-                        lev[128 * h + 32 * j + 16 * g + l] =
-                            (uint8_t)(((q[l] >> (2 * j)) & 3) | ((m[l] >> (4 * h + j)) & 1) << 2);
+                    for (int c = 0; c < 2; c++)
+                        st64(lev + 128 * h + 32 * j + 16 * g + 8 * c, ((ld64(q + 8 * c) >> (2 * j)) & BYTES(3)) |
+                                                                          ((ld64(m + 8 * c) >> (4 * h + j)) & BYTES(1)) << 2);
                 }
     }
 }
@@ -194,7 +216,8 @@ INLINE void levels_q2_K(const void *src, int lanes, uint8_t *restrict lev, float
             for (int j = 0; j < 4; j++)
                 for (int g = 0; g < 2; g++) {
                     const uint8_t *q = x[b].qs + 32 * h + 16 * g;
-                    for (int l = 0; l < 16; l++) lev[128 * h + 32 * j + 16 * g + l] = (q[l] >> (2 * j)) & 3;
+                    for (int c = 0; c < 2; c++)
+                        st64(lev + 128 * h + 32 * j + 16 * g + 8 * c, (ld64(q + 8 * c) >> (2 * j)) & BYTES(3));
                 }
     }
 }
@@ -383,7 +406,7 @@ static void int8_tile_ref(float *out, int64_t ldo, const act_group *x, int64_t n
  * read from L1 while the chunk is swept. The per-lane order (groups ascending; halves, then mins) is the
  * reference's. Padded rows and tokens repeat the last one into accumulator slots of their own (never stored). */
 
-enum { TR = 4, TT = 3, TC = 12 };
+enum { TR = 4, TT = 4, TC = 16 };
 
 __attribute__((target("avx512f"))) static float fold16_avx512(__m512 a) {
     __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
