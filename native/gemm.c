@@ -1,8 +1,7 @@
 /* gemm.c: the float matmul inner kernel, out[t, r] = x[t, :] . w[r, :] over a block of weight rows already in
- * float32, and the kernel table (with the int8-activation kernels of gemm_int8.c). Three float variants, chosen
- * once at run time: the plain reference (dot_ref's 8 lanes), AVX2+FMA and
- * AVX-512. The SIMD kernels compute a tile of 4 rows x 4 tokens with one vector accumulator per output over
- * the row length, so each output depends only on its own row and token: results do not depend on how rows
+ * float32, and the kernel table (which adds the int8-activation kernels of gemm_int8.c). Three float variants:
+ * the plain reference (dot_ref's 8 lanes), AVX2+FMA and AVX-512. The SIMD kernels compute a tile of 4 rows x
+ * 4 tokens with one vector accumulator per output over the row length, so each output depends only on its own row and token: results do not depend on how rows
  * are split across threads or grouped into tiles. Variants differ from each other in the last bits (fused
  * multiply-add, lane order); tests hold every variant to the same bounds against transformers.
  */

@@ -180,11 +180,7 @@ INLINE void levels_q3_K(const void *src, int lanes, uint8_t *restrict lev, float
     for (int b = 0; b < lanes / 8; b++, lev += 256, sa += 8, sb += 8) {
         const float d = dg_f16_to_f32(x[b].d);
         float dl[16];
-        for (int s = 0; s < 16; s++) {
-            const int lo = (x[b].scales[s % 8] >> (4 * (s / 8))) & 0xf;
-            const int hi = (x[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
-            dl[s] = d * (float)((lo | hi << 4) - 32);
-        }
+        q3_K_scales(x[b].scales, d, dl);
         for (int s = 0; s < 8; s++) {
             sa[s] = dl[2 * s];
             sb[s] = dl[2 * s + 1];
@@ -401,7 +397,7 @@ static void int8_tile_ref(float *out, int64_t ldo, const act_group *x, int64_t n
 #if defined(__x86_64__)
 
 /* ---- AVX-512 VNNI ---------------------------------------------------------------------------------------------
- * Cache blocking: tokens in chunks of TC; for each group, every 4-row x 3-token tile of the block adds its 16
+ * Cache blocking: tokens in chunks of TC; for each group, every 4-row x 4-token tile of the block adds its 16
  * lanes into a float accumulator buffer (rows x TC x 16, in L1), so the group's weights and activations are
  * read from L1 while the chunk is swept. The per-lane order (groups ascending; halves, then mins) is the
  * reference's. Padded rows and tokens repeat the last one into accumulator slots of their own (never stored). */
@@ -456,8 +452,9 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
     const int nrp = (nr + TR - 1) / TR * TR;
     __m512 acc[INT8_ROWS * TC];
     for (int64_t t0 = 0; t0 < nt; t0 += TC) {
-        const int tc = (int)(nt - t0 < TC ? nt - t0 : TC);
-        for (int k = 0; k < nrp * TC; k++) acc[k] = _mm512_setzero_ps();
+        const int tc = (int)(nt - t0 < TC ? nt - t0 : TC), tcp = (tc + TT - 1) / TT * TT;
+        for (int r = 0; r < nrp; r++)
+            for (int i = 0; i < tcp; i++) acc[r * TC + i] = _mm512_setzero_ps();
         for (int64_t g = 0; g < ng; g++)
             for (int r0 = 0; r0 < nrp; r0 += TR) {
                 const wgt_group *wg[TR];

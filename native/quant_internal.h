@@ -149,6 +149,15 @@ static inline void unpack_scales_k4(const uint8_t *in, uint8_t *ls, uint8_t *lm)
     }
 }
 
+/* The sixteen scales of a Q3_K super-block, d times the signed 6-bit values packed in its 12 scale bytes. */
+static inline void q3_K_scales(const uint8_t scales[12], float d, float dl[16]) {
+    for (int s = 0; s < 16; s++) {
+        const int lo = (scales[s % 8] >> (4 * (s / 8))) & 0xf;
+        const int hi = (scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+        dl[s] = d * (float)((lo | hi << 4) - 32);
+    }
+}
+
 static inline int dg_is_finite_bits(float f) { return (dg_f32_bits(f) & 0x7f800000) != 0x7f800000; }
 
 /* Per-CPU clones of plain loops that vectorise well (GCC picks one at load time through an ifunc): the same

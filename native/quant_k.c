@@ -568,11 +568,7 @@ DG_CLONES void dg_dequantize_row_q3_K(const void *src, float *restrict y, int64_
     for (int64_t b = 0; b < n / QK_K; b++) {
         const float d = dg_f16_to_f32(x[b].d);
         float dl[16];
-        for (int s = 0; s < 16; s++) {
-            const int lo = (x[b].scales[s % 8] >> (4 * (s / 8))) & 0xf;
-            const int hi = (x[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
-            dl[s] = d * (float)((lo | hi << 4) - 32);
-        }
+        q3_K_scales(x[b].scales, d, dl);
         /* Value 128h + 32j + l: low bits 2j..2j+1 of qs[32h + l], high bit 4h + j of hmask[l] (clear: -4). */
         for (int h = 0; h < 2; h++)
             for (int j = 0; j < 4; j++)
