@@ -411,25 +411,27 @@ __attribute__((target("avx512f"))) static float fold16_avx512(__m512 a) {
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
 }
 
-/* One group of a 4 x 3 tile; acc[r * TC + i] is row r, token i. SPLIT and MINS are constants once inlined. */
+/* One group of a 4-row x tt-token tile (tt <= TT); acc[r * TC + i] is row r, token i. tt, split and mins are
+ * constants once inlined. */
 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void group_avx512(
-    __m512 *acc, const wgt_group *const *w, const act_group *const *x, const int split, const int mins) {
+    __m512 *acc, const wgt_group *const *w, const act_group *const *x, const int tt, const int split,
+    const int mins) {
     for (int half = 0; half <= split; half++) {
         const int j0 = split ? 4 * half : 0, j1 = split ? j0 + 4 : 8;
         __m512i c[TT][TR];
-        for (int i = 0; i < TT; i++) {
+        for (int i = 0; i < tt; i++) {
             const __m512i init = _mm512_load_si512(half ? x[i]->ib : x[i]->ia);
             for (int r = 0; r < TR; r++) c[i][r] = init;
         }
         for (int j = j0; j < j1; j++) {
             __m512i wv[TR];
             for (int r = 0; r < TR; r++) wv[r] = _mm512_load_si512(w[r]->qs + 64 * j);
-            for (int i = 0; i < TT; i++) {
+            for (int i = 0; i < tt; i++) {
                 const __m512i xv = _mm512_load_si512(x[i]->qs + 64 * j);
                 for (int r = 0; r < TR; r++) c[i][r] = _mm512_dpbusd_epi32(c[i][r], wv[r], xv);
             }
         }
-        for (int i = 0; i < TT; i++) {
+        for (int i = 0; i < tt; i++) {
             const __m512 dx = _mm512_load_ps(x[i]->d);
             for (int r = 0; r < TR; r++) {
                 const __m512 s = _mm512_mul_ps(_mm512_load_ps(half ? w[r]->sb : w[r]->sa), dx);
@@ -439,7 +441,7 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
     }
     if (mins)
         for (int half = 0; half <= split; half++)
-            for (int i = 0; i < TT; i++) {
+            for (int i = 0; i < tt; i++) {
                 const __m512 m = _mm512_load_ps(half ? x[i]->mb : x[i]->ma);
                 for (int r = 0; r < TR; r++)
                     acc[r * TC + i] = _mm512_fmadd_ps(m, _mm512_load_ps(half ? w[r]->wb : w[r]->wa), acc[r * TC + i]);
@@ -448,21 +450,21 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
 
 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(
     float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
-    const int split, const int mins) {
+    const int tt, const int split, const int mins) {
     const int nrp = (nr + TR - 1) / TR * TR;
     __m512 acc[INT8_ROWS * TC];
     for (int64_t t0 = 0; t0 < nt; t0 += TC) {
-        const int tc = (int)(nt - t0 < TC ? nt - t0 : TC), tcp = (tc + TT - 1) / TT * TT;
+        const int tc = (int)(nt - t0 < TC ? nt - t0 : TC), tcp = (tc + tt - 1) / tt * tt;
         for (int r = 0; r < nrp; r++)
             for (int i = 0; i < tcp; i++) acc[r * TC + i] = _mm512_setzero_ps();
         for (int64_t g = 0; g < ng; g++)
             for (int r0 = 0; r0 < nrp; r0 += TR) {
                 const wgt_group *wg[TR];
                 for (int r = 0; r < TR; r++) wg[r] = w[r0 + r < nr ? r0 + r : nr - 1] + g;
-                for (int i0 = 0; i0 < tc; i0 += TT) {
+                for (int i0 = 0; i0 < tc; i0 += tt) {
                     const act_group *xg[TT];
-                    for (int i = 0; i < TT; i++) xg[i] = x + (t0 + (i0 + i < tc ? i0 + i : tc - 1)) * ng + g;
-                    group_avx512(acc + r0 * TC + i0, wg, xg, split, mins);
+                    for (int i = 0; i < tt; i++) xg[i] = x + (t0 + (i0 + i < tc ? i0 + i : tc - 1)) * ng + g;
+                    group_avx512(acc + r0 * TC + i0, wg, xg, tt, split, mins);
                 }
             }
         for (int i = 0; i < tc; i++)
@@ -470,13 +472,23 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
     }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int8_tile_avx512vnni(
-    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
-    const int8_type *t) {
-    if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, 1, 1);
-    else if (t->split) tile_avx512(out, ldo, x, nt, w, nr, ng, 1, 0);
-    else if (t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, 0, 1);
-    else tile_avx512(out, ldo, x, nt, w, nr, ng, 0, 0);
+/* One build per tile width and type shape; the narrow one (one token at a time) serves passes of fewer tokens
+ * than a tile, such as one-token encoding, without computing padded tokens. */
+#define TILES_AVX512(NAME, TT_)                                                                                   \
+    __attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void NAME(                        \
+        float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng, \
+        const int8_type *t) {                                                                                   \
+        if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 1, 1);                           \
+        else if (t->split) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 1, 0);                                 \
+        else if (t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 0, 1);                                  \
+        else tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 0, 0);                                               \
+    }
+TILES_AVX512(tiles_avx512_wide, TT)
+TILES_AVX512(tiles_avx512_narrow, 1)
+
+static void int8_tile_avx512vnni(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w,
+                                 int nr, int64_t ng, const int8_type *t) {
+    (nt < TT ? tiles_avx512_narrow : tiles_avx512_wide)(out, ldo, x, nt, w, nr, ng, t);
 }
 
 /* ---- AVX2: 2 rows x 2 tokens, a group as two 8-lane halves (lanes 0-7, 8-15) ---------------------------------
