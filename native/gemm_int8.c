@@ -21,6 +21,7 @@
  * in every variant (reference, AVX2, AVX-512 VNNI): integer sums are exact, so the variants agree bit for bit.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -85,18 +86,20 @@ INLINE void levels_q4_1(const void *src, int lanes, uint8_t *restrict lev, float
 
 /* Q5_0 / Q5_1: nibbles plus the fifth bit, bit v of the little-endian qh word: each qh byte spreads to eight
  * level bytes through a table (bit i -> 16 in byte i). */
-static const uint64_t *fifth_bits(void) {
-    static uint64_t table[256];
-    static int ready;
-    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {   /* idempotent: racing threads write the same values */
-        for (int v = 0; v < 256; v++) {
-            uint64_t t = 0;
-            for (int i = 0; i < 8; i++) t |= (uint64_t)(((v >> i) & 1) << 4) << (8 * i);
-            table[v] = t;
-        }
-        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+static uint64_t fifth_bit_table[256];
+static pthread_once_t fifth_bit_once = PTHREAD_ONCE_INIT;
+
+static void fill_fifth_bits(void) {
+    for (int v = 0; v < 256; v++) {
+        uint64_t t = 0;
+        for (int i = 0; i < 8; i++) t |= (uint64_t)(((v >> i) & 1) << 4) << (8 * i);
+        fifth_bit_table[v] = t;
     }
-    return table;
+}
+
+static const uint64_t *fifth_bits(void) {
+    pthread_once(&fifth_bit_once, fill_fifth_bits);
+    return fifth_bit_table;
 }
 
 INLINE void add_fifth_bits(uint8_t *restrict lev, const uint8_t qh[4], const uint64_t *table) {
@@ -325,15 +328,21 @@ INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict
             }                                                                                                   \
             for (int l = 0; l < lanes; l++) {                                                                   \
                 const float *xb = x + g * INT8_GROUP + 32 * l;                                                  \
-                float amax = 0.0f;                                                                              \
+                float amax = 0.0f, nonfinite = 0.0f; /* x * 0 is NaN for inf and NaN, +-0 otherwise */           \
                 for (int i = 0; i < 32; i++) {                                                                  \
                     const float a = fabsf(xb[i]);                                                               \
                     amax = a > amax ? a : amax;                                                                 \
+                    nonfinite += xb[i] * 0.0f;                                                                  \
                 }                                                                                               \
-                const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;                                \
+                /* a non-finite value makes the block's scale NaN, and so every output of the token */        \
+                const float d = amax / 127.0f + nonfinite, id = d != 0.0f ? 1.0f / d : 0.0f;                    \
                 int32_t lo = 0, hi = 0;                                                                         \
-                for (int i = 0; i < 16; i++) lo += q[32 * l + i] = (int8_t)nearbyintf(xb[i] * id);             \
-                for (int i = 16; i < 32; i++) hi += q[32 * l + i] = (int8_t)nearbyintf(xb[i] * id);            \
+                for (int i = 0; i < 32; i++) {                                                                  \
+                    const float r = nearbyintf(xb[i] * id);                                                     \
+                    q[32 * l + i] = (int8_t)(fabsf(r) <= 127.0f ? r : 0.0f); /* NaN: 0, a defined cast */      \
+                }                                                                                               \
+                for (int i = 0; i < 16; i++) lo += q[32 * l + i];                                               \
+                for (int i = 16; i < 32; i++) hi += q[32 * l + i];                                              \
                 const int32_t first = t->split ? lo : lo + hi;                                                  \
                 o->d[l] = d;                                                                                    \
                 o->ia[l] = -t->zero * first;                                                                    \

@@ -126,6 +126,17 @@ def test_int8_kernels_hold_q8_0_levels_at_the_extremes():
         np.testing.assert_allclose(got, exact, rtol=1e-6, err_msg=kernel)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_int8_kernels_turn_every_output_of_a_token_with_a_non_finite_activation_into_nan(bad):
+    rng = np.random.default_rng(4)
+    raw, _, t = stored(rng, 6, 544, "Q8_0")
+    x = rng.standard_normal((3, 544)).astype(np.float32)
+    x[1, 300] = bad
+    for kernel in INT8_KERNELS:
+        got = _with_kernel(kernel, lambda: native.matmul(raw, t.ggml, (6, 544), x))
+        assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all(), kernel
+
+
 def test_unknown_or_unsupported_kernel_is_a_clear_error():
     with pytest.raises(native.DggufError, match="unknown matmul kernel"):
         native.set_matmul_kernel("avx1024")
