@@ -258,6 +258,27 @@ def test_quantized_results_are_bit_identical_for_any_thread_count_under_int8(qua
         native.set_matmul_kernel(before)
 
 
+@pytest.mark.parametrize("kernel_name", [FLOAT_KERNEL] + INT8_KERNELS[-1:])
+def test_a_long_pass_equals_its_chunks_through_the_chunked_moe(quantized_files, kernel_name):
+    """600 tokens in one encoder pass run the MoE in token chunks (of 256); the cache they leave must equal the one
+    left by encoding the same tokens in short passes."""
+    g = read_gguf(quantized_files("k256:Q4_K_M"))
+    cfg = read_model_config(g)
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, 600, dtype=np.int32)
+    before = native.matmul_kernel()
+    try:
+        native.set_matmul_kernel(kernel_name)
+        model = NativeModel(g, cfg, threads=2)
+        whole, parts = model.new_cache(700), model.new_cache(700)
+        whole.encode(ids)
+        for part in np.array_split(ids, [7, 200, 457]):
+            parts.encode(part)
+        canvas = ids[:cfg.canvas_length]
+        assert np.array_equal(whole.decode(canvas), parts.decode(canvas))
+    finally:
+        native.set_matmul_kernel(before)
+
+
 def test_results_are_bit_identical_for_any_thread_count(cases, kernel):
     case = cases("odd")
     one = _native_logits(case, threads=1, later=True, sc=case.sc)
