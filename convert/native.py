@@ -70,8 +70,11 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return out
 
 
+MATMUL_KERNELS = ("reference", "int8-reference", "avx2", "int8-avx2", "avx512", "int8-avx512vnni")
+
+
 def matmul_kernel() -> str:
-    """The matmul kernel in use: reference, avx2 or avx512."""
+    """The matmul kernel in use (one of MATMUL_KERNELS; the int8-* ones quantize activations for quantized weights)."""
     return ffi.string(lib.dg_matmul_kernel()).decode()
 
 
@@ -84,7 +87,7 @@ def set_matmul_kernel(name: str) -> None:
 def matmul_kernels() -> list[str]:
     """Every kernel this CPU can run, the reference first."""
     current, usable = matmul_kernel(), []
-    for name in ("reference", "avx2", "avx512"):
+    for name in MATMUL_KERNELS:
         try:
             set_matmul_kernel(name)
             usable.append(name)

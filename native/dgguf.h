@@ -52,8 +52,9 @@ void dg_bf16_to_f32(const uint16_t *src, float *dst, int64_t n);
 /* Comma-separated CPU features the dispatcher found ("avx2,fma,avx512f,avx512bw,avx512vnni" or "scalar"). */
 const char *dg_cpu_features(void);
 
-/* The matmul kernel in use ("reference", "avx2" or "avx512"), and a switch between them (process-wide; for
- * tests and benchmarks). The best one the CPU supports is chosen at load. */
+/* The matmul kernel in use ("reference", "avx2", "avx512": float activations; "int8-reference", "int8-avx2",
+ * "int8-avx512vnni": int8 activations for quantized weights), and a switch between them (process-wide; for tests
+ * and benchmarks). The best one the CPU supports is chosen at load (docs/runtime.md, "Matmul kernels"). */
 const char *dg_matmul_kernel(void);
 int dg_set_matmul_kernel(const char *name, char *err, size_t errlen);
 

@@ -1,7 +1,7 @@
-/* gemm.c: the matmul inner kernel, out[t, r] = x[t, :] . w[r, :] over a block of weight rows already in
- * float32, in three variants chosen once at run time: the plain reference (dot_ref's 8 lanes), AVX2+FMA and
- * AVX-512. The SIMD kernels compute a tile of 4 rows x 4 tokens with one vector accumulator per output over
- * the row length, so each output depends only on its own row and token: results do not depend on how rows
+/* gemm.c: the float matmul inner kernel, out[t, r] = x[t, :] . w[r, :] over a block of weight rows already in
+ * float32, and the kernel table (which adds the int8-activation kernels of gemm_int8.c). Three float variants:
+ * the plain reference (dot_ref's 8 lanes), AVX2+FMA and AVX-512. The SIMD kernels compute a tile of 4 rows x
+ * 4 tokens with one vector accumulator per output over the row length, so each output depends only on its own row and token: results do not depend on how rows
  * are split across threads or grouped into tiles. Variants differ from each other in the last bits (fused
  * multiply-add, lane order); tests hold every variant to the same bounds against transformers.
  */
@@ -201,14 +201,21 @@ typedef struct {
     tile_fn fn;
     axpy_fn axpy;
     axpy_f32_fn axpy_f32;
-    const char *needs;          /* feature in dg_cpu_features(), or NULL */
+    const int8_kernel *int8;    /* NULL: float activations for every weight type */
+    const char *needs;          /* features in dg_cpu_features(), or NULL */
+    int automatic;              /* a candidate for the default */
 } kernel;
 
+/* In order of preference for the default (later is better); the int8 kernels take quantized weights with int8
+ * activations and F32/F16/BF16 weights through their level's float kernel. */
 static const kernel KERNELS[] = {
-    {"reference", tile_ref, axpy_ref, axpy_f32_ref, NULL},
+    {"reference", tile_ref, axpy_ref, axpy_f32_ref, NULL, NULL, 1},
+    {"int8-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, NULL, 0},
 #if defined(__x86_64__)
-    {"avx2", tile_avx2, axpy_ref, axpy_f32_avx2, "avx2"},
-    {"avx512", tile_avx512, axpy_avx512, axpy_f32_avx512, "avx512f"},
+    {"avx2", tile_avx2, axpy_ref, axpy_f32_avx2, NULL, "avx2", 1},
+    {"int8-avx2", tile_avx2, axpy_ref, axpy_f32_avx2, &INT8_AVX2, "avx2", 1},
+    {"avx512", tile_avx512, axpy_avx512, axpy_f32_avx512, NULL, "avx512f", 1},
+    {"int8-avx512vnni", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, "avx512vnni", 1},
 #endif
 };
 enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
@@ -219,14 +226,15 @@ static pthread_once_t choose_once = PTHREAD_ONCE_INIT;
 static int supported(const kernel *k) { return !k->needs || strstr(dg_cpu_features(), k->needs) != NULL; }
 
 /* The best kernel the CPU has. DGGUF_NO_SIMD=X turns off instruction set X and everything above it ("avx512"
- * leaves AVX2, "avx2" the reference); any other non-empty value but "0" forces the reference. */
+ * leaves AVX2 with int8 activations, "avx2" the float reference); any other non-empty value but "0" forces the
+ * reference. */
 static void choose_kernel(void) {
     const char *off = getenv("DGGUF_NO_SIMD");
     const kernel *best = &KERNELS[0];
     if (!off || !*off || strcmp(off, "0") == 0 || strcmp(off, "avx2") == 0 || strcmp(off, "avx512") == 0)
         for (int i = 1; i < N_KERNELS; i++) {
             if (off && strcmp(off, KERNELS[i].name) == 0) break;
-            if (supported(&KERNELS[i])) best = &KERNELS[i];
+            if (KERNELS[i].automatic && supported(&KERNELS[i])) best = &KERNELS[i];
         }
     __atomic_store_n(&active, best, __ATOMIC_RELEASE);
 }
@@ -238,6 +246,8 @@ static const kernel *current(void) {
 }
 
 tile_fn matmul_tile(void) { return current()->fn; }
+
+const int8_kernel *matmul_int8(void) { return current()->int8; }
 
 axpy_fn soft_embed_axpy(void) { return current()->axpy; }
 

@@ -1,4 +1,5 @@
-/* gemm.h: the matmul inner kernel (native/gemm.c), internal to the native library. */
+/* gemm.h: the matmul inner kernels (native/gemm.c: float activations; native/gemm_int8.c: int8 activations),
+ * internal to the native library. */
 #ifndef DGGUF_GEMM_H
 #define DGGUF_GEMM_H
 
@@ -19,8 +20,57 @@ typedef void (*axpy_f32_fn)(float *y, float a, const float *x, int64_t n);
 /* The reference dot product (8 lanes, fixed order). */
 float dot_ref(const float *a, const float *b, int64_t n);
 
+/* ---- int8 activations against quantized weights (gemm_int8.c) ----------------------------------------------
+ * K values are cut into groups of 512 (16 blocks of 32, the last group zero-padded), stored lane per block: byte
+ * 64 j + 4 L + i of a group is value 4 j + i of block L. */
+enum { INT8_GROUP = 512, INT8_ROWS = 32 };
+
+/* One group of a quantized activation row: int8 values, the scale of each block, and the terms of the weight
+ * type's offset (ia, ib: -zero * sum of qx over the block or its two halves) and mins (ma, mb: dx * sum qx). */
+typedef struct {
+    _Alignas(64) int8_t qs[INT8_GROUP];
+    float d[16];
+    int32_t ia[16], ib[16];
+    float ma[16], mb[16];
+} act_group;
+
+/* One group of an unpacked weight row: unsigned levels, scales per block (sa) or per half block (sa, sb), mins. */
+typedef struct {
+    _Alignas(64) uint8_t qs[INT8_GROUP];
+    float sa[16], sb[16];
+    float wa[16], wb[16];
+} wgt_group;
+
+typedef struct int8_type int8_type;
+
+/* The integer view of a stored type, or NULL when the type has none (F32, F16, BF16). */
+const int8_type *int8_type_of(int type);
+int64_t int8_groups(int64_t k);
+
+/* One stored row of k values into int8_groups(k) groups. */
+typedef void (*int8_unpack_fn)(const int8_type *t, const void *row, int64_t k, wgt_group *out);
+/* One token's k floats into int8_groups(k) groups, with the terms type t needs. */
+typedef void (*int8_quantize_fn)(const int8_type *t, const float *x, int64_t k, act_group *out);
+/* out[i * ldo + r] = x[i] . w[r] for i < nt tokens (ng groups each), r < nr (nr <= INT8_ROWS) unpacked rows. */
+typedef void (*int8_tile_fn)(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w,
+                             int nr, int64_t ng, const int8_type *t);
+
+/* One instruction set's int8 functions; every one gives the reference's bits. */
+typedef struct {
+    int8_tile_fn tile;
+    int8_unpack_fn unpack;
+    int8_quantize_fn quantize;
+} int8_kernel;
+
+extern const int8_kernel INT8_REFERENCE;
+#if defined(__x86_64__)
+extern const int8_kernel INT8_AVX2, INT8_AVX512VNNI;
+#endif
+
 /* The active kernels. */
 tile_fn matmul_tile(void);
+/* NULL when the active kernel keeps float activations for every weight type. */
+const int8_kernel *matmul_int8(void);
 axpy_fn soft_embed_axpy(void);
 axpy_f32_fn attention_axpy(void);
 

@@ -17,6 +17,8 @@
 #define FAIL(code, ...) do { snprintf(err, errlen, __VA_ARGS__); return (code); } while (0)
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+enum { MOE_CHUNK = 256 };   /* tokens per MoE pass: bounds the expert slot buffers */
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* ---- the KV cache ----------------------------------------------------------------------------------- */
@@ -237,10 +239,10 @@ typedef struct {
     float *x, *tmp, *h1, *h2;                  /* [n, H] */
     float *q, *att;                            /* [n, n_heads * d_max] */
     float *k, *v;                              /* [n, kv_max]: this pass's keys and values */
-    float *g, *u;                              /* [n, max(F, 2I)] */
-    float *xs, *ys;                            /* one expert's tokens: [n, H] in and out */
-    int *sel;                                  /* [n] tokens routed to the current expert */
-    float *sel_w;                              /* [n] their weights */
+    float *g, *u;                              /* [n, F] (dense MLP) or [chunk * top_k, 2I] (expert slots) */
+    float *xs, *ys;                            /* expert slots: [chunk * top_k, H] in and out */
+    int *sel;                                  /* [chunk * top_k] the token of each slot */
+    float *sel_w;                              /* [chunk * top_k] its routing weight */
     float *router;                             /* [n, E] */
     int *top_idx;                              /* [n, top_k] */
     float *top_w;                              /* [n, top_k] */
@@ -259,7 +261,8 @@ static void *alloc_f(int64_t count) { return malloc((size_t)max64(count, 1) * si
 
 static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int64_t n, char *err, size_t errlen) {
     memset(s, 0, sizeof *s);
-    const int64_t H = m->hidden, I = m->expert_ff, wide = max64(m->dense_ff, 2 * I);
+    const int64_t H = m->hidden, I = m->expert_ff, slots = min64(n, MOE_CHUNK) * m->top_k;
+    const int64_t wide = max64(n * m->dense_ff, slots * 2 * I);
     int64_t d_max = 0, kv_max = 0, held_max = 0;
     for (int l = 0; l < m->n_layers; l++) {
         d_max = max64(d_max, m->layers[l].head_dim);
@@ -274,9 +277,9 @@ static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int
     s->h1 = alloc_f(n * H); s->h2 = alloc_f(n * H);
     s->q = alloc_f(n * m->n_heads * d_max); s->att = alloc_f(n * m->n_heads * d_max);
     s->k = alloc_f(n * kv_max); s->v = alloc_f(n * kv_max);
-    s->g = alloc_f(n * wide); s->u = alloc_f(n * wide);
-    s->xs = alloc_f(n * H); s->ys = alloc_f(n * H);
-    s->sel = malloc((size_t)n * sizeof(int)); s->sel_w = alloc_f(n);
+    s->g = alloc_f(wide); s->u = alloc_f(wide);
+    s->xs = alloc_f(slots * H); s->ys = alloc_f(slots * H);
+    s->sel = malloc((size_t)slots * sizeof(int)); s->sel_w = alloc_f(slots);
     s->router = alloc_f(n * m->n_experts);
     s->top_idx = malloc((size_t)(n * m->top_k) * sizeof(int)); s->top_w = alloc_f(n * m->top_k);
     s->inv_freq = alloc_f(d_max / 2);
@@ -447,34 +450,54 @@ static int route(const dg_model *m, const dg_layer *ly, run_state *s, char *err,
     return DG_OK;
 }
 
+/* act[c] = gelu(gate[c]) * up[c] for slots [lo, hi), gate and up the two halves of each row of g ([2I]). */
+typedef struct {
+    const run_state *s;
+    int64_t I;
+} gated_job;
+
+static void gated_slots(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const gated_job *j = ctx;
+    for (int64_t c = lo; c < hi; c++) {
+        float *gu = j->s->g + c * 2 * j->I, *a = j->s->u + c * j->I;
+        gelu_tanh(gu, j->I);
+        for (int64_t i = 0; i < j->I; i++) a[i] = gu[i] * gu[j->I + i];
+    }
+}
+
 /* MoE into s->h2: moe[t] = sum over t's experts e (ascending) of w * down_e(gelu(gate_e(xe)) * up_e(xe)),
- * xe = rms_w(h, pre_ffw_norm_2); gate_up_exps matrix e holds the gate rows, then the up rows. Each expert's
- * weights are read once for all the tokens routed to it. */
+ * xe = rms_w(h, pre_ffw_norm_2); gate_up_exps matrix e holds the gate rows, then the up rows. Tokens go in chunks
+ * of MOE_CHUNK (the slot buffers stay that size however long the pass); in a chunk the (token, expert) pairs are
+ * grouped by expert into slots (expert e's tokens, ascending, in slots off[e] .. off[e + 1] - 1), and each
+ * projection runs every expert in one grouped matmul, its experts and row blocks shared across threads. */
 static int moe(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
-    const int64_t n = s->n, H = m->hidden, I = m->expert_ff, K = m->top_k;
+    const int64_t n = s->n, H = m->hidden, I = m->expert_ff, K = m->top_k, E = m->n_experts;
     int rc;
     if ((rc = route(m, ly, s, err, errlen)) != DG_OK) return rc;
     for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->h + t * H, ly->pre_ffw_norm_2.data, H, m->eps);
     memset(s->h2, 0, (size_t)(n * H) * sizeof(float));
-    for (int e = 0; e < m->n_experts; e++) {
-        int64_t cnt = 0;
-        for (int64_t t = 0; t < n; t++)
-            for (int64_t k = 0; k < K; k++)
-                if (s->top_idx[t * K + k] == e) {
-                    s->sel[cnt] = (int)t;
-                    s->sel_w[cnt] = s->top_w[t * K + k];
-                    memcpy(s->xs + cnt * H, s->x + t * H, (size_t)H * sizeof(float));
-                    cnt++;
-                }
-        if (!cnt) continue;
-        if ((rc = matmul(s->pool, s->g, s->xs, &ly->ffn_gate_up_exps, e, cnt, err, errlen)) != DG_OK) return rc;
-        for (int64_t c = 0; c < cnt; c++) {            /* act = gelu(gate) * up, packed [cnt, I] into s->u */
-            float *gu = s->g + c * 2 * I, *a = s->u + c * I;
-            gelu_tanh(gu, I);
-            for (int64_t i = 0; i < I; i++) a[i] = gu[i] * gu[I + i];
+    int64_t off[E + 1];
+    for (int64_t t0 = 0; t0 < n; t0 += MOE_CHUNK) {
+        const int64_t t1 = min64(n, t0 + MOE_CHUNK);
+        off[0] = 0;
+        for (int64_t e = 0; e < E; e++) {
+            int64_t c = off[e];
+            for (int64_t t = t0; t < t1; t++)
+                for (int64_t k = 0; k < K; k++)
+                    if (s->top_idx[t * K + k] == e) {
+                        s->sel[c] = (int)t;
+                        s->sel_w[c] = s->top_w[t * K + k];
+                        memcpy(s->xs + c * H, s->x + t * H, (size_t)H * sizeof(float));
+                        c++;
+                    }
+            off[e + 1] = c;
         }
-        if ((rc = matmul(s->pool, s->ys, s->u, &ly->ffn_down_exps, e, cnt, err, errlen)) != DG_OK) return rc;
-        for (int64_t c = 0; c < cnt; c++) {
+        if ((rc = matmul_grouped(s->pool, s->g, s->xs, &ly->ffn_gate_up_exps, off, err, errlen)) != DG_OK)
+            return rc;
+        gated_job gj = {s, I};
+        parallel_for(s->pool, off[E], gated_slots, &gj);
+        if ((rc = matmul_grouped(s->pool, s->ys, s->u, &ly->ffn_down_exps, off, err, errlen)) != DG_OK) return rc;
+        for (int64_t c = 0; c < off[E]; c++) {     /* slot order: each token's experts ascending */
             float *out = s->h2 + (int64_t)s->sel[c] * H;
             const float *y = s->ys + c * H;
             for (int64_t i = 0; i < H; i++) out[i] += y[i] * s->sel_w[c];

@@ -225,31 +225,32 @@ size_t tensor_row_bytes(const dg_tensor *w) {
     return (size_t)(w->ne0 / bs * ts);
 }
 
-/* Per-thread row buffers of ncols floats; NULL on allocation failure. */
-static float **alloc_rows(int n_threads, int64_t ncols) {
-    float **rows = calloc((size_t)n_threads, sizeof *rows);
-    if (!rows) return NULL;
+/* Per-thread scratch of `bytes` bytes each, 64-byte aligned; NULL on allocation failure. */
+static void **alloc_scratch(int n_threads, size_t bytes) {
+    void **bufs = calloc((size_t)n_threads, sizeof *bufs);
+    if (!bufs) return NULL;
+    bytes = (bytes + 63) / 64 * 64;
     for (int i = 0; i < n_threads; i++) {
-        rows[i] = malloc((size_t)ncols * sizeof(float));
-        if (!rows[i]) {
-            for (int k = 0; k < i; k++) free(rows[k]);
-            free(rows);
+        bufs[i] = aligned_alloc(64, bytes ? bytes : 64);
+        if (!bufs[i]) {
+            for (int k = 0; k < i; k++) free(bufs[k]);
+            free(bufs);
             return NULL;
         }
     }
-    return rows;
+    return bufs;
 }
 
-static void free_rows(float **rows, int n_threads) {
-    if (!rows) return;
-    for (int i = 0; i < n_threads; i++) free(rows[i]);
-    free(rows);
+static void free_scratch(void **bufs, int n_threads) {
+    if (!bufs) return;
+    for (int i = 0; i < n_threads; i++) free(bufs[i]);
+    free(bufs);
 }
 
-/* What a worker needs beside its job: buffers for dequantized weight rows, and where it reports a failure
- * (-1: a row would not dequantize, -2: out of memory). */
+/* What a worker needs beside its job: a buffer for weight rows (dequantized floats or unpacked int8 groups), and
+ * where it reports a failure (-1: a row would not dequantize, -2: out of memory). */
 typedef struct {
-    float **rowbuf;              /* per thread */
+    void **rowbuf;               /* per thread */
     int *status;                 /* per thread */
 } weight_scratch;
 
@@ -262,22 +263,22 @@ static size_t checked_row_bytes(const char *op, const dg_tensor *w, char *err, s
     return rb;
 }
 
-/* Runs fn over [0, n) on the pool with buf_rows rows of w per thread to dequantize into (sc lives in job),
- * then turns the workers' statuses into one error. */
-static int run_with_rows(dg_pool *p, const char *op, const dg_tensor *w, int64_t buf_rows, int64_t n,
+/* Runs fn over [0, n) on the pool with buf_bytes of scratch per thread (sc lives in job), then turns the
+ * workers' statuses into one error. */
+static int run_with_rows(dg_pool *p, const char *op, const dg_tensor *w, size_t buf_bytes, int64_t n,
                          void (*fn)(void *, int64_t, int64_t, int), void *job, weight_scratch *sc,
                          char *err, size_t errlen) {
     const int nt = pool_threads(p);
     int status[nt];
     memset(status, 0, sizeof status);
     sc->status = status;
-    sc->rowbuf = alloc_rows(nt, buf_rows * w->ne0);
+    sc->rowbuf = alloc_scratch(nt, buf_bytes);
     if (!sc->rowbuf) {
         snprintf(err, errlen, "%s: out of memory", op);
         return DG_E_VALUE;
     }
     parallel_for(p, n, fn, job);
-    free_rows(sc->rowbuf, nt);
+    free_scratch(sc->rowbuf, nt);
     for (int i = 0; i < nt; i++) {
         if (status[i] == -2) {
             snprintf(err, errlen, "%s: out of memory", op);
@@ -291,41 +292,79 @@ static int run_with_rows(dg_pool *p, const char *op, const dg_tensor *w, int64_t
     return DG_OK;
 }
 
+enum { TILE_ROWS = 4 };   /* rows per item for the float kernels; INT8_ROWS for the int8 ones */
+
+/* The grouped matmul's work: items of up to `rows` rows of one matrix, each weighted by its token count. */
 typedef struct {
     float *out;
     const float *x;
-    const char *base;            /* first row of the matrix */
+    const act_group *xq;         /* int8 path: x quantized, ng groups per token */
+    const int64_t *off;          /* tokens of matrix e: off[e] .. off[e + 1] - 1 */
+    const char *base;            /* first row of the first matrix */
     size_t row_bytes;
     int type;
-    int64_t ncols, nrows, n;
+    int64_t ncols, nrows, ng, rows;
     tile_fn tile;
-    weight_scratch sc;           /* TILE_ROWS rows of ncols floats per thread */
+    const int8_kernel *k8;       /* NULL: float activations */
+    const int8_type *t8;
+    int64_t n_items;
+    const int64_t *start;        /* work before item i (token-rows); the total at n_items */
+    const int32_t *mat;          /* matrix of item i */
+    const int64_t *row;          /* first row of item i */
+    weight_scratch sc;           /* `rows` rows per thread */
 } matmul_job;
 
-enum { TILE_ROWS = 4 };
-
-/* Rows [lo, hi) in blocks of TILE_ROWS: dequantize the block once (F32 rows are used in place), then let the
- * kernel take every token against it. */
-static void matmul_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
+/* Items whose start lies in [lo, hi): each item is one thread's whole, so any split gives the same bits. */
+static void matmul_items(void *ctx, int64_t lo, int64_t hi, int thread) {
     matmul_job *j = ctx;
     char err[8];
-    for (int64_t r0 = lo; r0 < hi; r0 += TILE_ROWS) {
-        const int nr = (int)(hi - r0 < TILE_ROWS ? hi - r0 : TILE_ROWS);
+    int64_t a = 0, b = j->n_items;               /* first item starting at or after lo */
+    while (a < b) {
+        const int64_t m = (a + b) / 2;
+        if (j->start[m] < lo) a = m + 1; else b = m;
+    }
+    for (int64_t it = a; it < j->n_items && j->start[it] < hi; it++) {
+        const int64_t e = j->mat[it], r0 = j->row[it], t0 = j->off[e], nt = j->off[e + 1] - t0;
+        const int nr = (int)(j->nrows - r0 < j->rows ? j->nrows - r0 : j->rows);
+        const char *src = j->base + ((size_t)e * (size_t)j->nrows + (size_t)r0) * j->row_bytes;
+        float *out = j->out + t0 * j->nrows + r0;
+        if (j->k8) {
+            wgt_group *buf = j->sc.rowbuf[thread];
+            const wgt_group *rows[INT8_ROWS];
+            for (int i = 0; i < nr; i++) {
+                rows[i] = buf + i * j->ng;
+                j->k8->unpack(j->t8, src + (size_t)i * j->row_bytes, j->ncols, buf + i * j->ng);
+            }
+            j->k8->tile(out, j->nrows, j->xq + t0 * j->ng, nt, rows, nr, j->ng, j->t8);
+            continue;
+        }
         const float *rows[TILE_ROWS];
         for (int i = 0; i < nr; i++) {
-            const void *src = j->base + (size_t)(r0 + i) * j->row_bytes;
-            rows[i] = src;
+            rows[i] = (const float *)(src + (size_t)i * j->row_bytes);
             if (j->type != DG_TYPE_F32) {
-                float *buf = j->sc.rowbuf[thread] + (size_t)i * (size_t)j->ncols;
-                if (dg_dequantize_rows(j->type, src, buf, 1, j->ncols, err, sizeof err) != 0) {
+                float *buf = (float *)j->sc.rowbuf[thread] + (size_t)i * (size_t)j->ncols;
+                if (dg_dequantize_rows(j->type, src + (size_t)i * j->row_bytes, buf, 1, j->ncols, err, sizeof err) != 0) {
                     j->sc.status[thread] = -1;
                     return;
                 }
                 rows[i] = buf;
             }
         }
-        j->tile(j->out + r0, j->nrows, j->x, j->n, rows, nr, j->ncols);
+        j->tile(out, j->nrows, j->x + t0 * j->ncols, nt, rows, nr, j->ncols);
     }
+}
+
+typedef struct {
+    act_group *xq;
+    const float *x;
+    int64_t ncols, ng;
+    const int8_kernel *k8;
+    const int8_type *t8;
+} quantize_job;
+
+static void quantize_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const quantize_job *j = ctx;
+    for (int64_t t = lo; t < hi; t++) j->k8->quantize(j->t8, j->x + t * j->ncols, j->ncols, j->xq + t * j->ng);
 }
 
 int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float *out, int n_threads,
@@ -340,19 +379,60 @@ int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float 
     return rc;
 }
 
-
 int matmul(dg_pool *p, float *out, const float *x, const dg_tensor *w, int64_t mat, int64_t n,
            char *err, size_t errlen) {
-    const size_t rb = checked_row_bytes("matmul", w, err, errlen);
-    if (rb == 0) return DG_E_TYPE;
     if (mat < 0 || mat >= w->ne2) {
         snprintf(err, errlen, "matmul: matrix %lld of %lld", (long long)mat, (long long)w->ne2);
         return DG_E_SHAPE;
     }
+    int64_t off[w->ne2 + 1];
+    for (int64_t e = 0; e <= w->ne2; e++) off[e] = e > mat ? n : 0;
+    return matmul_grouped(p, out, x, w, off, err, errlen);
+}
+
+int matmul_grouped(dg_pool *p, float *out, const float *x, const dg_tensor *w, const int64_t *off,
+                   char *err, size_t errlen) {
+    const size_t rb = checked_row_bytes("matmul", w, err, errlen);
+    if (rb == 0) return DG_E_TYPE;
+    const int64_t E = w->ne2, R = w->ne1, K = w->ne0, n = off[E];
     if (n <= 0) return DG_OK;
-    matmul_job j = {out, x, (const char *)w->data + (size_t)mat * (size_t)w->ne1 * rb, rb, w->type,
-                    w->ne0, w->ne1, n, matmul_tile(), {0}};
-    return run_with_rows(p, "matmul", w, TILE_ROWS, w->ne1, matmul_rows, &j, &j.sc, err, errlen);
+    const int8_kernel *k8 = matmul_int8();
+    const int8_type *t8 = k8 ? int8_type_of(w->type) : NULL;
+    if (!t8) k8 = NULL;
+    const int64_t rows = k8 ? INT8_ROWS : TILE_ROWS, per_mat = (R + rows - 1) / rows;
+    const int64_t ng = int8_groups(K);
+    int64_t *start = malloc((size_t)(E * per_mat + 1) * sizeof *start), *row = malloc((size_t)(E * per_mat) * sizeof *row);
+    int32_t *mats = malloc((size_t)(E * per_mat) * sizeof *mats);
+    act_group *xq = k8 ? aligned_alloc(64, (size_t)n * (size_t)ng * sizeof *xq) : NULL;
+    int rc = DG_OK;
+    if (!start || !row || !mats || (k8 && !xq)) {
+        snprintf(err, errlen, "matmul: out of memory");
+        rc = DG_E_VALUE;
+        goto done;
+    }
+    int64_t items = 0, work = 0;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t r0 = 0; r0 < R && off[e + 1] > off[e]; r0 += rows, items++) {
+            start[items] = work;
+            mats[items] = (int32_t)e;
+            row[items] = r0;
+            work += (off[e + 1] - off[e]) * (R - r0 < rows ? R - r0 : rows);
+        }
+    start[items] = work;
+    if (k8) {
+        quantize_job q = {xq, x, K, ng, k8, t8};
+        parallel_for(p, n, quantize_tokens, &q);
+    }
+    matmul_job j = {out, x, xq, off, w->data, rb, w->type, K, R, ng, rows, matmul_tile(), k8, t8,
+                    items, start, mats, row, {0}};
+    const size_t buf = (size_t)rows * (k8 ? (size_t)ng * sizeof(wgt_group) : (size_t)K * sizeof(float));
+    rc = run_with_rows(p, "matmul", w, buf, work, matmul_items, &j, &j.sc, err, errlen);
+done:
+    free(start);
+    free(row);
+    free(mats);
+    free(xq);
+    return rc;
 }
 
 /* ---- soft embedding --------------------------------------------------------------------------------- */
@@ -399,7 +479,7 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
         const void *src = j->base + (size_t)v0 * j->row_bytes;
         const float *wb = src;
         if (j->type != DG_TYPE_F32) {
-            if (dg_dequantize_rows(j->type, src, j->sc.rowbuf[thread], nv, H, err, sizeof err) != 0) {
+            if (dg_dequantize_rows(j->type, src, (float *)j->sc.rowbuf[thread], nv, H, err, sizeof err) != 0) {
                 j->sc.status[thread] = -1;
                 goto done;
             }
@@ -425,7 +505,8 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
     if (rb == 0) return DG_E_TYPE;
     if (n <= 0) return DG_OK;
     soft_job j = {out, logits, w->data, rb, w->type, w->ne0, w->ne1, scale, {0}};
-    return run_with_rows(p, "soft_embed", w, SOFT_BLOCK, n, soft_embed_tokens, &j, &j.sc, err, errlen);
+    return run_with_rows(p, "soft_embed", w, SOFT_BLOCK * (size_t)w->ne0 * sizeof(float), n, soft_embed_tokens, &j,
+                         &j.sc, err, errlen);
 }
 
 /* ---- attention -------------------------------------------------------------------------------------- */

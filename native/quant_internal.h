@@ -139,6 +139,25 @@ static inline uint16_t dg_f32_to_f16(float f) {
     return sign | (uint16_t)r;
 }
 
+/* The eight 6-bit scales and mins of a Q4_K / Q5_K super-block, from their 12-byte packing. */
+static inline void unpack_scales_k4(const uint8_t *in, uint8_t *ls, uint8_t *lm) {
+    for (int j = 0; j < 4; j++) {
+        ls[j] = in[j] & 63;
+        lm[j] = in[j + 4] & 63;
+        ls[j + 4] = (uint8_t)((in[j + 8] & 0xf) | (in[j] >> 6) << 4);
+        lm[j + 4] = (uint8_t)((in[j + 8] >> 4) | (in[j + 4] >> 6) << 4);
+    }
+}
+
+/* The sixteen scales of a Q3_K super-block, d times the signed 6-bit values packed in its 12 scale bytes. */
+static inline void q3_K_scales(const uint8_t scales[12], float d, float dl[16]) {
+    for (int s = 0; s < 16; s++) {
+        const int lo = (scales[s % 8] >> (4 * (s / 8))) & 0xf;
+        const int hi = (scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+        dl[s] = d * (float)((lo | hi << 4) - 32);
+    }
+}
+
 static inline int dg_is_finite_bits(float f) { return (dg_f32_bits(f) & 0x7f800000) != 0x7f800000; }
 
 /* Per-CPU clones of plain loops that vectorise well (GCC picks one at load time through an ifunc): the same

@@ -434,15 +434,6 @@ static inline void pack_scales_k4(uint8_t *out, const uint8_t *ls, const uint8_t
     }
 }
 
-static inline void unpack_scales_k4(const uint8_t *in, uint8_t *ls, uint8_t *lm) {
-    for (int j = 0; j < 4; j++) {
-        ls[j] = in[j] & 63;
-        lm[j] = in[j + 4] & 63;
-        ls[j + 4] = (uint8_t)((in[j + 8] & 0xf) | (in[j] >> 6) << 4);
-        lm[j + 4] = (uint8_t)((in[j + 8] >> 4) | (in[j + 4] >> 6) << 4);
-    }
-}
-
 /* Shared by Q4_K (nmax 15) and Q5_K (nmax 31): fills d, dmin, scales and L. */
 static ALWAYS_INLINE void k4_common(const float *restrict x, uint16_t *d16, uint16_t *m16, uint8_t *scales,
                                     uint8_t *restrict L, const int nmax, const search_plan plan, const int vec) {
@@ -577,11 +568,7 @@ DG_CLONES void dg_dequantize_row_q3_K(const void *src, float *restrict y, int64_
     for (int64_t b = 0; b < n / QK_K; b++) {
         const float d = dg_f16_to_f32(x[b].d);
         float dl[16];
-        for (int s = 0; s < 16; s++) {
-            const int lo = (x[b].scales[s % 8] >> (4 * (s / 8))) & 0xf;
-            const int hi = (x[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
-            dl[s] = d * (float)((lo | hi << 4) - 32);
-        }
+        q3_K_scales(x[b].scales, d, dl);
         /* Value 128h + 32j + l: low bits 2j..2j+1 of qs[32h + l], high bit 4h + j of hmask[l] (clear: -4). */
         for (int h = 0; h < 2; h++)
             for (int j = 0; j < 4; j++)

@@ -7,6 +7,8 @@ The model is a random DiffusionGemma of the mid-size shape the CPU-speed issue n
 256). A 23-token prompt is encoded, then one decoder step over a full canvas with self-conditioning is timed,
 best of N. Tokens/s is for 16 forced steps per canvas: C / (16 x step + one canvas encode). transformers runs the
 same step (model(input_ids, decoder_input_ids, self_conditioning_logits)) in fp32 and bf16 on the same threads.
+Each file is timed under the default matmul kernel (int8 activations where the CPU has an int8 kernel) and under
+the best float-activation kernel, in the same run.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ def main() -> None:
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
+    from dgguf.convert import native
     from dgguf.convert.quantize import convert_checkpoint
     from dgguf.runtime import Model
 
@@ -66,20 +69,26 @@ def main() -> None:
     print(f"transformers step (prompt encode + canvas decode, {a.threads} threads): "
           f"fp32 {ref_times['fp32']:.3f} s, bf16 {ref_times['bf16']:.3f} s")
 
+    default = native.matmul_kernel()
+    kernels = [default] + [k for k in native.matmul_kernels() if not k.startswith("int8")][-1:]
     for t in a.types.split(","):
         path = a.dir / f"mid-{t}.gguf"
         if not path.exists():
             convert_checkpoint(src, path, t)
-        m = Model.load(path, threads=a.threads)
-        cache = m.native.new_cache(PROMPT_LEN + C)
-        enc = best_of(lambda: cache.encode(prompt), 1)
-        step = best_of(lambda: cache.decode(canvas, sc), a.repeats)
-        canvas_encode = best_of(lambda: m.native.new_cache(C).encode(canvas), 1)
-        tok_s = C / (STEPS * step + canvas_encode)
-        print(f"dgguf {t:>7}: {step:.3f} s/step, prompt encode {enc:.3f} s, canvas encode {canvas_encode:.3f} s, "
-              f"{tok_s:.1f} tok/s at {STEPS} steps; vs transformers fp32 {ref_times['fp32'] / step:.2f}x, "
-              f"bf16 {ref_times['bf16'] / step:.2f}x (>1: dgguf faster)")
-        m.close()
+        for kernel in dict.fromkeys(kernels):
+            native.set_matmul_kernel(kernel)
+            m = Model.load(path, threads=a.threads)
+            cache = m.native.new_cache(PROMPT_LEN + C)
+            enc = best_of(lambda: cache.encode(prompt), 1)
+            step = best_of(lambda: cache.decode(canvas, sc), a.repeats)
+            canvas_encode = best_of(lambda: m.native.new_cache(C).encode(canvas), 1)
+            tok_s = C / (STEPS * step + canvas_encode)
+            print(f"dgguf {t:>7} {kernel:>15}: {step:.3f} s/step, prompt encode {enc:.3f} s, canvas encode "
+                  f"{canvas_encode:.3f} s, {tok_s:.1f} tok/s at {STEPS} steps; vs transformers fp32 "
+                  f"{ref_times['fp32'] / step:.2f}x, bf16 {ref_times['bf16'] / step:.2f}x (>1: dgguf faster)")
+            m.close()
+    native.set_matmul_kernel(default)
+    print(f"after timing: {load_note()}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,15 @@ from its fp64 result (the same model loaded in float64): fp32 rounding alone, wh
 checks take the fp64 run as the truth and require our error to stay within 2e-5 of the largest logit (1.5e-4 at
 7.5; or 1e-4, whichever is larger): the size of fp32 noise at that scale, which transformers' own fp32 run shows
 too. The gap to the fp32 run must stay within 2.5e-4 (both runs carry fp32 noise).
-The parity tests run once per matmul kernel this CPU has (reference, avx2, avx512).
+The parity tests run once per matmul kernel this CPU has (reference, avx2, avx512 and their int8-* forms, which
+take F32 weights through the same float kernels).
+
+Quantized files: through a float kernel they give exactly the logits of their dequantized weights; through an
+int8 kernel (activations rounded to int8 per 32 values) they stay within per-type bounds of that. The bounds are
+measured, not derived: these random tiny models amplify any perturbation (an F32 file and its Q8_0 copy, both
+through the float path, already differ by 2.1 in logits of up to 7.5, mean 0.24), and int8 activations move them
+about as much: the largest max / mean gap measured over the tiny, odd and decisive checkpoints (k256 for the
+K-quants) times 1.5.
 """
 import dataclasses
 
@@ -38,6 +46,19 @@ def kernel(request):
     before = native.matmul_kernel()
     native.set_matmul_kernel(request.param)
     yield request.param
+    native.set_matmul_kernel(before)
+
+
+FLOAT_KERNEL = [k for k in native.matmul_kernels() if not k.startswith("int8")][-1]
+INT8_KERNELS = [k for k in native.matmul_kernels() if k.startswith("int8")]
+
+
+@pytest.fixture
+def float_kernel():
+    """The fastest kernel that keeps float activations for every weight type."""
+    before = native.matmul_kernel()
+    native.set_matmul_kernel(FLOAT_KERNEL)
+    yield FLOAT_KERNEL
     native.set_matmul_kernel(before)
 
 
@@ -169,7 +190,7 @@ def _canvas_logits(path, threads=2):
 
 @pytest.mark.parametrize("source", ["pr24423:tiny-Q8_0", "pr24423:tiny-Q4_K_M", "tiny:F16", "tiny:BF16",
                                     "k256:Q4_K_M", "k256:Q2_K"])
-def test_quantized_weights_give_the_logits_of_their_dequantized_values(checkpoints, tmp_path, source):
+def test_quantized_weights_give_the_logits_of_their_dequantized_values(checkpoints, tmp_path, source, float_kernel):
     """Every stored type goes through dg_dequantize_rows row by row: a quantized file gives exactly the logits
     of an F32 file holding its dequantized weights (requantize to F32)."""
     origin, name = source.split(":")
@@ -182,6 +203,81 @@ def test_quantized_weights_give_the_logits_of_their_dequantized_values(checkpoin
     want, _ = _canvas_logits(f32)
     assert types - {"F32"}, types
     assert np.array_equal(got, want)
+
+
+# file type -> (max, mean) bound on |int8 path - float path| of the canvas logits; see the module docstring.
+INT8_BOUNDS = {"Q8_0": (3.7, 0.55), "Q4_0": (5.3, 0.56), "Q5_1": (3.5, 0.44), "Q4_K_M": (6.1, 0.51),
+               "Q6_K": (5.7, 0.42), "Q3_K_M": (4.4, 0.42), "Q2_K": (5.9, 0.35), "Q5_K_M": (4.9, 0.38)}
+INT8_SOURCES = [f"{config}:{t}" for config in ("tiny", "odd", "decisive") for t in ("Q8_0", "Q4_0", "Q5_1", "Q4_K_M")]
+INT8_SOURCES += [f"k256:{t}" for t in ("Q4_K_M", "Q6_K", "Q3_K_M", "Q2_K", "Q5_K_M")]
+
+
+@pytest.fixture(scope="module")
+def quantized_files(checkpoints, tmp_path_factory):
+    made = {}
+
+    def get(source):
+        if source not in made:
+            config, name = source.split(":")
+            made[source] = convert_checkpoint(checkpoints(config), tmp_path_factory.mktemp("q") / f"{name}.gguf", name)
+        return made[source]
+    return get
+
+
+@pytest.mark.parametrize("source", INT8_SOURCES)
+def test_int8_activations_stay_within_the_stated_bounds_of_the_float_path(quantized_files, source):
+    path = quantized_files(source)
+    before = native.matmul_kernel()
+    try:
+        native.set_matmul_kernel(FLOAT_KERNEL)
+        want, types = _canvas_logits(path)
+        gaps = []
+        for k in INT8_KERNELS:
+            native.set_matmul_kernel(k)
+            got, _ = _canvas_logits(path)
+            gaps.append(np.abs(got - want))
+    finally:
+        native.set_matmul_kernel(before)
+    assert types - {"F32"}, types
+    for k, gap in zip(INT8_KERNELS, gaps):
+        print(f"{source} {k}: max {gap.max():.3f}, mean {gap.mean():.4f}, max |logit| {np.abs(want).max():.2f}")
+        bound_max, bound_mean = INT8_BOUNDS[source.split(":")[1]]
+        assert 0 < gap.max() <= bound_max and gap.mean() <= bound_mean, source
+
+
+@pytest.mark.parametrize("int8_kernel", INT8_KERNELS)
+def test_quantized_results_are_bit_identical_for_any_thread_count_under_int8(quantized_files, int8_kernel):
+    """The grouped expert matmul shares experts and row blocks across threads; the bits must not move."""
+    path = quantized_files("k256:Q4_K_M")
+    before = native.matmul_kernel()
+    try:
+        native.set_matmul_kernel(int8_kernel)
+        one, _ = _canvas_logits(path, threads=1)
+        for threads in (2, 3):
+            assert np.array_equal(_canvas_logits(path, threads=threads)[0], one), threads
+    finally:
+        native.set_matmul_kernel(before)
+
+
+@pytest.mark.parametrize("kernel_name", [FLOAT_KERNEL] + INT8_KERNELS[-1:])
+def test_a_long_pass_equals_its_chunks_through_the_chunked_moe(quantized_files, kernel_name):
+    """600 tokens in one encoder pass run the MoE in token chunks (of 256); the cache they leave must equal the one
+    left by encoding the same tokens in short passes."""
+    g = read_gguf(quantized_files("k256:Q4_K_M"))
+    cfg = read_model_config(g)
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, 600, dtype=np.int32)
+    before = native.matmul_kernel()
+    try:
+        native.set_matmul_kernel(kernel_name)
+        model = NativeModel(g, cfg, threads=2)
+        whole, parts = model.new_cache(700), model.new_cache(700)
+        whole.encode(ids)
+        for part in np.array_split(ids, [7, 200, 457]):
+            parts.encode(part)
+        canvas = ids[:cfg.canvas_length]
+        assert np.array_equal(whole.decode(canvas), parts.decode(canvas))
+    finally:
+        native.set_matmul_kernel(before)
 
 
 def test_results_are_bit_identical_for_any_thread_count(cases, kernel):

@@ -1,4 +1,8 @@
-"""Every matmul kernel variant against the plain reference and against float64 numpy, for every stored type."""
+"""Every matmul kernel variant against the plain reference and against float64 numpy, for every stored type.
+
+The float kernels multiply the stored weights' exact float values; the int8 kernels (int8-*) first round the
+activations to int8 per 32 values, so they are held to that rounding's worst case on top of the float bound, and
+must equal the int8 reference bit for bit (integer sums are exact, the float steps are in a fixed order)."""
 import numpy as np
 import pytest
 
@@ -6,6 +10,9 @@ from dgguf.convert import native
 from dgguf.convert.quant_types import TENSOR_TYPES
 
 KERNELS = native.matmul_kernels()
+INT8_KERNELS = [k for k in KERNELS if k.startswith("int8")]
+FLOAT_KERNELS = [k for k in KERNELS if k not in INT8_KERNELS]
+QUANTIZED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.fixture(params=KERNELS)
@@ -24,8 +31,20 @@ def stored(rng, rows, k, type_name):
     return raw, native.dequantize_rows(raw, t.ggml, k), t
 
 
-# Shapes with remainders everywhere: rows not a multiple of 4, tokens not a multiple of 4, K tails of 1..15.
-SHAPES = [(1, 1, 32), (3, 5, 64), (7, 9, 96), (13, 6, 160), (4, 4, 256), (17, 33, 544), (5, 3, 2816)]
+# Shapes with remainders everywhere: rows not a multiple of 4 (or 32), tokens not a multiple of 3, 4 or 12, K tails
+# of 1..15 float lanes and of 1..15 int8 blocks (groups of 512 values); (40, 70, 1280) has two row blocks of 32
+# and three token chunks of 12 plus a tail.
+SHAPES = [(1, 1, 32), (3, 5, 64), (7, 9, 96), (13, 6, 160), (4, 4, 256), (17, 33, 544), (5, 3, 2816),
+          (40, 70, 1280)]
+
+
+def activation_rounding_bound(x, wf):
+    """Worst case of int8 activations: each value moves by at most half its block's step, max|x| / 127 / 2 (plus
+    a 1% allowance for the float steps of the rounding), times |w|, summed per 32-value block."""
+    n, k = x.shape
+    half_step = np.abs(x).reshape(n, k // 32, 32).max(axis=2).astype(np.float64) / 254 * 1.01
+    w_abs = np.abs(wf).astype(np.float64).reshape(wf.shape[0], k // 32, 32).sum(axis=2)
+    return half_step @ w_abs.T
 
 
 @pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K",
@@ -41,6 +60,8 @@ def test_every_kernel_matches_float64_on_the_stored_values(kernel, type_name):
         exact = x.astype(np.float64) @ wf.astype(np.float64).T
         # the classical worst case of a float32 sum of k products: k * eps * sum |x_i w_i|, per output
         bound = k * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(wf).astype(np.float64).T)
+        if kernel in INT8_KERNELS and type_name in QUANTIZED:
+            bound += activation_rounding_bound(x, wf)
         assert np.all(np.abs(got - exact) <= bound), (kernel, type_name, n, rows, k)
 
 
@@ -52,7 +73,7 @@ def test_fast_kernels_agree_with_the_reference_and_ignore_thread_count():
     try:
         native.set_matmul_kernel("reference")
         ref = native.matmul(raw, t.ggml, (37, 2816), x)
-        for k in KERNELS:
+        for k in FLOAT_KERNELS:
             native.set_matmul_kernel(k)
             one = native.matmul(raw, t.ggml, (37, 2816), x, threads=1)
             np.testing.assert_array_equal(one, native.matmul(raw, t.ggml, (37, 2816), x, threads=2))
@@ -60,6 +81,60 @@ def test_fast_kernels_agree_with_the_reference_and_ignore_thread_count():
             assert np.abs(one - ref).max() <= 1e-4 * np.abs(ref).max(), k
     finally:
         native.set_matmul_kernel(before)
+
+
+def _with_kernel(name, fn):
+    before = native.matmul_kernel()
+    try:
+        native.set_matmul_kernel(name)
+        return fn()
+    finally:
+        native.set_matmul_kernel(before)
+
+
+@pytest.mark.parametrize("type_name", QUANTIZED)
+def test_int8_kernels_equal_the_int8_reference_bit_for_bit_for_any_thread_count(type_name):
+    rng = np.random.default_rng(2)
+    for n, rows, k in SHAPES + [(2, 37, 2816), (25, 5, 1536)]:
+        if k % TENSOR_TYPES[type_name].block_size:
+            continue
+        raw, _, t = stored(rng, rows, k, type_name)
+        x = (rng.standard_normal((n, k)) * rng.uniform(0.01, 10, (n, 1))).astype(np.float32)
+        x[:, : k // 2 : 7] = 0.0          # zero values, and all-zero blocks where k is short
+        ref = _with_kernel("int8-reference", lambda: native.matmul(raw, t.ggml, (rows, k), x))
+        for kernel in INT8_KERNELS:
+            for threads in (1, 2, 3):
+                got = _with_kernel(kernel, lambda: native.matmul(raw, t.ggml, (rows, k), x, threads=threads))
+                np.testing.assert_array_equal(got, ref, err_msg=f"{kernel} {type_name} {n}x{rows}x{k} {threads}")
+
+
+def test_int8_kernels_hold_q8_0_levels_at_the_extremes():
+    """Q8_0 levels -128..127 against activations rounded to +-127: the sums AVX2 forms in 16 bits must not
+    saturate. Raw blocks with every level, scale 1."""
+    rng = np.random.default_rng(3)
+    rows, k, n = 9, 1024, 7
+    blocks = np.zeros((rows, k // 32, 34), dtype=np.uint8)
+    blocks[:, :, :2] = np.frombuffer(np.float16(1.0).tobytes(), dtype=np.uint8)
+    q = rng.integers(-128, 128, (rows, k // 32, 32), dtype=np.int8)
+    q[:, ::2] = np.where(q[:, ::2] < 0, -128, 127)        # runs of extreme levels
+    blocks[:, :, 2:] = q.view(np.uint8)
+    x = np.where(rng.random((n, k)) < 0.5, -1.0, 1.0).astype(np.float32) * 3.0   # every value at +-127 steps
+    wf = q.reshape(rows, k).astype(np.float64)
+    exact = x.astype(np.float64) @ wf.T
+    for kernel in INT8_KERNELS:
+        got = _with_kernel(kernel, lambda: native.matmul(blocks, TENSOR_TYPES["Q8_0"].ggml, (rows, k), x))
+        np.testing.assert_allclose(got, exact, rtol=1e-6, err_msg=kernel)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_int8_kernels_turn_every_output_of_a_token_with_a_non_finite_activation_into_nan(bad):
+    rng = np.random.default_rng(4)
+    raw, _, t = stored(rng, 6, 544, "Q8_0")
+    x = rng.standard_normal((3, 544)).astype(np.float32)
+    x[1, 300] = bad
+    for kernel in INT8_KERNELS:
+        got = _with_kernel(kernel, lambda: native.matmul(raw, t.ggml, (6, 544), x))
+        assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all(), kernel
 
 
 def test_unknown_or_unsupported_kernel_is_a_clear_error():

@@ -1,0 +1,586 @@
+/* gemm_int8.c: matmul against quantized weights with int8 activations (integer dot products).
+ *
+ * The activations of each token are quantized per 32 values to int8 with a float scale dx (round to nearest
+ * even of x / dx, dx = max|x| / 127), and every stored weight type is read as unsigned integer levels q with a
+ * float scale per 32 (or 16) values and, for the asymmetric types, a float min: w = ws * (q - zero) + wm. A dot
+ * product then splits into exact integer sums per block, c = sum q * qx - zero * sum qx, and float terms:
+ *     sum_blocks  (ws * dx) * c  +  wm * (dx * sum qx).
+ *
+ * Layout ("lane per block"): 16 blocks of 32 values make a group of 512; in both the unpacked weight row and the
+ * quantized activation, byte 64 j + 4 L + i of a group holds value 4 j + i of block L (dword j of every block
+ * sits in one 64-byte vector). One vector multiply-add of dword j (VNNI dpbusd: u8 x s8, four products summed
+ * into each 32-bit lane) then adds block L's four products into lane L, so 8 of them give the 16 block sums of
+ * a group with no horizontal work; the float terms run once per group, 16 blocks wide. Types with a scale per
+ * 16 values ("split": Q6_K, Q3_K, Q2_K) sum dwords 0-3 and 4-7 separately.
+ *
+ * Weight rows are unpacked into that layout per block of rows into a per-thread buffer (the mapped file is
+ * never copied whole); activations are quantized once per matmul. Every lane of a group is always computed
+ * (missing blocks are zeros), and each output is
+ *     acc[L] = fma((float)c, ws[L] * dx[L], acc[L]) [, fma(dx * sum qx, wm[L], acc[L])]   over groups in order,
+ *     out = ((acc[0..7] + acc[8..15]) folded in halves down to one float,
+ * in every variant (reference, AVX2, AVX-512 VNNI): integer sums are exact, so the variants agree bit for bit.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "gemm.h"
+#include "quant_internal.h"
+
+/* ---- the integer view of each stored type ------------------------------------------------------------------
+ * levels(): the natural-order levels of `lanes` 32-value blocks starting at src (lanes <= 16; K-quants come in
+ * 8-lane super-blocks), their scales (sa: per 32 values, or per first 16 with sb for the second 16) and mins
+ * (wa, wb: the additive term per value). Levels go to lev[32 L + v]. */
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Eight bytes at a time ("SWAR"): shifts move bits across byte boundaries, the byte masks cut them off again. */
+#define BYTES(b) (0x0101010101010101ull * (b))
+INLINE uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+INLINE void st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+struct int8_type {
+    int type;
+    int64_t block, block_bytes;  /* values and bytes per stored block */
+    int zero;                    /* w = ws * (q - zero) + wm */
+    int split;                   /* a scale per 16 values */
+    int mins;                    /* wm != 0 */
+    int wide;                    /* levels up to 255 (AVX2's 16-bit pair sums would saturate) */
+};
+
+INLINE void levels_q8_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_q8_0 *x = src;
+    for (int b = 0; b < lanes; b++) {
+        sa[b] = dg_f16_to_f32(x[b].d);
+        memcpy(lev + 32 * b, x[b].qs, 32);
+    }
+    for (int i = 0; i < 32 * lanes; i++) lev[i] ^= 0x80;   /* q + 128 */
+}
+
+/* Nibbles: byte i of a block's 16 holds value i (low) and value i + 16 (high); split eight bytes at a time. */
+INLINE void split_nibbles(uint8_t *restrict lev, const uint8_t *qs) {
+    for (int k = 0; k < 2; k++) {
+        const uint64_t v = ld64(qs + 8 * k);
+        st64(lev + 8 * k, v & BYTES(0x0f));
+        st64(lev + 16 + 8 * k, (v >> 4) & BYTES(0x0f));
+    }
+}
+
+INLINE void levels_q4_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_q4_0 *x = src;
+    for (int b = 0; b < lanes; b++) {
+        sa[b] = dg_f16_to_f32(x[b].d);
+        split_nibbles(lev + 32 * b, x[b].qs);
+    }
+}
+
+INLINE void levels_q4_1(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_q4_1 *x = src;
+    for (int b = 0; b < lanes; b++) {
+        sa[b] = dg_f16_to_f32(x[b].d);
+        wa[b] = dg_f16_to_f32(x[b].m);
+        split_nibbles(lev + 32 * b, x[b].qs);
+    }
+}
+
+/* Q5_0 / Q5_1: nibbles plus the fifth bit, bit v of the little-endian qh word: each qh byte spreads to eight
+ * level bytes through a table (bit i -> 16 in byte i). */
+static uint64_t fifth_bit_table[256];
+static pthread_once_t fifth_bit_once = PTHREAD_ONCE_INIT;
+
+static void fill_fifth_bits(void) {
+    for (int v = 0; v < 256; v++) {
+        uint64_t t = 0;
+        for (int i = 0; i < 8; i++) t |= (uint64_t)(((v >> i) & 1) << 4) << (8 * i);
+        fifth_bit_table[v] = t;
+    }
+}
+
+static const uint64_t *fifth_bits(void) {
+    pthread_once(&fifth_bit_once, fill_fifth_bits);
+    return fifth_bit_table;
+}
+
+INLINE void add_fifth_bits(uint8_t *restrict lev, const uint8_t qh[4], const uint64_t *table) {
+    for (int k = 0; k < 4; k++) st64(lev + 8 * k, ld64(lev + 8 * k) | table[qh[k]]);
+}
+
+INLINE void levels_q5_0(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_q5_0 *x = src;
+    const uint64_t *table = fifth_bits();
+    for (int b = 0; b < lanes; b++) {
+        sa[b] = dg_f16_to_f32(x[b].d);
+        split_nibbles(lev + 32 * b, x[b].qs);
+    }
+    for (int b = 0; b < lanes; b++) add_fifth_bits(lev + 32 * b, x[b].qh, table);
+}
+
+INLINE void levels_q5_1(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_q5_1 *x = src;
+    const uint64_t *table = fifth_bits();
+    for (int b = 0; b < lanes; b++) {
+        sa[b] = dg_f16_to_f32(x[b].d);
+        wa[b] = dg_f16_to_f32(x[b].m);
+        split_nibbles(lev + 32 * b, x[b].qs);
+    }
+    for (int b = 0; b < lanes; b++) add_fifth_bits(lev + 32 * b, x[b].qh, table);
+}
+
+/* Q4_K / Q5_K: sub-block s (32 values) has scale d * ls[s] and min -dmin * lm[s]; its nibbles are the low (s
+ * even) or high (s odd) halves of qs[32 (s / 2) + l]; Q5_K adds bit s of qh[l]. */
+INLINE void levels_k4(const uint16_t *d, const uint16_t *dmin, const uint8_t *scales, const uint8_t *qs,
+                      const uint8_t *qh, uint8_t *restrict lev, float *sa, float *wa) {
+    uint8_t ls[8], lm[8];
+    unpack_scales_k4(scales, ls, lm);
+    const float dd = dg_f16_to_f32(*d), dm = dg_f16_to_f32(*dmin);
+    for (int s = 0; s < 8; s++) {
+        sa[s] = dd * (float)ls[s];
+        wa[s] = -(dm * (float)lm[s]);
+        const uint8_t *q = qs + 32 * (s / 2);
+        const int shift = 4 * (s % 2);
+        for (int l = 0; l < 32; l++)
+            lev[32 * s + l] = (uint8_t)(((q[l] >> shift) & 0x0f) | (qh ? ((qh[l] >> s) & 1) << 4 : 0));
+    }
+}
+
+INLINE void levels_q4_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_q4_K *x = src;
+    for (int b = 0; b < lanes / 8; b++)
+        levels_k4(&x[b].d, &x[b].dmin, x[b].scales, x[b].qs, NULL, lev + 256 * b, sa + 8 * b, wa + 8 * b);
+}
+
+INLINE void levels_q5_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_q5_K *x = src;
+    for (int b = 0; b < lanes / 8; b++)
+        levels_k4(&x[b].d, &x[b].dmin, x[b].scales, x[b].qs, x[b].qh, lev + 256 * b, sa + 8 * b, wa + 8 * b);
+}
+
+/* Q6_K: value 128 h + 32 k + l (k < 4, l < 32) is nibble k / 2 of ql[64 h + 32 (k % 2) + l] with bits 2k..2k+1
+ * of qh[32 h + l] on top; 16-value sub-block v / 16 has scale d * sc[v / 16]. */
+INLINE void levels_q6_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_q6_K *x = src;
+    for (int b = 0; b < lanes / 8; b++, lev += 256, sa += 8, sb += 8) {
+        const float d = dg_f16_to_f32(x[b].d);
+        for (int s = 0; s < 8; s++) {
+            sa[s] = d * (float)x[b].scales[2 * s];
+            sb[s] = d * (float)x[b].scales[2 * s + 1];
+        }
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) {
+                const uint8_t *ql = x[b].ql + 64 * h + 32 * (k % 2), *qh = x[b].qh + 32 * h;
+                for (int c = 0; c < 4; c++)
+                    st64(lev + 128 * h + 32 * k + 8 * c, ((ld64(ql + 8 * c) >> (4 * (k / 2))) & BYTES(0x0f)) |
+                                                             ((ld64(qh + 8 * c) >> (2 * k)) & BYTES(3)) << 4);
+            }
+    }
+}
+
+/* Q3_K: value 128 h + 32 j + 16 g + l has low bits 2j..2j+1 of qs[32 h + 16 g + l] and a third bit 4 h + j of
+ * hmask[16 g + l] (level = low | bit << 2, w = scale * (level - 4)); sub-block v / 16 has a signed 6-bit scale. */
+INLINE void levels_q3_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_q3_K *x = src;
+    for (int b = 0; b < lanes / 8; b++, lev += 256, sa += 8, sb += 8) {
+        const float d = dg_f16_to_f32(x[b].d);
+        float dl[16];
+        q3_K_scales(x[b].scales, d, dl);
+        for (int s = 0; s < 8; s++) {
+            sa[s] = dl[2 * s];
+            sb[s] = dl[2 * s + 1];
+        }
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++)
+                for (int g = 0; g < 2; g++) {
+                    const uint8_t *q = x[b].qs + 32 * h + 16 * g, *m = x[b].hmask + 16 * g;
+                    for (int c = 0; c < 2; c++)
+                        st64(lev + 128 * h + 32 * j + 16 * g + 8 * c, ((ld64(q + 8 * c) >> (2 * j)) & BYTES(3)) |
+                                                                          ((ld64(m + 8 * c) >> (4 * h + j)) & BYTES(1)) << 2);
+                }
+    }
+}
+
+/* Q2_K: value 128 h + 32 j + 16 g + l is bits 2j..2j+1 of qs[32 h + 16 g + l]; sub-block v / 16 has scale
+ * d * (sc & 15) and min -dmin * (sc >> 4). */
+INLINE void levels_q2_K(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_q2_K *x = src;
+    for (int b = 0; b < lanes / 8; b++, lev += 256, sa += 8, sb += 8, wa += 8, wb += 8) {
+        const float d = dg_f16_to_f32(x[b].d), dmin = dg_f16_to_f32(x[b].dmin);
+        for (int s = 0; s < 16; s++) {
+            const uint8_t sc = x[b].scales[s];
+            float *scale = s % 2 ? sb : sa, *min = s % 2 ? wb : wa;
+            scale[s / 2] = d * (float)(sc & 0xf);
+            min[s / 2] = -(dmin * (float)(sc >> 4));
+        }
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++)
+                for (int g = 0; g < 2; g++) {
+                    const uint8_t *q = x[b].qs + 32 * h + 16 * g;
+                    for (int c = 0; c < 2; c++)
+                        st64(lev + 128 * h + 32 * j + 16 * g + 8 * c, (ld64(q + 8 * c) >> (2 * j)) & BYTES(3));
+                }
+    }
+}
+
+static const int8_type INT8_TYPES[] = {
+    {DG_TYPE_Q8_0, QK8_0, sizeof(block_q8_0), 128, 0, 0, 1},
+    {DG_TYPE_Q4_0, QK4_0, sizeof(block_q4_0), 8, 0, 0, 0},
+    {DG_TYPE_Q4_1, QK4_1, sizeof(block_q4_1), 0, 0, 1, 0},
+    {DG_TYPE_Q5_0, QK5_0, sizeof(block_q5_0), 16, 0, 0, 0},
+    {DG_TYPE_Q5_1, QK5_1, sizeof(block_q5_1), 0, 0, 1, 0},
+    {DG_TYPE_Q2_K, QK_K, sizeof(block_q2_K), 0, 1, 1, 0},
+    {DG_TYPE_Q3_K, QK_K, sizeof(block_q3_K), 4, 1, 0, 0},
+    {DG_TYPE_Q4_K, QK_K, sizeof(block_q4_K), 0, 0, 1, 0},
+    {DG_TYPE_Q5_K, QK_K, sizeof(block_q5_K), 0, 0, 1, 0},
+    {DG_TYPE_Q6_K, QK_K, sizeof(block_q6_K), 32, 1, 0, 0},
+};
+
+/* The levels, scales and mins of `lanes` blocks of t at src (inlined into each instruction-set build below). */
+INLINE void levels(const int8_type *t, const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb,
+                   float *wa, float *wb) {
+    switch (t->type) {
+    case DG_TYPE_Q8_0: levels_q8_0(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q4_0: levels_q4_0(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q4_1: levels_q4_1(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q5_0: levels_q5_0(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q5_1: levels_q5_1(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q2_K: levels_q2_K(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q3_K: levels_q3_K(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q4_K: levels_q4_K(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q5_K: levels_q5_K(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_Q6_K: levels_q6_K(src, lanes, lev, sa, sb, wa, wb); break;
+    }
+}
+
+const int8_type *int8_type_of(int type) {
+    for (size_t i = 0; i < sizeof INT8_TYPES / sizeof INT8_TYPES[0]; i++)
+        if (INT8_TYPES[i].type == type) return &INT8_TYPES[i];
+    return NULL;
+}
+
+int64_t int8_groups(int64_t k) { return (k + INT8_GROUP - 1) / INT8_GROUP; }
+
+/* ---- unpacking weights and quantizing activations --------------------------------------------------------- */
+
+/* Natural order (block L at byte 32 L) to lane-per-block order (dword j of block L at dword 16 j + L). */
+INLINE void to_lanes_ref(uint8_t *restrict out, const uint8_t *restrict lev) {
+    for (int j = 0; j < 8; j++)
+        for (int l = 0; l < 16; l++) memcpy(out + 64 * j + 4 * l, lev + 32 * l + 4 * j, 4);
+}
+
+/* The same permutation of 128 dwords, in three rounds of two-vector shuffles: vector k starts as blocks 2k and
+ * 2k + 1, and each round swaps one bit of the vector number with one bit of the lane (the last round also puts
+ * the lanes in block order). */
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+static const int32_t LANE_SWAP[3][2][16] = {
+    {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}, {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}},
+    {{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}},
+    {{0, 8, 1, 9, 2, 10, 3, 11, 16, 24, 17, 25, 18, 26, 19, 27}, {4, 12, 5, 13, 6, 14, 7, 15, 20, 28, 21, 29, 22, 30, 23, 31}},
+};
+
+INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict out, const uint8_t *restrict lev) {
+    __m512i v[8];
+    for (int k = 0; k < 8; k++) v[k] = _mm512_loadu_si512(lev + 64 * k);
+    for (int s = 0; s < 3; s++) {
+        const int vb = 1 << s;
+        const __m512i i0 = _mm512_loadu_si512(LANE_SWAP[s][0]), i1 = _mm512_loadu_si512(LANE_SWAP[s][1]);
+        for (int k = 0; k < 8; k++)
+            if (!(k & vb)) {
+                const __m512i a = v[k], b = v[k | vb];
+                v[k] = _mm512_permutex2var_epi32(a, i0, b);
+                v[k | vb] = _mm512_permutex2var_epi32(a, i1, b);
+            }
+    }
+    for (int j = 0; j < 8; j++) _mm512_storeu_si512(out + 64 * j, v[j]);
+}
+#endif
+
+/* Each instruction set gets its own build of the row functions from the same C (the same integer and float
+ * operations, so the same bytes); only the lane permutation has a hand-written AVX-512 form. */
+#define DEFINE_ROW_FNS(SUFFIX, ATTR, TO_LANES)                                                                 \
+    ATTR static void unpack_row_##SUFFIX(const int8_type *t, const void *row, int64_t k, wgt_group *out) {    \
+        const int64_t ng = int8_groups(k), per_group = INT8_GROUP / t->block; /* stored blocks per group */   \
+        for (int64_t g = 0; g < ng; g++) {                                                                      \
+            wgt_group *o = out + g;                                                                             \
+            const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);        \
+            uint8_t lev[INT8_GROUP] __attribute__((aligned(64)));                                               \
+            if (lanes < 16) {                                                                                   \
+                memset(lev, 0, sizeof lev);                                                                     \
+                memset(o, 0, sizeof *o);                                                                        \
+            }                                                                                                   \
+            levels(t, (const uint8_t *)row + g * per_group * t->block_bytes, lanes, lev, o->sa, o->sb, o->wa,  \
+                   o->wb);                                                                                      \
+            TO_LANES(o->qs, lev);                                                                               \
+        }                                                                                                       \
+    }                                                                                                           \
+    /* One token: per 32 values, dx = max|x| / 127 and qx = round-to-nearest-even(x * (1 / dx)), then the     \
+     * integer and float terms of the type's offset and mins. */                                              \
+    ATTR static void quantize_row_##SUFFIX(const int8_type *t, const float *x, int64_t k, act_group *out) {   \
+        const int64_t ng = int8_groups(k);                                                                      \
+        for (int64_t g = 0; g < ng; g++) {                                                                      \
+            act_group *o = out + g;                                                                             \
+            const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);        \
+            int8_t q[INT8_GROUP] __attribute__((aligned(64)));                                                  \
+            if (lanes < 16) {                                                                                   \
+                memset(o, 0, sizeof *o);                                                                        \
+                memset(q + 32 * lanes, 0, (size_t)(16 - lanes) * 32);                                           \
+            }                                                                                                   \
+            for (int l = 0; l < lanes; l++) {                                                                   \
+                const float *xb = x + g * INT8_GROUP + 32 * l;                                                  \
+                float amax = 0.0f, nonfinite = 0.0f; /* x * 0 is NaN for inf and NaN, +-0 otherwise */           \
+                for (int i = 0; i < 32; i++) {                                                                  \
+                    const float a = fabsf(xb[i]);                                                               \
+                    amax = a > amax ? a : amax;                                                                 \
+                    nonfinite += xb[i] * 0.0f;                                                                  \
+                }                                                                                               \
+                /* a non-finite value makes the block's scale NaN, and so every output of the token */        \
+                const float d = amax / 127.0f + nonfinite, id = d != 0.0f ? 1.0f / d : 0.0f;                    \
+                int32_t lo = 0, hi = 0;                                                                         \
+                for (int i = 0; i < 32; i++) {                                                                  \
+                    const float r = nearbyintf(xb[i] * id);                                                     \
+                    q[32 * l + i] = (int8_t)(fabsf(r) <= 127.0f ? r : 0.0f); /* NaN: 0, a defined cast */      \
+                }                                                                                               \
+                for (int i = 0; i < 16; i++) lo += q[32 * l + i];                                               \
+                for (int i = 16; i < 32; i++) hi += q[32 * l + i];                                              \
+                const int32_t first = t->split ? lo : lo + hi;                                                  \
+                o->d[l] = d;                                                                                    \
+                o->ia[l] = -t->zero * first;                                                                    \
+                o->ib[l] = -t->zero * hi;                                                                       \
+                o->ma[l] = d * (float)first;                                                                    \
+                o->mb[l] = d * (float)hi;                                                                       \
+            }                                                                                                   \
+            TO_LANES((uint8_t *)o->qs, (const uint8_t *)q);                                                     \
+        }                                                                                                       \
+    }
+
+DEFINE_ROW_FNS(ref, , to_lanes_ref)
+#if defined(__x86_64__)
+DEFINE_ROW_FNS(avx2, __attribute__((target("avx2,fma"))), to_lanes_ref)
+DEFINE_ROW_FNS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), to_lanes_avx512)
+#endif
+
+/* ---- the reference kernel ---------------------------------------------------------------------------------- */
+
+/* The fixed 16-lane fold every variant ends with. */
+static float fold16(const float *a) {
+    float h[8];
+    for (int i = 0; i < 8; i++) h[i] = a[i] + a[i + 8];
+    for (int i = 0; i < 4; i++) h[i] = h[i] + h[i + 4];
+    for (int i = 0; i < 2; i++) h[i] = h[i] + h[i + 2];
+    return h[0] + h[1];
+}
+
+/* Sum over dwords j0..j1-1 of lane l: the integer products of one block (or half block). */
+static int32_t lane_dot(const wgt_group *w, const act_group *x, int l, int j0, int j1) {
+    int32_t s = 0;
+    for (int j = j0; j < j1; j++)
+        for (int i = 0; i < 4; i++) s += (int32_t)w->qs[64 * j + 4 * l + i] * (int32_t)x->qs[64 * j + 4 * l + i];
+    return s;
+}
+
+static float dot_int8_ref(const wgt_group *w, const act_group *x, int64_t ng, const int8_type *t) {
+    float acc[16] = {0};
+    for (int64_t g = 0; g < ng; g++, w++, x++)
+        for (int l = 0; l < 16; l++) {
+            if (t->split) {
+                acc[l] = fmaf((float)(x->ia[l] + lane_dot(w, x, l, 0, 4)), w->sa[l] * x->d[l], acc[l]);
+                acc[l] = fmaf((float)(x->ib[l] + lane_dot(w, x, l, 4, 8)), w->sb[l] * x->d[l], acc[l]);
+            } else {
+                acc[l] = fmaf((float)(x->ia[l] + lane_dot(w, x, l, 0, 8)), w->sa[l] * x->d[l], acc[l]);
+            }
+            if (t->mins) {
+                acc[l] = fmaf(x->ma[l], w->wa[l], acc[l]);
+                if (t->split) acc[l] = fmaf(x->mb[l], w->wb[l], acc[l]);
+            }
+        }
+    return fold16(acc);
+}
+
+static void int8_tile_ref(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr,
+                   int64_t ng, const int8_type *t) {
+    for (int64_t i = 0; i < nt; i++)
+        for (int r = 0; r < nr; r++) out[i * ldo + r] = dot_int8_ref(w[r], x + i * ng, ng, t);
+}
+
+#if defined(__x86_64__)
+
+/* ---- AVX-512 VNNI ---------------------------------------------------------------------------------------------
+ * Cache blocking: tokens in chunks of TC; for each group, every 4-row x 4-token tile of the block adds its 16
+ * lanes into a float accumulator buffer (rows x TC x 16, in L1), so the group's weights and activations are
+ * read from L1 while the chunk is swept. The per-lane order (groups ascending; halves, then mins) is the
+ * reference's. Padded rows and tokens repeat the last one into accumulator slots of their own (never stored). */
+
+enum { TR = 4, TT = 4, TC = 16 };
+
+__attribute__((target("avx512f"))) static float fold16_avx512(__m512 a) {
+    __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+}
+
+/* One group of a 4-row x tt-token tile (tt <= TT); acc[r * TC + i] is row r, token i. tt, split and mins are
+ * constants once inlined. */
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void group_avx512(
+    __m512 *acc, const wgt_group *const *w, const act_group *const *x, const int tt, const int split,
+    const int mins) {
+    for (int half = 0; half <= split; half++) {
+        const int j0 = split ? 4 * half : 0, j1 = split ? j0 + 4 : 8;
+        __m512i c[TT][TR];
+        for (int i = 0; i < tt; i++) {
+            const __m512i init = _mm512_load_si512(half ? x[i]->ib : x[i]->ia);
+            for (int r = 0; r < TR; r++) c[i][r] = init;
+        }
+        for (int j = j0; j < j1; j++) {
+            __m512i wv[TR];
+            for (int r = 0; r < TR; r++) wv[r] = _mm512_load_si512(w[r]->qs + 64 * j);
+            for (int i = 0; i < tt; i++) {
+                const __m512i xv = _mm512_load_si512(x[i]->qs + 64 * j);
+                for (int r = 0; r < TR; r++) c[i][r] = _mm512_dpbusd_epi32(c[i][r], wv[r], xv);
+            }
+        }
+        for (int i = 0; i < tt; i++) {
+            const __m512 dx = _mm512_load_ps(x[i]->d);
+            for (int r = 0; r < TR; r++) {
+                const __m512 s = _mm512_mul_ps(_mm512_load_ps(half ? w[r]->sb : w[r]->sa), dx);
+                acc[r * TC + i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c[i][r]), s, acc[r * TC + i]);
+            }
+        }
+    }
+    if (mins)
+        for (int half = 0; half <= split; half++)
+            for (int i = 0; i < tt; i++) {
+                const __m512 m = _mm512_load_ps(half ? x[i]->mb : x[i]->ma);
+                for (int r = 0; r < TR; r++)
+                    acc[r * TC + i] = _mm512_fmadd_ps(m, _mm512_load_ps(half ? w[r]->wb : w[r]->wa), acc[r * TC + i]);
+            }
+}
+
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
+    const int tt, const int split, const int mins) {
+    const int nrp = (nr + TR - 1) / TR * TR;
+    __m512 acc[INT8_ROWS * TC];
+    for (int64_t t0 = 0; t0 < nt; t0 += TC) {
+        const int tc = (int)(nt - t0 < TC ? nt - t0 : TC), tcp = (tc + tt - 1) / tt * tt;
+        for (int r = 0; r < nrp; r++)
+            for (int i = 0; i < tcp; i++) acc[r * TC + i] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++)
+            for (int r0 = 0; r0 < nrp; r0 += TR) {
+                const wgt_group *wg[TR];
+                for (int r = 0; r < TR; r++) wg[r] = w[r0 + r < nr ? r0 + r : nr - 1] + g;
+                for (int i0 = 0; i0 < tc; i0 += tt) {
+                    const act_group *xg[TT];
+                    for (int i = 0; i < tt; i++) xg[i] = x + (t0 + (i0 + i < tc ? i0 + i : tc - 1)) * ng + g;
+                    group_avx512(acc + r0 * TC + i0, wg, xg, tt, split, mins);
+                }
+            }
+        for (int i = 0; i < tc; i++)
+            for (int r = 0; r < nr; r++) out[(t0 + i) * ldo + r] = fold16_avx512(acc[r * TC + i]);
+    }
+}
+
+/* One build per tile width and type shape; the narrow one (one token at a time) serves passes of fewer tokens
+ * than a tile, such as one-token encoding, without computing padded tokens. */
+#define TILES_AVX512(NAME, TT_)                                                                                   \
+    __attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void NAME(                        \
+        float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng, \
+        const int8_type *t) {                                                                                   \
+        if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 1, 1);                           \
+        else if (t->split) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 1, 0);                                 \
+        else if (t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 0, 1);                                  \
+        else tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 0, 0);                                               \
+    }
+TILES_AVX512(tiles_avx512_wide, TT)
+TILES_AVX512(tiles_avx512_narrow, 1)
+
+static void int8_tile_avx512vnni(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w,
+                                 int nr, int64_t ng, const int8_type *t) {
+    (nt < TT ? tiles_avx512_narrow : tiles_avx512_wide)(out, ldo, x, nt, w, nr, ng, t);
+}
+
+/* ---- AVX2: 2 rows x 2 tokens, a group as two 8-lane halves (lanes 0-7, 8-15) ---------------------------------
+ * u8 x s8 products are summed in pairs into 16 bits (maddubs), then into 32-bit lanes (madd with ones). A pair
+ * of levels <= 63 against |qx| <= 127 stays below 2^15; the wide type (Q8_0, levels to 255) splits each level
+ * into its low 7 bits and its top bit. The lanes come out in the same order as the AVX-512 kernel's, and the
+ * float steps are the same, so the results are the same. */
+
+__attribute__((target("avx2,fma"))) static __m256i dot4_avx2(__m256i w, __m256i x, int wide) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (!wide) return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+    const __m256i low = _mm256_and_si256(w, _mm256_set1_epi8(0x7f));
+    const __m256i top = _mm256_and_si256(_mm256_srli_epi16(w, 7), _mm256_set1_epi8(1));
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(low, x), ones),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(top, x), _mm256_set1_epi16(128)));
+}
+
+__attribute__((target("avx2,fma"))) static float fold16_avx2(__m256 lo, __m256 hi) {
+    __m256 h8 = _mm256_add_ps(lo, hi);
+    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+}
+
+#define UR 2
+#define UT 2
+
+__attribute__((target("avx2,fma"))) static void int8_tile_avx2(
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
+    const int8_type *t) {
+    for (int r0 = 0; r0 < nr; r0 += UR) {
+        const wgt_group *ws[UR];
+        for (int r = 0; r < UR; r++) ws[r] = w[r0 + r < nr ? r0 + r : nr - 1];
+        for (int64_t t0 = 0; t0 < nt; t0 += UT) {
+            const act_group *xs[UT];
+            for (int i = 0; i < UT; i++) xs[i] = x + (t0 + i < nt ? t0 + i : nt - 1) * ng;
+            __m256 acc[UT][UR][2];
+            for (int i = 0; i < UT; i++)
+                for (int r = 0; r < UR; r++) acc[i][r][0] = acc[i][r][1] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < ng; g++)
+                for (int q = 0; q < 2; q++) {       /* lanes 8q .. 8q + 7 */
+                    for (int half = 0; half < 1 + t->split; half++) {
+                        const int j0 = t->split ? 4 * half : 0, j1 = t->split ? j0 + 4 : 8;
+                        __m256i c[UT][UR];
+                        for (int i = 0; i < UT; i++) {
+                            const __m256i init = _mm256_load_si256((const __m256i *)((half ? xs[i][g].ib : xs[i][g].ia) + 8 * q));
+                            for (int r = 0; r < UR; r++) c[i][r] = init;
+                        }
+                        for (int j = j0; j < j1; j++) {
+                            __m256i wv[UR];
+                            for (int r = 0; r < UR; r++) wv[r] = _mm256_load_si256((const __m256i *)(ws[r][g].qs + 64 * j + 32 * q));
+                            for (int i = 0; i < UT; i++) {
+                                const __m256i xv = _mm256_load_si256((const __m256i *)(xs[i][g].qs + 64 * j + 32 * q));
+                                for (int r = 0; r < UR; r++) c[i][r] = _mm256_add_epi32(c[i][r], dot4_avx2(wv[r], xv, t->wide));
+                            }
+                        }
+                        for (int i = 0; i < UT; i++) {
+                            const __m256 dx = _mm256_load_ps(xs[i][g].d + 8 * q);
+                            for (int r = 0; r < UR; r++) {
+                                const __m256 s = _mm256_mul_ps(_mm256_load_ps((half ? ws[r][g].sb : ws[r][g].sa) + 8 * q), dx);
+                                acc[i][r][q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[i][r]), s, acc[i][r][q]);
+                            }
+                        }
+                    }
+                    if (t->mins)
+                        for (int half = 0; half < 1 + t->split; half++)
+                            for (int i = 0; i < UT; i++) {
+                                const __m256 m = _mm256_load_ps((half ? xs[i][g].mb : xs[i][g].ma) + 8 * q);
+                                for (int r = 0; r < UR; r++)
+                                    acc[i][r][q] = _mm256_fmadd_ps(m, _mm256_load_ps((half ? ws[r][g].wb : ws[r][g].wa) + 8 * q),
+                                                                   acc[i][r][q]);
+                            }
+                }
+            for (int i = 0; i < UT && t0 + i < nt; i++)
+                for (int r = 0; r < UR && r0 + r < nr; r++)
+                    out[(t0 + i) * ldo + r0 + r] = fold16_avx2(acc[i][r][0], acc[i][r][1]);
+        }
+    }
+}
+#endif
+
+const int8_kernel INT8_REFERENCE = {int8_tile_ref, unpack_row_ref, quantize_row_ref};
+#if defined(__x86_64__)
+const int8_kernel INT8_AVX2 = {int8_tile_avx2, unpack_row_avx2, quantize_row_avx2};
+const int8_kernel INT8_AVX512VNNI = {int8_tile_avx512vnni, unpack_row_avx512, quantize_row_avx512};
+#endif
