@@ -335,17 +335,6 @@ static int decoder_input(const dg_model *m, run_state *s, const int32_t *ids, co
     return DG_OK;
 }
 
-/* RoPE inverse frequencies as transformers computes them in fp32: theta^-(2i/d) for the rotated pairs. */
-static int rope_freqs(const dg_model *m, const dg_layer *ly, float *inv_freq) {
-    const int d = ly->head_dim, pairs = ly->sliding ? d / 2 : m->rope_pairs_full;
-    const double theta = ly->sliding ? m->theta_sliding : m->theta_full;
-    for (int i = 0; i < pairs; i++) {
-        const float expo = (float)(2 * i) / (float)d;
-        inv_freq[i] = 1.0f / (float)pow(theta, (double)expo);
-    }
-    return pairs;
-}
-
 typedef struct {
     const dg_layer *ly;
     run_state *s;

@@ -425,21 +425,12 @@ static ALWAYS_INLINE void q3_K_block(const float *restrict x, block_q3_K *restri
         }
 }
 
-/* Q4_K and Q5_K share the 12-byte packing of eight 6-bit scales and mins. */
+/* Q4_K and Q5_K share the 12-byte packing of eight 6-bit scales and mins (unpack_scales_k4 in quant_internal.h). */
 static inline void pack_scales_k4(uint8_t *out, const uint8_t *ls, const uint8_t *lm) {
     for (int j = 0; j < 4; j++) {
         out[j] = (uint8_t)(ls[j] | (ls[j + 4] >> 4) << 6);
         out[j + 4] = (uint8_t)(lm[j] | (lm[j + 4] >> 4) << 6);
         out[j + 8] = (uint8_t)((ls[j + 4] & 0xf) | (lm[j + 4] & 0xf) << 4);
-    }
-}
-
-static inline void unpack_scales_k4(const uint8_t *in, uint8_t *ls, uint8_t *lm) {
-    for (int j = 0; j < 4; j++) {
-        ls[j] = in[j] & 63;
-        lm[j] = in[j + 4] & 63;
-        ls[j + 4] = (uint8_t)((in[j + 8] & 0xf) | (in[j] >> 6) << 4);
-        lm[j + 4] = (uint8_t)((in[j + 8] >> 4) | (in[j + 4] >> 6) << 4);
     }
 }
 
