@@ -40,10 +40,8 @@ struct dg_cache {
 
 static int64_t kv_width(const cache_layer *cl) { return (int64_t)cl->n_kv * cl->head_dim; }
 
-static int check_model(const dg_model *m, char *err, size_t errlen);
-
 dg_cache *dg_cache_new(const dg_model *m, int64_t capacity, char *err, size_t errlen) {
-    if (check_model(m, err, errlen) != DG_OK) return NULL;
+    if (dg_check_model(m, err, errlen) != DG_OK) return NULL;
     if (capacity < 1) {
         snprintf(err, errlen, "cache capacity %lld is not positive", (long long)capacity);
         return NULL;
@@ -155,7 +153,7 @@ static int check_tensor(const dg_tensor *t, const char *name, int layer, int64_t
     return DG_OK;
 }
 
-static int check_model(const dg_model *m, char *err, size_t errlen) {
+int dg_check_model(const dg_model *m, char *err, size_t errlen) {
     if (!m || !m->layers) FAIL(DG_E_VALUE, "no model");
     if (m->n_layers < 1 || m->hidden < 1 || m->n_heads < 1 || m->n_experts < 1 || m->top_k < 1 ||
         m->top_k > m->n_experts || m->expert_ff < 1 || m->dense_ff < 1 || m->vocab < 1 || m->sliding_window < 1)
@@ -510,7 +508,7 @@ static int head(const dg_model *m, run_state *s, float *logits, char *err, size_
 
 int dg_encode(const dg_model *m, dg_cache *c, const int32_t *ids, int64_t n, char *err, size_t errlen) {
     int rc;
-    if ((rc = check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
+    if ((rc = dg_check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
         (rc = check_ids(m, ids, n, err, errlen)) != DG_OK)
         return rc;
     if (n == 0) return DG_OK;
@@ -547,7 +545,7 @@ done:
 int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t n, const float *sc_logits,
               float *logits, char *err, size_t errlen) {
     int rc;
-    if ((rc = check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
+    if ((rc = dg_check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
         (rc = check_ids(m, ids, n, err, errlen)) != DG_OK)
         return rc;
     if (n == 0) return DG_OK;
