@@ -1,4 +1,4 @@
-/* dg_cuda.h: the contract of the CUDA library (native/cuda/*.cu, built by scripts/build_cuda.sh).
+/* dg_cuda.h: the contract of the CUDA library (the .cu files of native/cuda, built by scripts/build_cuda.sh).
  *
  * Same rules as native/dgguf.h: explicit sizes, 0 or a negative status, a one-line message in err, never an
  * abort. Pointers documented as "device" are cudaMalloc'd memory; dg_tensor (from dgguf.h) is reused with its
@@ -12,11 +12,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../dgguf.h"
-
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+#include "../dgguf.h"
 
 enum { DG_E_CUDA = -4 };        /* a CUDA call failed: no device, out of device memory, a launch error */
 

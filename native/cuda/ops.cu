@@ -13,9 +13,17 @@
 
 /* ---- devices, memory, scratch --------------------------------------------------------------------------- */
 
+/* No driver, an old driver or no device is not an error here: count 0, with the reason in err. */
 extern "C" int dgc_device_count(int *count, char *err, size_t errlen) {
     *count = 0;
-    CU(cudaGetDeviceCount(count));
+    const cudaError_t e = cudaGetDeviceCount(count);
+    if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver || e == cudaErrorInitializationError) {
+        cudaGetLastError();
+        *count = 0;
+        snprintf(err, errlen, "no GPU: %s", cudaGetErrorString(e));
+        return DG_OK;
+    }
+    CU(e);
     return DG_OK;
 }
 
