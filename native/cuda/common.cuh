@@ -48,6 +48,12 @@ static inline size_t row_bytes_of(int type, int64_t ncols) {
 enum { SCR_A, SCR_B, SCR_C, SCR_D, SCR_E, SCR_F, SCR_G, SCR_H, SCR_SLOTS };
 int scratch(int slot, size_t bytes, void **ptr, char *err, size_t errlen);
 
+/* gemm.cu: out rows [group_off[e], group_off[e+1]) = x rows (x_rows[row], or row itself when NULL) times matrix e
+ * of w, for every e < w->ne2; max_tokens bounds any one group, tokens is the total (dgc_moe's two matmuls). */
+int grouped_matmul(int kind, const dg_tensor *w, const float *x, int64_t ldx, const int32_t *x_rows,
+                   const int32_t *group_off, int64_t max_tokens, int64_t tokens, float *out, char *err,
+                   size_t errlen);
+
 /* ---- device dequantizers: y[0..15] = values k..k+15 of a row (k a multiple of 16) ------------------------- */
 
 __device__ __forceinline__ float h2f(uint16_t h) { return dg_f16_to_f32(h); }

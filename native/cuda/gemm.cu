@@ -130,12 +130,13 @@ static int max_dynamic_smem(void) {
     return bytes;
 }
 
-/* Launches a (grouped) matmul: groups matrices, max_tokens the most tokens any one of them has. */
-static int launch_matmul(int kind, int type, const gemm_args &a, int groups, int64_t max_tokens, char *err,
-                         size_t errlen) {
+/* Launches a (grouped) matmul: groups matrices, max_tokens the most tokens any one of them may have, tokens the
+ * total over the groups. */
+static int launch_matmul(int kind, int type, const gemm_args &a, int groups, int64_t max_tokens, int64_t tokens,
+                         char *err, size_t errlen) {
     if (max_tokens <= 0 || a.nrows <= 0) return DG_OK;
     if (kind == DGC_GEMM_TF32 && a.K % BK == 0) {
-        const bool small = max_tokens <= 32;    /* expert groups: a 16-token tile wastes less */
+        const bool small = tokens <= 32 * (int64_t)groups;   /* few tokens a group: a 16-token tile wastes less */
         const int bm = small ? 16 : 64;
         const dim3 grid((unsigned)cdiv(a.nrows, BN), (unsigned)cdiv(max_tokens, bm), (unsigned)groups);
         if (grid.y > 65535u || grid.z > 65535u) FAIL(DG_E_SHAPE, "matmul: %lld tokens in %d groups is too many",
@@ -177,17 +178,17 @@ extern "C" int dgc_matmul(int kind, const dg_tensor *w, int64_t mat, const float
                                        (long long)w->ne2);
     gemm_args a = {out, w->ne1, x, w->ne0, NULL, (const uint8_t *)w->data + (size_t)mat * w->ne1 * rb, rb, 0,
                    w->ne1, w->ne0, n, NULL};
-    return launch_matmul(kind, w->type, a, 1, n, err, errlen);
+    return launch_matmul(kind, w->type, a, 1, n, n, err, errlen);
 }
 
-/* Grouped: out rows [off[e], off[e+1]) = x rows x_rows[...] times matrix e of w, for every e < w->ne2. */
 int grouped_matmul(int kind, const dg_tensor *w, const float *x, int64_t ldx, const int32_t *x_rows,
-                   const int32_t *group_off, int64_t max_tokens, float *out, char *err, size_t errlen) {
+                   const int32_t *group_off, int64_t max_tokens, int64_t tokens, float *out, char *err,
+                   size_t errlen) {
     const size_t rb = row_bytes_of(w->type, w->ne0);
     if (rb == 0) FAIL(DG_E_TYPE, "grouped matmul: type %d, rows of %lld", w->type, (long long)w->ne0);
     gemm_args a = {out, w->ne1, x, ldx, x_rows, (const uint8_t *)w->data, rb, rb * (size_t)w->ne1, w->ne1,
                    w->ne0, 0, group_off};
-    return launch_matmul(kind, w->type, a, (int)w->ne2, max_tokens, err, errlen);
+    return launch_matmul(kind, w->type, a, (int)w->ne2, max_tokens, tokens, err, errlen);
 }
 
 /* ---- soft embedding: out[t, :] = scale * softmax(logits[t, :]) @ W ------------------------------------------ */

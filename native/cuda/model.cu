@@ -17,9 +17,6 @@ extern "C" {
 #include "../ops.h"
 }
 
-int grouped_matmul(int kind, const dg_tensor *w, const float *x, int64_t ldx, const int32_t *x_rows,
-                   const int32_t *group_off, int64_t max_tokens, float *out, char *err, size_t errlen);
-
 enum { MAX_ALLOCS = 1024, MAX_PAIRS = 256 };   /* head_dim <= 512, as dgc_attention allows */
 
 struct dgc_model {
@@ -217,6 +214,9 @@ extern "C" void dgc_model_free(dgc_model *dm) {
     cudaDeviceSynchronize();
     for (int i = 0; i < dm->n_allocs; i++) cudaFree(dm->allocs[i]);
     if (dm->pinned) cudaFreeHost(dm->pinned);
+    void *buffers[] = {dm->h, dm->x, dm->tmp, dm->h1, dm->h2, dm->q, dm->att, dm->k, dm->v, dm->g, dm->u, dm->router,
+                       dm->top_w, dm->logits, dm->entropy, dm->ids, dm->top_idx, dm->argmax, dm->accept};
+    for (void *b : buffers) cudaFree(b);
     free(dm->layers);
     free(dm->inv_freq);
     free(dm->pairs);

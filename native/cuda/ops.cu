@@ -401,9 +401,6 @@ extern "C" int dgc_route(int32_t *top_idx, float *top_w, const float *logits, co
 /* ---- MoE: group the (token, expert) pairs by expert, in token order within an expert (as model.c gathers
  * them), run the two grouped matmuls, and add each token's expert outputs in ascending expert order. ------- */
 
-int grouped_matmul(int kind, const dg_tensor *w, const float *x, int64_t ldx, const int32_t *x_rows,
-                   const int32_t *group_off, int64_t max_tokens, float *out, char *err, size_t errlen);
-
 /* Warp e: for tokens in order, whether one of its K experts is e (ballot), giving each such pair its rank. */
 __global__ void moe_count(int32_t *count, const int32_t *top_idx, int64_t n, int K) {
     const int e = blockIdx.x, lane = threadIdx.x;
@@ -487,11 +484,12 @@ extern "C" int dgc_moe(int kind, float *out, const float *x, const int32_t *top_
     moe_fill<<<(unsigned)E, 32>>>(pair_tok, slot_of, off, top_idx, n, K);
     LAUNCHED();
     /* an expert gets at most one pair per token: n bounds every group */
-    if ((rc = grouped_matmul(kind, gate_up, x, H, pair_tok, off, n, (float *)gu, err, errlen)) != DG_OK) return rc;
+    if ((rc = grouped_matmul(kind, gate_up, x, H, pair_tok, off, n, pairs, (float *)gu, err, errlen)) != DG_OK)
+        return rc;
     if ((rc = dgc_gelu_mul((float *)act, I, (float *)gu, 2 * I, (float *)gu + I, 2 * I, pairs, I, err,
                            errlen)) != DG_OK)
         return rc;
-    if ((rc = grouped_matmul(kind, down, (float *)act, I, NULL, off, n, (float *)y, err, errlen)) != DG_OK)
+    if ((rc = grouped_matmul(kind, down, (float *)act, I, NULL, off, n, pairs, (float *)y, err, errlen)) != DG_OK)
         return rc;
     moe_combine<<<(unsigned)cdiv(n * H, 256), 256>>>(out, (float *)y, top_idx, top_w, slot_of, n, K, H);
     LAUNCHED();
