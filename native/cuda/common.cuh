@@ -148,13 +148,20 @@ template <> __device__ __forceinline__ void dq16<DG_TYPE_Q3_K>(const uint8_t *ro
 }
 
 /* Q4_K / Q5_K: sub-block s = v / 32 uses the nibbles of qs[32 (s / 2) + l] (low for even s), Q5_K's fifth bit
- * is bit s of qh[l]. */
+ * is bit s of qh[l]; its scale dl and min ml come from the shared 12-byte packing. */
+__device__ __forceinline__ void k4_sub_scale(uint16_t d, uint16_t dmin, const uint8_t *scales, int s, float *dl,
+                                             float *ml) {
+    uint8_t ls[8], lm[8];
+    unpack_scales_k4(scales, ls, lm);
+    *dl = __fmul_rn(h2f(d), (float)ls[s]);
+    *ml = __fmul_rn(h2f(dmin), (float)lm[s]);
+}
+
 template <> __device__ __forceinline__ void dq16<DG_TYPE_Q4_K>(const uint8_t *row, int64_t k, float *y) {
     const block_q4_K *b = (const block_q4_K *)row + k / QK_K;
     const int v = (int)(k % QK_K), s = v / 32, l0 = v % 32, shift = 4 * (s % 2);
-    uint8_t ls[8], lm[8];
-    unpack_scales_k4(b->scales, ls, lm);
-    const float dl = __fmul_rn(h2f(b->d), (float)ls[s]), ml = __fmul_rn(h2f(b->dmin), (float)lm[s]);
+    float dl, ml;
+    k4_sub_scale(b->d, b->dmin, b->scales, s, &dl, &ml);
     const uint8_t *qs = b->qs + 32 * (s / 2) + l0;
     for (int i = 0; i < 16; i++) y[i] = __fsub_rn(__fmul_rn(dl, (float)((qs[i] >> shift) & 0xf)), ml);
 }
@@ -162,9 +169,8 @@ template <> __device__ __forceinline__ void dq16<DG_TYPE_Q4_K>(const uint8_t *ro
 template <> __device__ __forceinline__ void dq16<DG_TYPE_Q5_K>(const uint8_t *row, int64_t k, float *y) {
     const block_q5_K *b = (const block_q5_K *)row + k / QK_K;
     const int v = (int)(k % QK_K), s = v / 32, l0 = v % 32, shift = 4 * (s % 2);
-    uint8_t ls[8], lm[8];
-    unpack_scales_k4(b->scales, ls, lm);
-    const float dl = __fmul_rn(h2f(b->d), (float)ls[s]), ml = __fmul_rn(h2f(b->dmin), (float)lm[s]);
+    float dl, ml;
+    k4_sub_scale(b->d, b->dmin, b->scales, s, &dl, &ml);
     const uint8_t *qs = b->qs + 32 * (s / 2) + l0, *qh = b->qh + l0;
     for (int i = 0; i < 16; i++) {
         const int q = ((qs[i] >> shift) & 0xf) | ((qh[i] >> s) & 1) << 4;

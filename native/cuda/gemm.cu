@@ -69,6 +69,22 @@ template <int T> __global__ void matmul_plain(gemm_args a) {
 
 enum { BN = 64, BK = 32, LDS = BK + 4, GEMM_THREADS = 128 };
 
+/* acc[f] += A rows 16f..16f+15 (a: [BM][LDS], TF32 values) times the warp's 16 columns of B over one BK step;
+ * B's value (k, n) is at b[k * k_stride + n * ldb] (col_major: k_stride 1) or b[k * ldb + n] (row_major). */
+template <int BM, typename BLayout>
+__device__ __forceinline__ void mma_tile(wmma::fragment<wmma::accumulator, 16, 16, 8, float> *acc,
+                                         const float (*a)[LDS], const float *b, int k_stride, int ldb) {
+    for (int kk = 0; kk < BK; kk += 8) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, BLayout> bf;
+        wmma::load_matrix_sync(bf, b + kk * k_stride, ldb);
+        for (int f = 0; f < BM / 16; f++) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> af;
+            wmma::load_matrix_sync(af, &a[f * 16][kk], LDS);
+            wmma::mma_sync(acc[f], af, bf, acc[f]);
+        }
+    }
+}
+
 /* Block (row tile, token tile, matrix e), 4 warps; warp w owns weight rows 16w..16w+15 of the tile and all BM
  * tokens. Needs K % 32 == 0 (every quantized row is whole 32-blocks; the dispatcher sends the rest to plain). */
 template <int T, int BM> __global__ void __launch_bounds__(GEMM_THREADS) matmul_tf32(gemm_args a) {
@@ -104,15 +120,7 @@ template <int T, int BM> __global__ void __launch_bounds__(GEMM_THREADS) matmul_
             for (int i = 0; i < 16; i++) ws[r][c + i] = wmma::__float_to_tf32(v[i]);
         }
         __syncthreads();
-        for (int kk = 0; kk < BK; kk += 8) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> bf;
-            wmma::load_matrix_sync(bf, &ws[warp * 16][kk], LDS);
-            for (int f = 0; f < BM / 16; f++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> af;
-                wmma::load_matrix_sync(af, &xs[f * 16][kk], LDS);
-                wmma::mma_sync(acc[f], af, bf, acc[f]);
-            }
-        }
+        mma_tile<BM, wmma::col_major>(acc, xs, &ws[warp * 16][0], 1, LDS);
         __syncthreads();
     }
     for (int f = 0; f < BM / 16; f++)
@@ -271,15 +279,7 @@ soft_embed_tf32(float *part, const float *logits, const uint8_t *w, size_t rb, i
             for (int i = 0; i < 16; i++) es[r][c + i] = wmma::__float_to_tf32(e[i]);
         }
         __syncthreads();
-        for (int kk = 0; kk < BK; kk += 8) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> bf;
-            wmma::load_matrix_sync(bf, &es[kk][warp * 16], BN + 4);
-            for (int f = 0; f < BM / 16; f++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> af;
-                wmma::load_matrix_sync(af, &ps[f * 16][kk], LDS);
-                wmma::mma_sync(acc[f], af, bf, acc[f]);
-            }
-        }
+        mma_tile<BM, wmma::row_major>(acc, ps, &es[0][warp * 16], BN + 4, BN + 4);
         __syncthreads();
     }
     for (int f = 0; f < BM / 16; f++)

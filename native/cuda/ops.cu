@@ -251,6 +251,18 @@ __device__ __forceinline__ key_range keys_of(int64_t t, int64_t n, int64_t held,
     return r;
 }
 
+/* Rows j0..j0+ATT_KC-1 of the keys (or values) of one KV head into shared memory, rows d + 1 apart: index j is
+ * cached row j below held, else row j - held of this pass; rows at or past j_hi are zeros. */
+__device__ __forceinline__ void load_chunk(float *dst, const float *cached, const float *fresh, int64_t j0,
+                                           int64_t j_hi, int64_t held, int64_t stride, int64_t col0, int d) {
+    for (int i = threadIdx.x; i < ATT_KC * d; i += blockDim.x) {
+        const int64_t j = j0 + i / d;
+        float val = 0.0f;
+        if (j < j_hi) val = j < held ? cached[j * stride + col0 + i % d] : fresh[(j - held) * stride + col0 + i % d];
+        dst[(i / d) * (d + 1) + i % d] = val;
+    }
+}
+
 /* Block (ATT_QT consecutive queries, head); warp w is query t0 + w. Keys stream through shared memory in chunks
  * of ATT_KC (lane j scores key j of the chunk), with a running max and sum per query; each lane keeps d / 32
  * output values. Shared: the block's queries [QT][d], one key or value chunk [KC][d + 1] (padded: lanes read
@@ -281,12 +293,7 @@ attention_heads(float *out, const float *q, const float *cache_k, const float *c
     for (int i = 0; i < per_lane; i++) acc[i] = 0.0f;
     for (int64_t j0 = j_lo; j0 < j_hi; j0 += ATT_KC) {
         __syncthreads();   /* the previous chunk's values are consumed (and qs is written, first time) */
-        for (int i = threadIdx.x; i < ATT_KC * d; i += blockDim.x) {
-            const int64_t j = j0 + i / d;
-            float val = 0.0f;
-            if (j < j_hi) val = j < held ? cache_k[j * stride + g * d + i % d] : k[(j - held) * stride + g * d + i % d];
-            kv[(i / d) * ld + i % d] = val;
-        }
+        load_chunk(kv, cache_k, k, j0, j_hi, held, stride, g * d, d);
         __syncthreads();
         const int64_t j = j0 + lane;
         const bool seen = live && j < j_hi &&
@@ -308,12 +315,7 @@ attention_heads(float *out, const float *q, const float *cache_k, const float *c
         l = l * corr + psum;
         m = m_new;
         __syncthreads();   /* every warp is done with the keys */
-        for (int i = threadIdx.x; i < ATT_KC * d; i += blockDim.x) {
-            const int64_t jj = j0 + i / d;
-            float val = 0.0f;
-            if (jj < j_hi) val = jj < held ? cache_v[jj * stride + g * d + i % d] : v[(jj - held) * stride + g * d + i % d];
-            kv[(i / d) * ld + i % d] = val;
-        }
+        load_chunk(kv, cache_v, v, j0, j_hi, held, stride, g * d, d);
         __syncthreads();
         for (int i = 0; i < per_lane; i++) acc[i] *= corr;
         for (int c = 0; c < ATT_KC; c++) {
