@@ -3,7 +3,8 @@
 #   1. build the CUDA library and driver for the GPU found (nvidia-smi's compute capability)
 #   2. every kernel against its CPU twin          (dg_cuda_check kernels)
 #   3. a decoder step against the CPU forward     (dg_cuda_check decode: tiny random model, plain and TF32)
-#   4. throughput on the real 30-layer shape, random Q4_K_M blocks made on the device, budgets 8, 16, 24 GiB
+#   4. throughput on the real 30-layer shape, random Q4_K_M blocks made on the device, budgets 24, 16, 8 GiB
+#      (the fully resident one first, so a timeout cuts the streamed ones)
 #   5. the kernel checks again under compute-sanitizer's memcheck (out-of-bounds and misaligned accesses)
 # Prints PASS / FAIL / TIMEOUT per stage and a summary; the full log goes to $OUT/gpu_check.log when OUT is set.
 # Exit status: 0 when every stage passed.
@@ -42,7 +43,7 @@ cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d 
 if stage build 120 scripts/build_cuda.sh "$cc" "$bin"; then
     stage kernels 45 "$bin/dg_cuda_check" kernels
     stage decode 45 "$bin/dg_cuda_check" decode
-    stage throughput 170 "$bin/dg_cuda_check" throughput 8 16 24
+    stage throughput 170 "$bin/dg_cuda_check" throughput 24 16 8
     if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
         san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
         stage memcheck 80 "$san" --tool memcheck --error-exitcode 3 "$bin/dg_cuda_check" kernels
