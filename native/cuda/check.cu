@@ -458,7 +458,7 @@ static void build_tiny(tiny_model &tm, int type) {
     m.theta_full = 1e6f; m.theta_sliding = 1e4f; m.softcap = 30.0f; m.embed_scale = 16.0f; m.n_threads = 1;
     std::vector<dg_tensor *> fix;
     const float a = 1.0f / 16.0f;   /* 1 / sqrt(H) */
-    m.token_embd = add(tm, type, H, V, 1, 1.0f, 0);
+    m.token_embd = add(tm, type, H, V, 1, 0.1f, 0);   /* logits of a few units: softcap far from saturation */
     m.output_norm = add(tm, DG_TYPE_F32, H, 1, 1, 0.1f, 1.0f);
     m.sc_pre_norm = add(tm, DG_TYPE_F32, H, 1, 1, 0.1f, 1.0f);
     m.sc_gate = add(tm, type, H, F, 1, a, 0);
