@@ -543,6 +543,7 @@ static void check_decode(void) {
                 MUST(dgc_encode(dm, dc, prompt.data(), 25, err, sizeof err));
                 MUST(dgc_encode(dm, dc, prompt.data() + 25, P - 25, err, sizeof err));
                 std::vector<float> g1(C * V), g2(C * V), g3(C * V);
+                if (kind == DGC_GEMM_TF32) MUST(dgc_model_profile(dm, 1, err, sizeof err));   /* must not change bits */
                 MUST(dgc_decode(dm, dc, canvas.data(), C, NULL, 0, g1.data(), err, sizeof err));
                 /* the device step stats turn the logits into the scaled self-conditioning input in place */
                 std::vector<int32_t> amax(C), amax_cpu(C);
@@ -551,6 +552,11 @@ static void check_decode(void) {
                 MUST(dgc_model_step_stats(dm, C, temp, 0.1f, amax.data(), ent.data(), acc.data(), err, sizeof err));
                 MUST(dgc_decode(dm, dc, canvas.data(), C, NULL, 1, g2.data(), err, sizeof err));
                 MUST(dgc_decode(dm, dc, canvas.data(), C, sc.data(), 0, g3.data(), err, sizeof err));
+                if (kind == DGC_GEMM_TF32) {
+                    char prof[1024];
+                    dgc_model_profile_report(dm, prof, sizeof prof);
+                    printf("INFO tiny model, %s: %s\n", type_name(type), prof);
+                }
                 dgc_cache_free(dc);
                 dgc_model_free(dm);
                 std::vector<float> g1s(C * V);
@@ -736,6 +742,7 @@ static void throughput(double budget_gib, int steps) {
     MUST(dgc_decode(dm, dc, canvas.data(), C, NULL, 0, NULL, err, sizeof err));
     size_t free1;
     cudaMemGetInfo(&free1, &total);
+    MUST(dgc_model_profile(dm, 1, err, sizeof err));
     double t_dec = 0, t_stats = 0;
     for (int s = steps; s >= 1; s--) {
         t0 = now();
@@ -756,6 +763,9 @@ static void throughput(double budget_gib, int steps) {
            "decoder step %.4f s, step stats %.4f s, canvas encode %.4f s, prompt encode (%lld tokens) %.3f s\n",
            budget_gib, (free0 - free1) / 1073741824.0, dev_bytes / 1073741824.0, streamed / 1073741824.0,
            t_dec / steps, t_stats / steps, t_commit, (long long)P, t_prompt);
+    char prof[1024];
+    dgc_model_profile_report(dm, prof, sizeof prof);
+    printf("INFO budget %.0f GiB: %s\n", budget_gib, prof);
     printf("RESULT budget %.0f GiB: %d steps per canvas of %lld: %.3f s per canvas = %.1f tok/s\n", budget_gib, steps,
            (long long)C, t_canvas, C / t_canvas);
     fflush(stdout);

@@ -122,6 +122,10 @@ void dgc_model_free(dgc_model *m);
 /* Device bytes of the weights (resident part) and host bytes of the streamed experts. */
 void dgc_model_bytes(const dgc_model *m, size_t *device_bytes, size_t *streamed_bytes);
 void dgc_model_set_gemm(dgc_model *m, int gemm_kind);
+/* Stage timing of decoder passes (CUDA events between stages): on resets the totals; the report is one line,
+ * milliseconds a pass per stage (input, projections, attention, dense MLP, router, experts, head). */
+int dgc_model_profile(dgc_model *m, int on, char *err, size_t errlen);
+int dgc_model_profile_report(const dgc_model *m, char *buf, size_t len);
 
 dgc_cache *dgc_cache_new(dgc_model *m, int64_t capacity, char *err, size_t errlen);
 void dgc_cache_free(dgc_cache *c);

@@ -17,12 +17,23 @@ extern "C" {
 #include "../ops.h"
 }
 
-enum { MAX_ALLOCS = 1024, MAX_PAIRS = 256 };   /* head_dim <= 512, as dgc_attention allows */
+enum { MAX_ALLOCS = 1024, MAX_PAIRS = 256 };
+
+/* Where a decoder pass spends its time (dgc_model_profile): events between stages, read after the pass. */
+enum { PROF_INPUT, PROF_PROJ, PROF_ATTENTION, PROF_DENSE, PROF_ROUTER, PROF_EXPERTS, PROF_HEAD, PROF_STAGES };
+static const char *const PROF_NAMES[PROF_STAGES] = {"input+self-conditioning", "q/k/v/o projections+norms+rope",
+                                                    "attention", "dense mlp+norms", "router",
+                                                    "experts (+ streaming)", "head+softcap"};
+enum { PROF_MARKS = 512 };   /* head_dim <= 512, as dgc_attention allows */
 
 struct dgc_model {
     dg_model m;                  /* sizes, and tensors whose data are device pointers (streamed experts: host) */
     dg_layer *layers;
     int gemm;
+    int profile;                 /* time the stages of decoder passes */
+    cudaEvent_t marks[PROF_MARKS];
+    int mark_stage[PROF_MARKS], n_marks, profiled_passes;
+    double stage_ms[PROF_STAGES];
     int expert_layers_on_device; /* layers at or above stream their experts through gate_up_stage/down_stage */
     void *gate_up_stage, *down_stage;
     float **inv_freq;            /* per layer, device [pairs] */
@@ -106,6 +117,7 @@ static dgc_model *build(const dg_model *m, int gemm_kind, int expert_layers_on_d
     if (!dm) { snprintf(err, errlen, "out of memory"); return NULL; }
     dm->m = *m;
     dm->gemm = gemm_kind;
+    dm->n_marks = -1;
     dm->layers = (dg_layer *)calloc((size_t)m->n_layers, sizeof(dg_layer));
     dm->inv_freq = (float **)calloc((size_t)m->n_layers, sizeof(float *));
     dm->pairs = (int *)calloc((size_t)m->n_layers, sizeof(int));
@@ -217,6 +229,7 @@ extern "C" void dgc_model_free(dgc_model *dm) {
     void *buffers[] = {dm->h, dm->x, dm->tmp, dm->h1, dm->h2, dm->q, dm->att, dm->k, dm->v, dm->g, dm->u, dm->router,
                        dm->top_w, dm->logits, dm->entropy, dm->ids, dm->top_idx, dm->argmax, dm->accept};
     for (void *b : buffers) cudaFree(b);
+    for (int i = 0; i < PROF_MARKS; i++) if (dm->marks[i]) cudaEventDestroy(dm->marks[i]);
     free(dm->layers);
     free(dm->inv_freq);
     free(dm->pairs);
@@ -229,6 +242,47 @@ extern "C" void dgc_model_bytes(const dgc_model *dm, size_t *device_bytes, size_
 }
 
 extern "C" void dgc_model_set_gemm(dgc_model *dm, int gemm_kind) { dm->gemm = gemm_kind; }
+
+extern "C" int dgc_model_profile(dgc_model *dm, int on, char *err, size_t errlen) {
+    for (int i = 0; on && i < PROF_MARKS; i++)
+        if (!dm->marks[i]) CU(cudaEventCreate(&dm->marks[i]));
+    dm->profile = on;
+    dm->profiled_passes = 0;
+    for (double &ms : dm->stage_ms) ms = 0.0;
+    return DG_OK;
+}
+
+extern "C" int dgc_model_profile_report(const dgc_model *dm, char *buf, size_t len) {
+    double total = 0.0;
+    for (double ms : dm->stage_ms) total += ms;
+    const int passes = dm->profiled_passes > 0 ? dm->profiled_passes : 1;
+    int at = snprintf(buf, len, "%d decoder pass(es), ms a pass:", dm->profiled_passes);
+    for (int i = 0; i < PROF_STAGES && at >= 0 && (size_t)at < len; i++)
+        at += snprintf(buf + at, len - at, " %s %.2f (%.0f%%)%s", PROF_NAMES[i], dm->stage_ms[i] / passes,
+                       total > 0 ? 100.0 * dm->stage_ms[i] / total : 0.0, i + 1 < PROF_STAGES ? "," : "");
+    return DG_OK;
+}
+
+/* The time since the previous mark belongs to stage (a no-op unless this decoder pass is profiled). */
+static int mark(dgc_model *dm, int stage, char *err, size_t errlen) {
+    if (!dm->profile || dm->n_marks < 0) return DG_OK;
+    if (dm->n_marks == PROF_MARKS) FAIL(DG_E_VALUE, "profile: more than %d stages in a pass", PROF_MARKS);
+    CU(cudaEventRecord(dm->marks[dm->n_marks], 0));
+    dm->mark_stage[dm->n_marks++] = stage;
+    return DG_OK;
+}
+
+/* After a synchronized pass: add each interval to its stage. */
+static int collect_marks(dgc_model *dm, char *err, size_t errlen) {
+    for (int i = 1; i < dm->n_marks; i++) {
+        float ms;
+        CU(cudaEventElapsedTime(&ms, dm->marks[i - 1], dm->marks[i]));
+        dm->stage_ms[dm->mark_stage[i]] += ms;
+    }
+    if (dm->n_marks > 0) dm->profiled_passes++;
+    dm->n_marks = -1;
+    return DG_OK;
+}
 
 /* ---- buffers of one pass ------------------------------------------------------------------------------------ */
 
@@ -417,14 +471,17 @@ static int attention_block(dgc_model *dm, int l, int64_t n, const dev_cache_laye
     TRY(dgc_rmsnorm(dm->k, dm->k, (const float *)ly->attn_k_norm.data, n * nkv, d, m->eps, 1.0f, 0, err, errlen));
     TRY(dgc_rope(dm->k, dm->inv_freq[l], n, (int)nkv, (int)d, dm->pairs[l], pos0, err, errlen));
     TRY(dgc_rmsnorm(dm->v, dm->v, NULL, n * nkv, d, m->eps, 1.0f, 0, err, errlen));
+    TRY(mark(dm, PROF_PROJ, err, errlen));
     if (kv_only) return cache_append(write, dm->k, dm->v, n, err, errlen);
     const int64_t window = (write && ly->sliding) ? m->sliding_window : 0;
     TRY(dgc_attention(dm->att, dm->q, cl->k, cl->v, cl->n, dm->k, dm->v, n, (int)nh, (int)nkv, (int)d, pos0, window,
                       write != NULL, err, errlen));
+    TRY(mark(dm, PROF_ATTENTION, err, errlen));
     if (write) TRY(cache_append(write, dm->k, dm->v, n, err, errlen));
     TRY(mm(dm, dm->tmp, dm->att, &ly->attn_output, n, err, errlen));
-    return dgc_rmsnorm(dm->h, dm->tmp, (const float *)ly->post_attention_norm.data, n, H, m->eps, 1.0f, 1, err,
-                       errlen);
+    TRY(dgc_rmsnorm(dm->h, dm->tmp, (const float *)ly->post_attention_norm.data, n, H, m->eps, 1.0f, 1, err,
+                    errlen));
+    return mark(dm, PROF_PROJ, err, errlen);
 }
 
 /* Router (plain matmul, see the top), then the grouped experts into h2. Streamed experts are copied in first. */
@@ -438,6 +495,7 @@ static int moe(dgc_model *dm, int l, int64_t n, char *err, size_t errlen) {
     TRY(dgc_matmul(DGC_GEMM_PLAIN, &ly->ffn_gate_inp, 0, dm->x, n, dm->router, err, errlen));
     TRY(dgc_route(dm->top_idx, dm->top_w, dm->router, (const float *)ly->ffn_down_exps_scale.data, n,
                   m->n_experts, m->top_k, err, errlen));
+    TRY(mark(dm, PROF_ROUTER, err, errlen));
     TRY(dgc_rmsnorm(dm->x, dm->h, (const float *)ly->pre_ffw_norm_2.data, n, H, m->eps, 1.0f, 0, err, errlen));
     dg_tensor gu = ly->ffn_gate_up_exps, dn = ly->ffn_down_exps;
     if (l >= dm->expert_layers_on_device) {
@@ -446,7 +504,8 @@ static int moe(dgc_model *dm, int l, int64_t n, char *err, size_t errlen) {
         gu.data = dm->gate_up_stage;
         dn.data = dm->down_stage;
     }
-    return dgc_moe(dm->gemm, dm->h2, dm->x, dm->top_idx, dm->top_w, n, m->top_k, &gu, &dn, err, errlen);
+    TRY(dgc_moe(dm->gemm, dm->h2, dm->x, dm->top_idx, dm->top_w, n, m->top_k, &gu, &dn, err, errlen));
+    return mark(dm, PROF_EXPERTS, err, errlen);
 }
 
 static int ffn_block(dgc_model *dm, int l, int64_t n, char *err, size_t errlen) {
@@ -456,11 +515,13 @@ static int ffn_block(dgc_model *dm, int l, int64_t n, char *err, size_t errlen) 
     int rc;
     TRY(dgc_rmsnorm(dm->x, dm->h, (const float *)ly->ffn_norm.data, n, H, m->eps, 1.0f, 0, err, errlen));
     TRY(gated_mlp(dm, dm->h1, dm->x, &ly->ffn_gate, &ly->ffn_up, &ly->ffn_down, n, err, errlen));
+    TRY(mark(dm, PROF_DENSE, err, errlen));
     TRY(moe(dm, l, n, err, errlen));
     TRY(dgc_rmsnorm(dm->h1, dm->h1, (const float *)ly->post_ffw_norm_1.data, n, H, m->eps, 1.0f, 0, err, errlen));
     TRY(dgc_rmsnorm(dm->h2, dm->h2, (const float *)ly->post_ffw_norm_2.data, n, H, m->eps, 1.0f, 0, err, errlen));
     TRY(dgc_add(dm->h1, dm->h2, n * H, err, errlen));
-    return dgc_rmsnorm(dm->h, dm->h1, (const float *)ly->post_ffw_norm.data, n, H, m->eps, 1.0f, 1, err, errlen);
+    TRY(dgc_rmsnorm(dm->h, dm->h1, (const float *)ly->post_ffw_norm.data, n, H, m->eps, 1.0f, 1, err, errlen));
+    return mark(dm, PROF_DENSE, err, errlen);
 }
 
 static int check_pass(const dgc_model *dm, const dgc_cache *c, const int32_t *ids, int64_t n, char *err,
@@ -505,6 +566,7 @@ extern "C" int dgc_encode(dgc_model *dm, dgc_cache *c, const int32_t *ids, int64
     TRY(ensure_buffers(dm, n, err, errlen));
     CU(cudaMemcpy(dm->ids, ids, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice));
     dm->logits_rows = 0;
+    dm->n_marks = -1;   /* encoder passes are not profiled */
     if ((rc = encode_layers(dm, c, n, err, errlen)) != DG_OK) {
         c->broken = 1;
         return rc;
@@ -527,8 +589,11 @@ extern "C" int dgc_decode(dgc_model *dm, const dgc_cache *c, const int32_t *ids,
     CU(cudaMemcpy(dm->ids, ids, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice));
     if (sc_host) CU(cudaMemcpy(dm->logits, sc_host, (size_t)(n * V) * sizeof(float), cudaMemcpyHostToDevice));
     dm->logits_rows = 0;
+    dm->n_marks = 0;   /* this pass is profiled when profiling is on */
+    TRY(mark(dm, PROF_INPUT, err, errlen));
     /* the soft embedding reads the logits buffer before the head overwrites it */
     TRY(decoder_input(dm, n, (sc_host || sc_device) ? dm->logits : NULL, err, errlen));
+    TRY(mark(dm, PROF_INPUT, err, errlen));
     for (int l = 0; l < m->n_layers; l++) {
         TRY(attention_block(dm, l, n, &c->layers[l], NULL, c->length, 0, err, errlen));
         TRY(ffn_block(dm, l, n, err, errlen));
@@ -537,8 +602,10 @@ extern "C" int dgc_decode(dgc_model *dm, const dgc_cache *c, const int32_t *ids,
     TRY(dgc_rmsnorm(dm->x, dm->h, (const float *)m->output_norm.data, n, m->hidden, m->eps, 1.0f, 0, err, errlen));
     TRY(mm(dm, dm->logits, dm->x, &m->token_embd, n, err, errlen));
     if (m->softcap > 0.0f) TRY(dgc_softcap(dm->logits, n * V, m->softcap, err, errlen));
+    TRY(mark(dm, PROF_HEAD, err, errlen));
     if (logits_host) CU(cudaMemcpy(logits_host, dm->logits, (size_t)(n * V) * sizeof(float), cudaMemcpyDeviceToHost));
     TRY(dgc_synchronize(err, errlen));
+    if (dm->profile) TRY(collect_marks(dm, err, errlen));
     dm->logits_rows = n;
     return DG_OK;
 }
