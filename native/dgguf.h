@@ -90,6 +90,10 @@ typedef struct {
     int n_threads;
 } dg_model;
 
+/* Checks every size, shape and type of m against each other (what dg_cache_new, dg_encode and dg_decode check
+ * first); data pointers are only checked to be non-NULL, never read. */
+int dg_check_model(const dg_model *m, char *err, size_t errlen);
+
 /* The KV cache of one sequence, owned by native code. Full layers keep every position up to capacity;
  * sliding layers keep the last W-1 positions (all that a later query can see). */
 typedef struct dg_cache dg_cache;

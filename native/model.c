@@ -42,10 +42,8 @@ struct dg_cache {
 
 static int64_t kv_width(const cache_layer *cl) { return (int64_t)cl->n_kv * cl->head_dim; }
 
-static int check_model(const dg_model *m, char *err, size_t errlen);
-
 dg_cache *dg_cache_new(const dg_model *m, int64_t capacity, char *err, size_t errlen) {
-    if (check_model(m, err, errlen) != DG_OK) return NULL;
+    if (dg_check_model(m, err, errlen) != DG_OK) return NULL;
     if (capacity < 1) {
         snprintf(err, errlen, "cache capacity %lld is not positive", (long long)capacity);
         return NULL;
@@ -157,7 +155,7 @@ static int check_tensor(const dg_tensor *t, const char *name, int layer, int64_t
     return DG_OK;
 }
 
-static int check_model(const dg_model *m, char *err, size_t errlen) {
+int dg_check_model(const dg_model *m, char *err, size_t errlen) {
     if (!m || !m->layers) FAIL(DG_E_VALUE, "no model");
     if (m->n_layers < 1 || m->hidden < 1 || m->n_heads < 1 || m->n_experts < 1 || m->top_k < 1 ||
         m->top_k > m->n_experts || m->expert_ff < 1 || m->dense_ff < 1 || m->vocab < 1 || m->sliding_window < 1)
@@ -336,17 +334,6 @@ static int decoder_input(const dg_model *m, run_state *s, const int32_t *ids, co
     }
     for (int64_t t = 0; t < n; t++) rmsnorm(s->h + t * H, s->h + t * H, NULL, H, m->eps);
     return DG_OK;
-}
-
-/* RoPE inverse frequencies as transformers computes them in fp32: theta^-(2i/d) for the rotated pairs. */
-static int rope_freqs(const dg_model *m, const dg_layer *ly, float *inv_freq) {
-    const int d = ly->head_dim, pairs = ly->sliding ? d / 2 : m->rope_pairs_full;
-    const double theta = ly->sliding ? m->theta_sliding : m->theta_full;
-    for (int i = 0; i < pairs; i++) {
-        const float expo = (float)(2 * i) / (float)d;
-        inv_freq[i] = 1.0f / (float)pow(theta, (double)expo);
-    }
-    return pairs;
 }
 
 typedef struct {
@@ -544,7 +531,7 @@ static int head(const dg_model *m, run_state *s, float *logits, char *err, size_
 
 int dg_encode(const dg_model *m, dg_cache *c, const int32_t *ids, int64_t n, char *err, size_t errlen) {
     int rc;
-    if ((rc = check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
+    if ((rc = dg_check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
         (rc = check_ids(m, ids, n, err, errlen)) != DG_OK)
         return rc;
     if (n == 0) return DG_OK;
@@ -581,7 +568,7 @@ done:
 int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t n, const float *sc_logits,
               float *logits, char *err, size_t errlen) {
     int rc;
-    if ((rc = check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
+    if ((rc = dg_check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
         (rc = check_ids(m, ids, n, err, errlen)) != DG_OK)
         return rc;
     if (n == 0) return DG_OK;

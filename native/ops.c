@@ -172,6 +172,16 @@ void rope(float *x, const float *inv_freq, int64_t pos, int d, int n_pairs) {
     }
 }
 
+int rope_freqs(const dg_model *m, const dg_layer *ly, float *inv_freq) {
+    const int d = ly->head_dim, pairs = ly->sliding ? d / 2 : m->rope_pairs_full;
+    const double theta = ly->sliding ? m->theta_sliding : m->theta_full;
+    for (int i = 0; i < pairs; i++) {
+        const float expo = (float)(2 * i) / (float)d;
+        inv_freq[i] = 1.0f / (float)pow(theta, (double)expo);
+    }
+    return pairs;
+}
+
 /* Row-wise elementwise ops run on the pool: each element depends only on itself, so any split gives the
  * same bits. */
 typedef struct {

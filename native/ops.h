@@ -34,6 +34,10 @@ void gelu_tanh(float *x, int64_t n);
 /* NeoX rotate-half RoPE of one head of d values at position pos: pair (i, i + d/2) turns by
  * pos * inv_freq[i] for i < n_pairs; the other pairs are left as they are. In place. */
 void rope(float *x, const float *inv_freq, int64_t pos, int d, int n_pairs);
+/* RoPE inverse frequencies of layer ly as transformers computes them in fp32: theta^-(2i/d) for the rotated
+ * pairs (all d/2 on sliding layers, m->rope_pairs_full on full layers). Returns the number of pairs.
+ * Shared with the CUDA forward (native/cuda), which uploads the same values. */
+int rope_freqs(const dg_model *m, const dg_layer *ly, float *inv_freq);
 /* g = gelu_tanh(g) * u over rows [n, width], rows split across the pool's threads. */
 void gelu_mul(dg_pool *p, float *g, const float *u, int64_t n, int64_t width);
 /* x = cap * tanh(x / cap) over rows [n, width], rows split across the pool's threads. */

@@ -10,6 +10,19 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The CUDA sources (native/cuda) include this header as C++ device code: the block layouts and the half
+ * conversion are shared, not copied. */
+#ifdef __CUDACC__
+#define DG_HOST_DEVICE __host__ __device__
+#else
+#define DG_HOST_DEVICE
+#endif
+#ifdef __cplusplus
+#define DG_STATIC_ASSERT static_assert
+#else
+#define DG_STATIC_ASSERT _Static_assert
+#endif
+
 #define QK4_0 32
 #define QK4_1 32
 #define QK5_0 32
@@ -22,21 +35,21 @@ typedef struct {
     uint16_t d;              /* scale (f16) */
     uint8_t qs[QK4_0 / 2];   /* nibbles: value j in low half of byte j, value j+16 in the high half */
 } block_q4_0;
-_Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 layout");
+DG_STATIC_ASSERT(sizeof(block_q4_0) == 18, "block_q4_0 layout");
 
 typedef struct {
     uint16_t d;              /* scale (f16) */
     uint16_t m;              /* min (f16) */
     uint8_t qs[QK4_1 / 2];
 } block_q4_1;
-_Static_assert(sizeof(block_q4_1) == 20, "block_q4_1 layout");
+DG_STATIC_ASSERT(sizeof(block_q4_1) == 20, "block_q4_1 layout");
 
 typedef struct {
     uint16_t d;
     uint8_t qh[4];           /* 5th bit of each value, little-endian uint32 */
     uint8_t qs[QK5_0 / 2];
 } block_q5_0;
-_Static_assert(sizeof(block_q5_0) == 22, "block_q5_0 layout");
+DG_STATIC_ASSERT(sizeof(block_q5_0) == 22, "block_q5_0 layout");
 
 typedef struct {
     uint16_t d;
@@ -44,13 +57,13 @@ typedef struct {
     uint8_t qh[4];
     uint8_t qs[QK5_1 / 2];
 } block_q5_1;
-_Static_assert(sizeof(block_q5_1) == 24, "block_q5_1 layout");
+DG_STATIC_ASSERT(sizeof(block_q5_1) == 24, "block_q5_1 layout");
 
 typedef struct {
     uint16_t d;
     int8_t qs[QK8_0];
 } block_q8_0;
-_Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 layout");
+DG_STATIC_ASSERT(sizeof(block_q8_0) == 34, "block_q8_0 layout");
 
 /* 2-bit: 16 sub-blocks of 16, 4-bit scale (low nibble) and 4-bit min (high nibble) each. */
 typedef struct {
@@ -59,7 +72,7 @@ typedef struct {
     uint16_t d;
     uint16_t dmin;
 } block_q2_K;
-_Static_assert(sizeof(block_q2_K) == 84, "block_q2_K layout");
+DG_STATIC_ASSERT(sizeof(block_q2_K) == 84, "block_q2_K layout");
 
 /* 3-bit: 2 low bits in qs, high bit in hmask (set means "no -4 offset"), 16 signed 6-bit scales. */
 typedef struct {
@@ -68,7 +81,7 @@ typedef struct {
     uint8_t scales[12];
     uint16_t d;
 } block_q3_K;
-_Static_assert(sizeof(block_q3_K) == 110, "block_q3_K layout");
+DG_STATIC_ASSERT(sizeof(block_q3_K) == 110, "block_q3_K layout");
 
 /* 4-bit: 8 sub-blocks of 32, 6-bit scale and 6-bit min each, packed into 12 bytes. */
 typedef struct {
@@ -77,7 +90,7 @@ typedef struct {
     uint8_t scales[K_SCALE_SIZE];
     uint8_t qs[QK_K / 2];
 } block_q4_K;
-_Static_assert(sizeof(block_q4_K) == 144, "block_q4_K layout");
+DG_STATIC_ASSERT(sizeof(block_q4_K) == 144, "block_q4_K layout");
 
 typedef struct {
     uint16_t d;
@@ -86,7 +99,7 @@ typedef struct {
     uint8_t qh[QK_K / 8];
     uint8_t qs[QK_K / 2];
 } block_q5_K;
-_Static_assert(sizeof(block_q5_K) == 176, "block_q5_K layout");
+DG_STATIC_ASSERT(sizeof(block_q5_K) == 176, "block_q5_K layout");
 
 /* 6-bit: 4 low bits in ql, 2 high bits in qh, 16 int8 scales. */
 typedef struct {
@@ -95,13 +108,13 @@ typedef struct {
     int8_t scales[QK_K / 16];
     uint16_t d;
 } block_q6_K;
-_Static_assert(sizeof(block_q6_K) == 210, "block_q6_K layout");
+DG_STATIC_ASSERT(sizeof(block_q6_K) == 210, "block_q6_K layout");
 
-static inline uint32_t dg_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float dg_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+DG_HOST_DEVICE static inline uint32_t dg_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+DG_HOST_DEVICE static inline float dg_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
 /* IEEE half -> float (exact). */
-static inline float dg_f16_to_f32(uint16_t h) {
+DG_HOST_DEVICE static inline float dg_f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;
     uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
     if (exp == 0x1f) return dg_bits_f32(sign | 0x7f800000 | (man << 13));
@@ -162,6 +175,16 @@ static inline int dg_is_finite_bits(float f) { return (dg_f32_bits(f) & 0x7f8000
 
 /* Per-CPU clones of plain loops that vectorise well (GCC picks one at load time through an ifunc): the same
  * C, so the same IEEE operations and the same bits; -std=c11 keeps multiply-adds unfused. */
+/* Q4_K and Q5_K: eight 6-bit scales and mins packed into 12 bytes. */
+DG_HOST_DEVICE static inline void unpack_scales_k4(const uint8_t *in, uint8_t *ls, uint8_t *lm) {
+    for (int j = 0; j < 4; j++) {
+        ls[j] = in[j] & 63;
+        lm[j] = in[j + 4] & 63;
+        ls[j + 4] = (uint8_t)((in[j + 8] & 0xf) | (in[j] >> 6) << 4);
+        lm[j + 4] = (uint8_t)((in[j + 8] >> 4) | (in[j + 4] >> 6) << 4);
+    }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

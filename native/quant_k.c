@@ -425,7 +425,7 @@ static ALWAYS_INLINE void q3_K_block(const float *restrict x, block_q3_K *restri
         }
 }
 
-/* Q4_K and Q5_K share the 12-byte packing of eight 6-bit scales and mins. */
+/* Q4_K and Q5_K share the 12-byte packing of eight 6-bit scales and mins (unpack_scales_k4 in quant_internal.h). */
 static inline void pack_scales_k4(uint8_t *out, const uint8_t *ls, const uint8_t *lm) {
     for (int j = 0; j < 4; j++) {
         out[j] = (uint8_t)(ls[j] | (ls[j + 4] >> 4) << 6);
