@@ -152,16 +152,6 @@ static inline uint16_t dg_f32_to_f16(float f) {
     return sign | (uint16_t)r;
 }
 
-/* The eight 6-bit scales and mins of a Q4_K / Q5_K super-block, from their 12-byte packing. */
-static inline void unpack_scales_k4(const uint8_t *in, uint8_t *ls, uint8_t *lm) {
-    for (int j = 0; j < 4; j++) {
-        ls[j] = in[j] & 63;
-        lm[j] = in[j + 4] & 63;
-        ls[j + 4] = (uint8_t)((in[j + 8] & 0xf) | (in[j] >> 6) << 4);
-        lm[j + 4] = (uint8_t)((in[j + 8] >> 4) | (in[j + 4] >> 6) << 4);
-    }
-}
-
 /* The sixteen scales of a Q3_K super-block, d times the signed 6-bit values packed in its 12 scale bytes. */
 static inline void q3_K_scales(const uint8_t scales[12], float d, float dl[16]) {
     for (int s = 0; s < 16; s++) {
@@ -173,8 +163,6 @@ static inline void q3_K_scales(const uint8_t scales[12], float d, float dl[16]) 
 
 static inline int dg_is_finite_bits(float f) { return (dg_f32_bits(f) & 0x7f800000) != 0x7f800000; }
 
-/* Per-CPU clones of plain loops that vectorise well (GCC picks one at load time through an ifunc): the same
- * C, so the same IEEE operations and the same bits; -std=c11 keeps multiply-adds unfused. */
 /* Q4_K and Q5_K: eight 6-bit scales and mins packed into 12 bytes. */
 DG_HOST_DEVICE static inline void unpack_scales_k4(const uint8_t *in, uint8_t *ls, uint8_t *lm) {
     for (int j = 0; j < 4; j++) {
@@ -185,6 +173,8 @@ DG_HOST_DEVICE static inline void unpack_scales_k4(const uint8_t *in, uint8_t *l
     }
 }
 
+/* Per-CPU clones of plain loops that vectorise well (GCC picks one at load time through an ifunc): the same
+ * C, so the same IEEE operations and the same bits; -std=c11 keeps multiply-adds unfused. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
