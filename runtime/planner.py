@@ -19,7 +19,10 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
+
 from dgguf.convert.errors import DggufError
+
+from .model_config import ModelShape, read_model_config
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -112,38 +115,19 @@ def card_for_budget(budget: int) -> str:
 
 # ------------------------------------------------------------------------------------------ the model
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The hyper-parameters the planner needs, named as runtime/model_config.ModelConfig names them."""
-    vocab_size: int
-    hidden_size: int
-    n_layers: int
-    n_heads: int
-    kv_heads: list[int]
-    head_dims: list[int]
-    sliding: list[bool]
-    sliding_window: int
-    n_experts: int
-    top_k: int
-    expert_ff: int
-    dense_ff: int
-    canvas_length: int
-    context_length: int
+def shape_of(c) -> ModelShape:
+    """The ModelShape part of a runtime ModelConfig (or of anything with those attributes)."""
+    return ModelShape(**{f.name: getattr(c, f.name) for f in fields(ModelShape)})
 
-    @classmethod
-    def of(cls, c) -> ModelShape:
-        """From a runtime ModelConfig (or anything with these attributes)."""
-        return cls(**{f.name: getattr(c, f.name) for f in fields(cls)})
 
-    @classmethod
-    def from_text_config(cls, c) -> ModelShape:
-        """From a converter TextConfig (config.json)."""
-        return cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, n_layers=c.num_hidden_layers,
-                   n_heads=c.num_attention_heads, kv_heads=list(c.kv_heads), head_dims=list(c.head_dims),
-                   sliding=[c.is_sliding(i) for i in range(c.num_hidden_layers)],
-                   sliding_window=c.sliding_window, n_experts=c.num_experts, top_k=c.top_k_experts,
-                   expert_ff=c.moe_intermediate_size, dense_ff=c.intermediate_size,
-                   canvas_length=c.canvas_length, context_length=c.max_position_embeddings)
+def shape_from_text_config(c) -> ModelShape:
+    """The ModelShape of a converter TextConfig (config.json)."""
+    return ModelShape(vocab_size=c.vocab_size, hidden_size=c.hidden_size, n_layers=c.num_hidden_layers,
+                      n_heads=c.num_attention_heads, kv_heads=list(c.kv_heads), head_dims=list(c.head_dims),
+                      sliding=[c.is_sliding(i) for i in range(c.num_hidden_layers)],
+                      sliding_window=c.sliding_window, n_experts=c.num_experts, top_k=c.top_k_experts,
+                      expert_ff=c.moe_intermediate_size, dense_ff=c.intermediate_size,
+                      canvas_length=c.canvas_length, context_length=c.max_position_embeddings)
 
 
 @dataclass(frozen=True)
@@ -167,8 +151,6 @@ def model_from_gguf(path) -> PlannedModel:
     from dgguf.convert.gguf_file import read_gguf
     from dgguf.convert.quant_types import FILE_TYPES
 
-    from .model_config import read_model_config
-
     g = read_gguf(path)
     try:
         cfg = read_model_config(g)
@@ -178,7 +160,7 @@ def model_from_gguf(path) -> PlannedModel:
         tensors = [Tensor(t.name, t.nbytes, t.type.name) for t in g.tensors]
     finally:
         g.close()
-    return PlannedModel(str(path), label, ModelShape.of(cfg), tensors)
+    return PlannedModel(str(path), label, shape_of(cfg), tensors)
 
 
 def model_from_config(path, type_name: str) -> PlannedModel:
@@ -194,7 +176,7 @@ def model_from_config(path, type_name: str) -> PlannedModel:
     ft = file_type(type_name)
     planned = output_tensors(cfg, expected_shapes(cfg), ft)
     tensors = [Tensor(t.name, t.nbytes, t.type.name) for _, t in planned]
-    return PlannedModel(str(path), ft.name, ModelShape.from_text_config(cfg), tensors)
+    return PlannedModel(str(path), ft.name, shape_from_text_config(cfg), tensors)
 
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -334,10 +316,10 @@ class CpuSpeed:
 
 
 def measure_cpu(model: PlannedModel, threads: int, gops: float | None = None, gbs: float | None = None,
-                repeats: int = 3) -> CpuSpeed:
+                repeats: int = 5) -> CpuSpeed:
     """The CPU's speed for this model: the native matmul (convert/native.matmul, the runtime's kernel) on the
     dense MLP's and one expert's shape and type at their column counts, and a numpy copy for bandwidth.
-    Best of `repeats`; ~0.5 s for the real shape. Given figures are used instead of measuring."""
+    Best of `repeats` after a warm-up; ~0.5 s for the real shape. Given figures are used instead of measuring."""
     if gops is not None and gbs is not None:
         return CpuSpeed(gops, gops, gbs, "given")
     s = model.shape

@@ -154,6 +154,15 @@ def test_step_work_matches_the_spec_totals(real):
     assert glob["head"].flops == glob["soft_embedding"].flops == 2 * 256 * 262144 * 2816
 
 
+@pytest.mark.parametrize("context", [0, 23, 1500, 8192])
+def test_decoder_work_equals_the_bench_multiply_add_count(real, context):
+    from dgguf.runtime.cli import step_macs     # dgguf bench's own count, written independently
+    shape = real["Q4_K_M"].shape
+    glob, layers = P.pass_work(shape, 256, context, decoder=True)
+    flops = sum(w.flops for w in glob.values()) + sum(w.flops for ly in layers for w in ly.values())
+    assert flops == 2 * step_macs(shape, 256, context)
+
+
 def test_predictions_respect_physical_lower_bounds(real):
     m = real["Q4_K_M"]
     weights = sum(t.nbytes for t in m.tensors)
