@@ -196,8 +196,9 @@ def cmd_plan(a) -> None:
         free, total, name = P.detect_gpu()
         budget = free
         if card is None:
-            card = P.card_for_gpu_name(name) or P.card_for_budget(total)
-            if P.card_for_gpu_name(name) is None:
+            card = P.card_for_gpu_name(name)
+            if card is None:
+                card = P.card_for_budget(total)
                 print(f"note: no figures for {name}; predicting for the {P.CARDS[card].name} (use --card)",
                       file=sys.stderr)
     elif a.vram is not None:

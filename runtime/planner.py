@@ -66,6 +66,9 @@ CARDS = {
     "rtx5090": Card("RTX 5090 32 GB", 32, 1792, 209.5, 838, "5.0 x16", 63),
     # H100 SXM5 80 GB HBM3: 3.35 TB/s, 989 dense FP16/BF16 TFLOPS, 1979 dense INT8 TOPS, PCIe 5.0 x16
     "h100": Card("H100 SXM 80 GB", 80, 3350, 989.4, 1979, "5.0 x16", 63),
+    # H200 SXM 141 GB HBM3e (~140 GiB as the driver reports it): 4.8 TB/s, the H100's tensor rates; the kind
+    # of machine the project's GPU checks run on
+    "h200": Card("H200 SXM 141 GB", 140, 4800, 989.4, 1979, "5.0 x16", 63),
     # Cards of the published measurements the model is compared with (docs/planner.md):
     # GA104 laptop, 40 SMs, boost up to 1620 MHz at 125 W, 8 GB GDDR6 256-bit 14 Gbps
     "rtx3070-laptop": Card("RTX 3070 Laptop 8 GB", 8, 448, 33.2, 132.7, "4.0 x16", 31.5),

@@ -105,7 +105,7 @@ def test_q4_k_m_fits_whole_at_24_gib_but_not_at_16(real):
 @pytest.mark.parametrize("type_name", ["Q4_K_M", "Q8_0"])
 @pytest.mark.parametrize("card", sorted(P.CARDS))
 def test_predicted_speed_never_falls_as_the_budget_grows(real, type_name, card):
-    top = int(P.CARDS[card].vram_gib * 4)
+    top = int(min(P.CARDS[card].vram_gib, 34) * 4)     # beyond 34 GiB both types fit whole
     plans = []
     for quarter in range(16, top + 1):      # 4 GiB up to the card's memory, in 0.25 GiB steps
         try:
@@ -220,9 +220,23 @@ def test_card_names():
         P.card_key("Voodoo 2")
     assert P.card_for_gpu_name("NVIDIA GeForce RTX 3090 Ti") == "rtx3090ti"
     assert P.card_for_gpu_name("NVIDIA GeForce RTX 3090") == "rtx3090"
-    assert P.card_for_gpu_name("NVIDIA H200") is None
+    assert P.card_for_gpu_name("NVIDIA H200") == "h200"
+    assert P.card_for_gpu_name("NVIDIA A100-SXM4-80GB") is None
     assert [P.card_for_budget(g * GIB) for g in (8, 12, 16, 24, 32, 48)] == \
         ["rtx4060-laptop", "rtx3060", "rtx4080", "rtx4090", "rtx5090", "h100"]
+
+
+@pytest.mark.parametrize("name,card,note", [("NVIDIA GeForce RTX 4070", "RTX 4070 12 GB", False),
+                                            ("NVIDIA A100-SXM4-80GB", "H100 SXM 80 GB", True)])
+def test_cli_auto_budget_is_the_free_memory_of_the_detected_card(monkeypatch, capsys, name, card, note):
+    total = 12 * GIB if "4070" in name else 80 * GIB
+    monkeypatch.setattr(P, "detect_gpu", lambda: (total - GIB, total, name))
+    assert main(["plan", "--config", str(REAL), "--type", "Q4_K_M", "--vram", "auto", "--cpu-gops", "100",
+                 "--cpu-gbs", "20", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["budget_bytes"] == total - GIB and out["card"] == card
+    assert ("no figures for " + name in captured.err) == note
 
 
 def test_auto_without_a_driver_is_a_clear_error():
