@@ -82,10 +82,14 @@ def _as_list(v) -> list[int]:
 
 
 def read_config(hf_dir: Path) -> tuple[TextConfig, dict]:
-    """Parse config.json (release form with global_head_dim, or re-saved form with per_layer_config).
+    """Parse HF_DIR/config.json; see read_config_file."""
+    return read_config_file(hf_dir / "config.json")
+
+
+def read_config_file(path: Path) -> tuple[TextConfig, dict]:
+    """Parse a config.json (release form with global_head_dim, or re-saved form with per_layer_config).
 
     Returns the text config and the raw config dict."""
-    path = hf_dir / "config.json"
     raw = load_json(path, "config.json")
     archs = raw.get("architectures") or []
     if ARCHITECTURE not in archs and raw.get("model_type") != "diffusion_gemma":

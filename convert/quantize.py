@@ -19,13 +19,13 @@ from gguf.constants import GGUFValueType as V
 from tqdm import tqdm
 
 from . import native
-from .checkpoint import SourceTensor, read_config, read_generation_config, read_tensors
+from .checkpoint import SourceTensor, TextConfig, read_config, read_generation_config, read_tensors
 from .errors import DggufError
 from .gguf_file import Field, GGUFFile, GGUFWriter, TensorInfo, read_gguf
 from .metadata import ARCH, model_fields, rope_freqs, tokenizer_fields
 from .presets import TypeChooser
 from .quant_types import TENSOR_TYPES, FileType, TensorType, file_type
-from .tensor_names import ROPE_FREQS, plan_tensors
+from .tensor_names import DECODER, ROPE_FREQS, plan_tensors
 
 CHUNK_VALUES = 1 << 21   # 8 MiB of float32 per work item
 
@@ -98,6 +98,21 @@ def _model_name(hf_dir: Path) -> str:
     return re.sub(r"[-_]+", " ", hf_dir.resolve().name).strip().title() or "DiffusionGemma"
 
 
+def output_tensors(cfg: TextConfig, shapes: dict[str, tuple[int, ...]], ft: FileType,
+                   pure: bool = False) -> list[tuple[str | None, TensorInfo]]:
+    """What `convert` writes for checkpoint tensors of these shapes: (HF name, GGUF tensor with its type) in
+    file order, rope_freqs (computed, HF name None) first. The planner sizes --config --type plans with it."""
+    order = plan_tensors(cfg, shapes)
+    n_attn_v = sum(1 for _, g in order if g.endswith("attn_v.weight"))
+    chooser = TypeChooser(ft, cfg.num_hidden_layers, cfg.num_experts, n_attn_v,
+                          cfg.num_attention_heads // cfg.kv_heads[0], pure)
+    out = [(None, TensorInfo(ROPE_FREQS, (cfg.global_head_dim // 2,), TENSOR_TYPES["F32"]))]
+    for hf_name, gname in order:
+        ne = tuple(reversed(shapes[hf_name]))
+        out.append((hf_name, TensorInfo(gname, ne, chooser.choose(gname, ne))))
+    return out
+
+
 def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = False, force: bool = False,
                        threads: int | None = None, progress: bool = False) -> Path:
     """Convert an HF DiffusionGemma checkpoint directory to GGUF. Returns the output path."""
@@ -107,27 +122,21 @@ def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = F
     cfg, _ = read_config(hf_dir)
     gen = read_generation_config(hf_dir)
     sources = read_tensors(hf_dir)
-    order = plan_tensors(cfg, {n: t.shape for n, t in sources.items()})
-    if type_name is None:   # the checkpoint's own dtype
-        type_name = sources["model.decoder.embed_tokens.weight"].dtype
-    ft = file_type(type_name)
-    n_attn_v = sum(1 for _, g in order if g.endswith("attn_v.weight"))
-    chooser = TypeChooser(ft, cfg.num_hidden_layers, cfg.num_experts, n_attn_v,
-                          cfg.num_attention_heads // cfg.kv_heads[0], pure)
+    embed = sources.get(DECODER + "embed_tokens.weight")   # missing: output_tensors names it
+    ft = file_type(type_name or (embed.dtype if embed else "F32"))   # default: the checkpoint's own dtype
+    planned = output_tensors(cfg, {n: t.shape for n, t in sources.items()}, ft, pure)
 
     freqs = np.asarray(rope_freqs(cfg), dtype=np.float32)
-    jobs = [Job(TensorInfo(ROPE_FREQS, (freqs.size,), TENSOR_TYPES["F32"]), 1,
-                lambda r0, r1: freqs[None, :], source_bytes=freqs.nbytes)]
+    jobs = [Job(planned[0][1], 1, lambda r0, r1: freqs[None, :], source_bytes=freqs.nbytes)]
     n_total = n_expert = 0
-    for hf_name, gname in order:
+    for hf_name, info in planned[1:]:
         st = sources[hf_name]
-        ne = tuple(reversed(st.shape))
-        t = chooser.choose(gname, ne)
+        gname = info.name
         raw = None
-        if t.name == "BF16" and st.dtype == "BF16":
+        if info.type.name == "BF16" and st.dtype == "BF16":
             view = st.view()
             raw = lambda r0, r1, view=view: view[r0:r1]
-        jobs.append(Job(TensorInfo(gname, ne, t), st.rows(), None if raw else _widen(st), raw, st.nbytes))
+        jobs.append(Job(info, st.rows(), None if raw else _widen(st), raw, st.nbytes))
         n = int(np.prod(st.shape))
         n_total += n
         if "_exps." in gname and len(st.shape) == 3:

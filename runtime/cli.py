@@ -1,4 +1,4 @@
-"""The `dgguf` command: convert, quantize, inspect, run, bench, eval.
+"""The `dgguf` command: convert, quantize, inspect, run, bench, eval, plan.
 
 User errors print one line, `error: <message>`, and exit 2; `--debug` shows the traceback instead.
 """
@@ -181,6 +181,50 @@ def cmd_eval(a) -> None:
           f"({rep.quant_steps_per_canvas:.2f} / {rep.ref_steps_per_canvas:.2f} steps per canvas), "
           f"{rep.quant_seconds_per_step:.4f} s/step")
 
+def _positive_number(name: str):
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            x = -1.0
+        if not 0 < x < float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a positive number, not {v!r}")
+        return x
+    return parse
+
+
+def cmd_plan(a) -> None:
+    from dgguf.convert.quantize import default_threads
+    from dgguf.runtime import planner as P
+    if a.config is not None and a.type is None:
+        raise DggufError("--config needs --type, the file type to plan for (e.g. --type Q4_K_M)")
+    if a.model is not None and a.type is not None:
+        raise DggufError("--type goes with --config; -m plans the file's own tensor types")
+    card = P.card_key(a.card) if a.card else None
+    budget = None
+    if a.vram == "auto":
+        free, total, name = P.detect_gpu()
+        budget = free
+        if card is None:
+            card = P.card_for_gpu_name(name)
+            if card is None:
+                card = P.card_for_budget(total)
+                print(f"note: no figures for {name}; predicting for the {P.CARDS[card].name} (use --card)",
+                      file=sys.stderr)
+    elif a.vram is not None:
+        budget = P.parse_size(a.vram)
+    elif card != P.CPU_CARD:
+        raise DggufError("--vram is required: a size such as 12GiB, or auto (or --card cpu for no GPU)")
+    model = P.model_from_gguf(a.model) if a.model else P.model_from_config(a.config, a.type)
+    plan = P.make_plan(model, budget, card or P.card_for_budget(budget), a.ctx, a.steps,
+                       lambda: P.measure_cpu(model, default_threads(), a.cpu_gops, a.cpu_gbs),
+                       a.kv_type, P.parse_size(a.reserve, "--reserve", zero=True), a.gemm)
+    if a.json:
+        json.dump(plan.to_json(), sys.stdout)
+        print()
+    else:
+        print(P.format_plan(plan))
+
 
 def _decode(m, ids):
     try:
@@ -263,6 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per generation (default two canvases)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plan", help="what lives on the GPU at a VRAM budget, and the predicted speed")
+    src = pl.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="a DiffusionGemma GGUF (only its header is read)")
+    src.add_argument("--config", help="an HF config.json or its directory (with --type)")
+    pl.add_argument("--type", type=_type_name, help="the file type `dgguf convert --type` would write")
+    pl.add_argument("--vram", help="budget in binary units (12GiB, 12288MiB, bytes) or auto (GPU 0's free memory)")
+    pl.add_argument("--ctx", type=_positive("--ctx"), default=8192, help="KV cache positions (default 8192)")
+    pl.add_argument("--steps", type=_positive("--steps"), default=16, help="denoising steps per canvas (default 16)")
+    pl.add_argument("--card", help="GPU to predict for (default: the detected one, else the smallest listed card "
+                                   "holding the budget); cpu = no GPU")
+    pl.add_argument("--kv-type", choices=("f16", "f32"), help="KV cache element (default f16; f32 with --card cpu)")
+    pl.add_argument("--gemm", choices=("fp16", "int8"), default="fp16", help="tensor-core path of the GEMMs")
+    pl.add_argument("--reserve", default="512MiB", help="VRAM kept for the CUDA context and workspaces")
+    pl.add_argument("--cpu-gops", type=_positive_number("--cpu-gops"), help="CPU matmul GOP/s (default: measured)")
+    pl.add_argument("--cpu-gbs", type=_positive_number("--cpu-gbs"), help="CPU memory GB/s (default: measured)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("inspect", help="show a GGUF's metadata and tensors")
     i.add_argument("file")

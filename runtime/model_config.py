@@ -21,7 +21,8 @@ END_OF_TURN_TOKENS = ("<turn|>", "<end_of_turn>")
 
 
 @dataclass
-class ModelConfig:
+class ModelShape:
+    """The hyper-parameters that fix tensor sizes and the work of a pass (all runtime/planner.py needs)."""
     vocab_size: int
     hidden_size: int
     n_layers: int
@@ -30,16 +31,20 @@ class ModelConfig:
     head_dims: list[int]
     sliding: list[bool]
     sliding_window: int
-    rope_theta_full: float
-    rope_theta_sliding: float
-    rope_rotated_pairs_full: int     # leading dim pairs the full layers rotate (the rest have factor 1e30)
-    rms_norm_eps: float
     n_experts: int
     top_k: int
     expert_ff: int
     dense_ff: int
     canvas_length: int
     context_length: int
+
+
+@dataclass
+class ModelConfig(ModelShape):
+    rope_theta_full: float
+    rope_theta_sliding: float
+    rope_rotated_pairs_full: int     # leading dim pairs the full layers rotate (the rest have factor 1e30)
+    rms_norm_eps: float
     softcap: float
     embedding_scale: float
     eos_token_ids: list[int]
