@@ -203,7 +203,8 @@ def cmd_plan(a) -> None:
     card = P.card_key(a.card) if a.card else None
     budget = None
     if a.vram == "auto":
-        free, total, name = P.detect_gpu()
+        from dgguf.runtime.cuda import detect_gpu
+        free, total, name = detect_gpu()
         budget = free
         if card is None:
             card = P.card_for_gpu_name(name)

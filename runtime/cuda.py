@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dgguf.convert.errors import DggufError
+
 DEFAULT_LIBRARY = Path("build") / "cuda" / "libdgcuda.so"
 
 
@@ -38,6 +40,36 @@ def driver_devices() -> tuple[int, str]:
     if rc != 0 or count.value < 1:
         return 0, "no GPU: the CUDA driver reports no device"
     return count.value, f"{count.value} CUDA device(s)"
+
+
+def detect_gpu(lib: str = "libcuda.so.1") -> tuple[int, int, str]:
+    """(free bytes, total bytes, name) of CUDA device 0 through the driver API, or a DggufError when no GPU
+    is there. Only the driver library is needed (no toolkit); the context made for the query is released."""
+    try:
+        cuda = ctypes.CDLL(lib)
+    except OSError as e:
+        raise DggufError(f"--vram auto: no GPU found ({lib} does not load: {e}); give the budget, "
+                         "e.g. --vram 12GiB") from None
+
+    def call(fn: str, *args) -> None:
+        status = getattr(cuda, fn)(*args)
+        if status != 0:
+            raise DggufError(f"--vram auto: no usable GPU ({fn} failed with CUDA error {status}); give the "
+                             "budget, e.g. --vram 12GiB")
+
+    call("cuInit", 0)
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    call("cuDeviceGet", ctypes.byref(dev), 0)
+    name = ctypes.create_string_buffer(256)
+    call("cuDeviceGetName", name, 256, dev)
+    call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
+    try:
+        call("cuCtxSetCurrent", ctx)
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        call("cuMemGetInfo_v2", ctypes.byref(free), ctypes.byref(total))
+    finally:
+        cuda.cuDevicePrimaryCtxRelease_v2(dev)
+    return free.value, total.value, name.value.decode(errors="replace")
 
 
 def cuda_status(library: str | os.PathLike | None = None) -> CudaStatus:

@@ -10,7 +10,6 @@ The plan never exceeds the budget. docs/planner.md explains the groups, the cost
 """
 from __future__ import annotations
 
-import ctypes
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -581,36 +580,6 @@ def parse_size(text: str, option: str = "--vram", zero: bool = False) -> int:
 
 def fmt_size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
-
-
-def detect_gpu(lib: str = "libcuda.so.1") -> tuple[int, int, str]:
-    """(free bytes, total bytes, name) of CUDA device 0 through the driver API, or a DggufError when no GPU
-    is there. Only the driver library is needed (no toolkit); the context made for the query is released."""
-    try:
-        cuda = ctypes.CDLL(lib)
-    except OSError as e:
-        raise DggufError(f"--vram auto: no GPU found ({lib} does not load: {e}); give the budget, "
-                         "e.g. --vram 12GiB") from None
-
-    def call(fn: str, *args) -> None:
-        status = getattr(cuda, fn)(*args)
-        if status != 0:
-            raise DggufError(f"--vram auto: no usable GPU ({fn} failed with CUDA error {status}); give the "
-                             "budget, e.g. --vram 12GiB")
-
-    call("cuInit", 0)
-    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-    call("cuDeviceGet", ctypes.byref(dev), 0)
-    name = ctypes.create_string_buffer(256)
-    call("cuDeviceGetName", name, 256, dev)
-    call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
-    try:
-        call("cuCtxSetCurrent", ctx)
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        call("cuMemGetInfo_v2", ctypes.byref(free), ctypes.byref(total))
-    finally:
-        cuda.cuDevicePrimaryCtxRelease_v2(dev)
-    return free.value, total.value, name.value.decode(errors="replace")
 
 
 def format_plan(p: Plan) -> str:

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dgguf.convert.errors import DggufError
+from dgguf.runtime import cuda
 from dgguf.runtime import planner as P
 from dgguf.runtime.cli import main
 
@@ -230,7 +231,7 @@ def test_card_names():
                                             ("NVIDIA A100-SXM4-80GB", "H100 SXM 80 GB", True)])
 def test_cli_auto_budget_is_the_free_memory_of_the_detected_card(monkeypatch, capsys, name, card, note):
     total = 12 * GIB if "4070" in name else 80 * GIB
-    monkeypatch.setattr(P, "detect_gpu", lambda: (total - GIB, total, name))
+    monkeypatch.setattr(cuda, "detect_gpu", lambda: (total - GIB, total, name))
     assert main(["plan", "--config", str(REAL), "--type", "Q4_K_M", "--vram", "auto", "--cpu-gops", "100",
                  "--cpu-gbs", "20", "--json"]) == 0
     captured = capsys.readouterr()
@@ -241,7 +242,7 @@ def test_cli_auto_budget_is_the_free_memory_of_the_detected_card(monkeypatch, ca
 
 def test_auto_without_a_driver_is_a_clear_error():
     with pytest.raises(DggufError, match="--vram auto: no GPU found"):
-        P.detect_gpu("libcuda-absent.so.1")
+        cuda.detect_gpu("libcuda-absent.so.1")
 
 
 # ------------------------------------------------------------------------------------------------- CLI
