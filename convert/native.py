@@ -73,6 +73,14 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 MATMUL_KERNELS = ("reference", "int8-reference", "avx2", "int8-avx2", "avx512", "int8-avx512vnni")
 
 
+def tanh(x: np.ndarray) -> np.ndarray:
+    """The forward's float tanh (gelu and softcap), elementwise."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    lib.dg_tanh(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", out), x.size)
+    return out
+
+
 def matmul_kernel() -> str:
     """The matmul kernel in use (one of MATMUL_KERNELS; the int8-* ones quantize activations for quantized weights)."""
     return ffi.string(lib.dg_matmul_kernel()).decode()

@@ -52,6 +52,10 @@ void dg_bf16_to_f32(const uint16_t *src, float *dst, int64_t n);
 /* Comma-separated CPU features the dispatcher found ("avx2,fma,avx512f,avx512bw,avx512vnni" or "scalar"). */
 const char *dg_cpu_features(void);
 
+/* out[i] = tanh(x[i]) as the forward computes it (the gelu's and the softcap's vectorised tanh, ops.h), i < n:
+ * exposed for its accuracy test. */
+void dg_tanh(const float *x, float *out, int64_t n);
+
 /* The matmul kernel in use ("reference", "avx2", "avx512": float activations; "int8-reference", "int8-avx2",
  * "int8-avx512vnni": int8 activations for quantized weights), and a switch between them (process-wide; for tests
  * and benchmarks). The best one the CPU supports is chosen at load (docs/runtime.md, "Matmul kernels"). */

@@ -8,6 +8,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "ops.h"
 #include "gemm.h"
+#include "quant_internal.h"   /* DG_CLONES */
 
 #include <math.h>
 #include <pthread.h>
@@ -141,23 +142,23 @@ void rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
         for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv;
 }
 
+DG_CLONES
 void softmax(float *x, int64_t n) {
     float max = x[0];
     for (int64_t i = 1; i < n; i++) max = x[i] > max ? x[i] : max;
+    for (int64_t i = 0; i < n; i++) x[i] = exp_nonpositive(x[i] - max);
     double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        x[i] = expf(x[i] - max);
-        sum += x[i];
-    }
+    for (int64_t i = 0; i < n; i++) sum += x[i];
     const float s = (float)sum;
     for (int64_t i = 0; i < n; i++) x[i] /= s;
 }
 
+DG_CLONES
 void gelu_tanh(float *x, int64_t n) {
     const float k = 0.7978845608028654f;   /* sqrt(2/pi) */
     for (int64_t i = 0; i < n; i++) {
         const float v = x[i];
-        x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+        x[i] = 0.5f * v * (1.0f + tanh_poly(k * (v + 0.044715f * v * v * v)));
     }
 }
 
@@ -203,14 +204,24 @@ void gelu_mul(dg_pool *p, float *g, const float *u, int64_t n, int64_t width) {
     parallel_for(p, n, gelu_mul_rows, &j);
 }
 
+DG_CLONES
+static void softcap_values(float *x, int64_t n, float cap) {
+    for (int64_t i = 0; i < n; i++) x[i] = tanh_poly(x[i] / cap) * cap;
+}
+
 static void softcap_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
     const rows_job *j = ctx;
-    for (int64_t i = lo * j->width; i < hi * j->width; i++) j->x[i] = tanhf(j->x[i] / j->cap) * j->cap;
+    softcap_values(j->x + lo * j->width, (hi - lo) * j->width, j->cap);
 }
 
 void softcap(dg_pool *p, float *x, int64_t n, int64_t width, float cap) {
     rows_job j = {x, NULL, width, cap};
     parallel_for(p, n, softcap_rows, &j);
+}
+
+DG_CLONES
+void dg_tanh(const float *x, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = tanh_poly(x[i]);
 }
 
 void topk(int *idx, const float *x, int n, int k) {
@@ -480,7 +491,7 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
         float m = l[0];
         for (int64_t v = 1; v < V; v++) m = l[v] > m ? l[v] : m;
         double s = 0.0;
-        for (int64_t v = 0; v < V; v++) s += expf(l[v] - m);
+        for (int64_t v = 0; v < V; v++) s += exp_nonpositive(l[v] - m);
         mx[t] = m;
         sum[t] = (float)s;
     }
@@ -497,7 +508,7 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
         }
         for (int64_t t = 0; t < nt; t++) {
             const float *l = j->logits + (lo + t) * V + v0;
-            for (int64_t v = 0; v < nv; v++) pb[t * nv + v] = expf(l[v] - mx[t]) / sum[t];
+            for (int64_t v = 0; v < nv; v++) pb[t * nv + v] = exp_nonpositive(l[v] - mx[t]) / sum[t];
         }
         axpy(acc, pb, wb, nt, nv, H);
     }

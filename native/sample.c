@@ -1,8 +1,8 @@
 /* sample.c: the sampler's per-step reductions over a canvas's logits, rows in parallel.
  *
  * One pass per row replaces numpy's scale / max / exp / entropy / inverse-CDF chain (runtime/sampler.py keeps
- * those as the reference; tests compare). exp is a float polynomial evaluated in plain C with unfused
- * operations (-std=c11), so every clone computes the same bits and results never depend on the CPU.
+ * those as the reference; tests compare). exp is ops.h's float polynomial, so every clone computes the same bits
+ * and results never depend on the CPU.
  */
 #include <math.h>
 #include <stdio.h>
@@ -13,19 +13,6 @@
 #include "quant_internal.h"   /* DG_CLONES */
 
 enum { LANES = 16 };           /* partial sums per row: a fixed order the compiler can keep in vector registers */
-
-/* exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2, exp(r) by its degree-6 Taylor polynomial (relative error
- * below 2e-7 on that range), times 2^n built in the exponent bits; 0 below the float range. */
-static inline float exp_nonpositive(float x) {
-    float xc = x < -87.0f ? -87.0f : x;               /* selects, not branches: the loops stay vectorizable */
-    float y = xc * 1.44269504f;
-    int n = (int)floorf(y + 0.5f);                    /* nearest; a bare (int) cast would stop vectorization */
-    float r = (xc - (float)n * 0.693145752f) - (float)n * 1.42860677e-6f;   /* ln2 split in two for accuracy */
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f +
-              r * 1.3888889e-3f)))));
-    union { uint32_t u; float f; } scale = { .u = (uint32_t)(n + 127) << 23 };
-    return x < -87.0f ? 0.0f : p * scale.f;
-}
 
 typedef struct {
     const float *logits;

@@ -140,3 +140,18 @@ def test_int8_kernels_turn_every_output_of_a_token_with_a_non_finite_activation_
 def test_unknown_or_unsupported_kernel_is_a_clear_error():
     with pytest.raises(native.DggufError, match="unknown matmul kernel"):
         native.set_matmul_kernel("avx1024")
+
+
+def test_forward_tanh_is_within_2_1_ulp_of_float64_and_keeps_signs_and_specials():
+    """The vectorised tanh the gelu and the softcap use: both polynomial pieces, the switch between them at
+    |x| = 0.625, the saturation near 9.1, and the values a libm tanhf gets exactly."""
+    x = np.concatenate([np.linspace(-12, 12, 400001), np.geomspace(1e-30, 20, 200000),
+                        -np.geomspace(1e-30, 20, 200000), np.nextafter(np.float32(0.625), [0, 1])]).astype(np.float32)
+    exact = np.tanh(x.astype(np.float64))
+    ulps = np.abs(native.tanh(x) - exact) / np.spacing(np.abs(exact).astype(np.float32))
+    assert ulps.max() <= 2.1
+    assert np.array_equal(native.tanh(-x), -native.tanh(x))
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, 50.0, -50.0], np.float32)
+    assert np.array_equal(native.tanh(special), np.tanh(special))
+    assert np.signbit(native.tanh(special)).tolist() == np.signbit(special).tolist()
+    assert np.isnan(native.tanh(np.array([np.nan], np.float32)))[0]
