@@ -46,6 +46,17 @@ def load_note(seconds: float = 0.5) -> str:
     return f"foreign load {load:.2f} cores" + ("  (another process is busy: figures are low)" if load > 0.2 else "")
 
 
+def denoise_step(model, prompt, steps: int) -> float:
+    """Seconds per denoising step of one canvas generated after `prompt` with `steps` forced steps (no early
+    stop): the decoder pass plus the sampler, the self-conditioning hand-off and the draws, timed from the first
+    decoder pass to the end of generation (the prompt encode is left out)."""
+    marks = []
+    model.generate(prompt, max_new_tokens=model.config.canvas_length, seed=0, early_stop=False,
+                   max_denoising_steps=steps, on_step=lambda c, ids: marks.append(time.perf_counter()))
+    end = time.perf_counter()
+    return (end - marks[0]) / steps
+
+
 def step_macs(c, canvas: int, context: int) -> float:
     """Multiply-adds of one decoder step over a canvas after `context` cached tokens (matmuls and attention)."""
     H, F, I, nh = c.hidden_size, c.dense_ff, c.expert_ff, c.n_heads

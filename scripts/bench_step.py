@@ -4,11 +4,15 @@
 
 The model is a random DiffusionGemma of the mid-size shape the CPU-speed issue names (236M parameters: hidden
 1024, 6 layers [5 sliding + 1 full], 16 heads, 32 experts top-4 of width 256, dense 768, vocab 32768, canvas
-256). A 23-token prompt is encoded, then one decoder step over a full canvas with self-conditioning is timed,
-best of N. Tokens/s is for 16 forced steps per canvas: C / (16 x step + one canvas encode). transformers runs the
-same step (model(input_ids, decoder_input_ids, self_conditioning_logits)) in fp32 and bf16 on the same threads.
-Each file is timed under the default matmul kernel (int8 activations where the CPU has an int8 kernel) and under
-the best float-activation kernel, in the same run.
+256). After a 23-token prompt, two figures per file, best of N:
+  decoder step:   one decoder pass over a full canvas with self-conditioning (cache.decode);
+  denoise step:   a canvas generated with 16 forced steps, per step: the decoder pass plus the sampler, the
+                  self-conditioning hand-off and the draws (the issue's "sampler included" figure).
+Tokens/s is for 16 forced steps per canvas: C / (16 x denoise step + one canvas encode). transformers runs the
+same step (model(input_ids, decoder_input_ids, self_conditioning_logits)) in fp32 and bf16 on the same threads,
+and its backbone alone in fp32 (DiffusionGemmaModel: prompt encode and canvas decoder layers, no
+self-conditioning, no head). Each file is timed under the default matmul kernel (int8 activations where the CPU
+has an int8 kernel) and under the best float-activation kernel, in the same run.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dgguf.runtime.bench import best_of, load_note
+from dgguf.runtime.bench import best_of, denoise_step, load_note
 from synthetic import text_config, write_checkpoint
 
 STEPS = 16
@@ -66,8 +70,14 @@ def main() -> None:
                                 self_conditioning_logits=sc_t.to(dtype))
             run()
             ref_times[name] = best_of(run, a.repeats)
+    model = ref.to(torch.float32)
+    with torch.inference_mode():
+        backbone = lambda: model.model(input_ids=ids_t, decoder_input_ids=canvas_t)
+        backbone()
+        ref_times["backbone"] = best_of(backbone, a.repeats)
     print(f"transformers step (prompt encode + canvas decode, {a.threads} threads): "
-          f"fp32 {ref_times['fp32']:.3f} s, bf16 {ref_times['bf16']:.3f} s")
+          f"fp32 {ref_times['fp32']:.3f} s, bf16 {ref_times['bf16']:.3f} s; backbone alone fp32 "
+          f"{ref_times['backbone']:.3f} s")
 
     default = native.matmul_kernel()
     kernels = [default] + [k for k in native.matmul_kernels() if not k.startswith("int8")][-1:]
@@ -81,11 +91,14 @@ def main() -> None:
             cache = m.native.new_cache(PROMPT_LEN + C)
             enc = best_of(lambda: cache.encode(prompt), 1)
             step = best_of(lambda: cache.decode(canvas, sc), a.repeats)
+            denoise = min(denoise_step(m, prompt, STEPS) for _ in range(a.repeats))
             canvas_encode = best_of(lambda: m.native.new_cache(C).encode(canvas), 1)
-            tok_s = C / (STEPS * step + canvas_encode)
-            print(f"dgguf {t:>7} {kernel:>15}: {step:.3f} s/step, prompt encode {enc:.3f} s, canvas encode "
-                  f"{canvas_encode:.3f} s, {tok_s:.1f} tok/s at {STEPS} steps; vs transformers fp32 "
-                  f"{ref_times['fp32'] / step:.2f}x, bf16 {ref_times['bf16'] / step:.2f}x (>1: dgguf faster)")
+            tok_s = C / (STEPS * denoise + canvas_encode)
+            print(f"dgguf {t:>7} {kernel:>15}: decoder step {step:.3f} s, denoise step {denoise:.3f} s, prompt "
+                  f"encode {enc:.3f} s, canvas encode {canvas_encode:.3f} s, {tok_s:.1f} tok/s at {STEPS} steps; "
+                  f"denoise step vs transformers fp32 {ref_times['fp32'] / denoise:.2f}x, bf16 "
+                  f"{ref_times['bf16'] / denoise:.2f}x, fp32 backbone {ref_times['backbone'] / denoise:.2f}x "
+                  f"(>1: dgguf faster)")
             m.close()
     native.set_matmul_kernel(default)
     print(f"after timing: {load_note()}")

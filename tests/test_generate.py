@@ -155,9 +155,22 @@ def test_cli_bench_reports_step_and_encoder_times(tiny, capsys):
     from dgguf.runtime.cli import main
     assert main(["bench", "-m", str(tiny[1]), "--repeats", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("seconds_per_step", "seconds_prompt_encode", "seconds_canvas_encode", "step_gops", "tokens_per_s"):
+    for key in ("seconds_per_step", "seconds_per_denoise_step", "seconds_prompt_encode", "seconds_canvas_encode",
+                "step_gops", "tokens_per_s"):
         assert out[key] > 0, key
     m = Model.load(tiny[1])
     c = m.config
     # the soft embedding and the tied head alone are 2 * V * H multiply-adds per canvas token
     assert step_macs(c, 16, 23) > 2 * c.vocab_size * c.hidden_size * 16
+
+
+def test_bench_denoise_step_times_exactly_the_forced_steps_of_one_canvas(tiny, monkeypatch):
+    from dgguf.runtime import native_model
+    from dgguf.runtime.bench import denoise_step
+    m = Model.load(tiny[1])
+    calls = []
+    decode = native_model.NativeCache.decode
+    monkeypatch.setattr(native_model.NativeCache, "decode", lambda self, *a: calls.append(a) or decode(self, *a))
+    assert denoise_step(m, np.arange(3, 8, dtype=np.int32), 5) > 0
+    assert len(calls) == 5                       # every step ran: no early stop
+    assert calls[0][1] is None and all(sc is not None for _, sc in calls[1:])
