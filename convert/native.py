@@ -70,7 +70,8 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return out
 
 
-MATMUL_KERNELS = ("reference", "int8-reference", "avx2", "int8-avx2", "avx512", "int8-avx512vnni")
+MATMUL_KERNELS = ("reference", "int8-reference", "int8-bf16-reference", "avx2", "int8-avx2", "avx512",
+                  "int8-avx512vnni", "int8-avx512bf16")
 
 
 def tanh(x: np.ndarray) -> np.ndarray:
@@ -105,18 +106,41 @@ def matmul_kernels() -> list[str]:
     return usable
 
 
-def matmul(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], x: np.ndarray, threads: int = 1) -> np.ndarray:
-    """x [n, K] float32 times a stored weight of `shape` (rows, K) in ggml_type: [n, rows], the forward's matmul."""
+def _weight(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], x: np.ndarray):
+    """(the dg_tensor of a stored weight of `shape` (rows, K), the raw bytes it points into, x as float32 [n, cols])
+    where cols is K for a matmul's x and rows for a soft embedding's logits; ValueError when they do not fit."""
     rows, k = shape
     x = np.ascontiguousarray(x, dtype=np.float32)
     w_raw = np.ascontiguousarray(w_raw, dtype=np.uint8).reshape(-1)
-    if x.ndim != 2 or x.shape[1] != k or w_raw.size != rows * row_bytes(ggml_type, k):
-        raise ValueError("matmul: shapes do not match")
-    out = np.empty((x.shape[0], rows), dtype=np.float32)
+    if x.ndim != 2 or w_raw.size != rows * row_bytes(ggml_type, k):
+        raise ValueError("weight bytes do not match its shape")
     t = ffi.new("dg_tensor *", {"data": ffi.from_buffer(w_raw), "type": ggml_type, "ne0": k, "ne1": rows, "ne2": 1})
+    return t, w_raw, x
+
+
+def matmul(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """x [n, K] float32 times a stored weight of `shape` (rows, K) in ggml_type: [n, rows], the forward's matmul."""
+    t, w_raw, x = _weight(w_raw, ggml_type, shape, x)
+    if x.shape[1] != shape[1]:
+        raise ValueError("matmul: shapes do not match")
+    out = np.empty((x.shape[0], shape[0]), dtype=np.float32)
     err = ffi.new("char[]", ERRLEN)
     check(lib.dg_matmul(t, 0, ffi.from_buffer("float[]", x), x.shape[0], ffi.from_buffer("float[]", out),
                          threads, err, ERRLEN), err)
+    return out
+
+
+def soft_embed(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], logits: np.ndarray, scale: float = 1.0,
+               threads: int = 1) -> np.ndarray:
+    """scale * softmax(logits [n, rows]) @ W for a stored weight of `shape` (rows, K): [n, K], the forward's
+    self-conditioning soft embedding under the active kernel."""
+    t, w_raw, logits = _weight(w_raw, ggml_type, shape, logits)
+    if logits.shape[1] != shape[0]:
+        raise ValueError("soft_embed: shapes do not match")
+    out = np.empty((logits.shape[0], shape[1]), dtype=np.float32)
+    err = ffi.new("char[]", ERRLEN)
+    check(lib.dg_soft_embed(t, ffi.from_buffer("float[]", logits), logits.shape[0], scale,
+                            ffi.from_buffer("float[]", out), threads, err, ERRLEN), err)
     return out
 
 

@@ -12,10 +12,11 @@ static void detect_features(void) {
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
     int vnni = avx512 && __builtin_cpu_supports("avx512vnni");
-    const char *names[] = {"avx2,fma", ",avx512f,avx512bw", ",avx512vnni"};
-    int have[] = {avx2, avx512, vnni};
+    int bf16 = vnni && __builtin_cpu_supports("avx512bf16");
+    const char *names[] = {"avx2,fma", ",avx512f,avx512bw", ",avx512vnni", ",avx512bf16"};
+    int have[] = {avx2, avx512, vnni, bf16};
     char *p = features;
-    for (int i = 0; i < 3 && have[i]; i++)
+    for (int i = 0; i < 4 && have[i]; i++)
         for (const char *s = names[i]; *s; s++) *p++ = *s;
     if (p != features) *p = 0;
 #endif

@@ -49,7 +49,8 @@ int dg_dequantize_rows(int type, const void *src, float *dst, int64_t nrows, int
 /* Widen n bfloat16 values (raw uint16 bits) to float32. */
 void dg_bf16_to_f32(const uint16_t *src, float *dst, int64_t n);
 
-/* Comma-separated CPU features the dispatcher found ("avx2,fma,avx512f,avx512bw,avx512vnni" or "scalar"). */
+/* Comma-separated CPU features the dispatcher found ("avx2,fma,avx512f,avx512bw,avx512vnni,avx512bf16" or
+ * "scalar"). */
 const char *dg_cpu_features(void);
 
 /* out[i] = tanh(x[i]) as the forward computes it (the gelu's and the softcap's vectorised tanh, ops.h), i < n:
@@ -57,8 +58,8 @@ const char *dg_cpu_features(void);
 void dg_tanh(const float *x, float *out, int64_t n);
 
 /* The matmul kernel in use ("reference", "avx2", "avx512": float activations; "int8-reference", "int8-avx2",
- * "int8-avx512vnni": int8 activations for quantized weights), and a switch between them (process-wide; for tests
- * and benchmarks). The best one the CPU supports is chosen at load (docs/runtime.md, "Matmul kernels"). */
+ * "int8-avx512vnni": int8 activations for quantized weights; "int8-bf16-reference", "int8-avx512bf16": the same
+ * with a bfloat16 soft embedding), and a switch between them (process-wide; for tests and benchmarks). The best one the CPU supports is chosen at load (docs/runtime.md, "Matmul kernels"). */
 const char *dg_matmul_kernel(void);
 int dg_set_matmul_kernel(const char *name, char *err, size_t errlen);
 
@@ -116,6 +117,12 @@ int dg_encode(const dg_model *m, dg_cache *c, const int32_t *ids, int64_t n, cha
  * n_threads threads: the forward's matmul, exposed for kernel tests and benchmarks. */
 int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float *out, int n_threads,
               char *err, size_t errlen);
+
+/* out[t, :] = scale * sum_v softmax(logits[t, :])[v] * W[v, :] for t < n (logits [n, ne1], out [n, ne0]): the
+ * self-conditioning soft embedding, with the active kernel on n_threads threads, exposed for kernel tests. The
+ * int8-*bf16 kernels round the probabilities and a quantized W to bfloat16 here (docs/runtime.md). */
+int dg_soft_embed(const dg_tensor *w, const float *logits, int64_t n, float scale, float *out, int n_threads,
+                  char *err, size_t errlen);
 
 /* Decoder pass over a canvas ids[n] at positions length..length+n-1: bidirectional over the cached context
  * (full layers: all of it; sliding layers: the last W-1 positions) plus the canvas, decoder layer scalars,

@@ -5,12 +5,15 @@
  * are split across threads or grouped into tiles. Variants differ from each other in the last bits (fused
  * multiply-add, lane order); tests hold every variant to the same bounds against transformers.
  */
+#include <float.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "gemm.h"
+#include "quant_internal.h"   /* DG_CLONES */
 
 /* ---- reference --------------------------------------------------------------------------------------- */
 
@@ -167,6 +170,91 @@ __attribute__((target("avx512f"))) static void axpy_avx512(double *acc, const fl
 }
 #endif
 
+/* ---- soft-embedding accumulation in bfloat16 pairs ---------------------------------------------------------
+ * The int8 kernels' path for quantized embeddings: probabilities and weights rounded to bfloat16 (round to
+ * nearest even, denormals to zero, as VCVTNEPS2BF16 does), two vocabulary rows v = 2m, 2m + 1 per 32-bit word
+ * (low half even). Products of two bfloat16 values are exact in float; per word the odd product is added before
+ * the even one (VDPBF16PS's order), each sum rounded to float with denormal results flushed to zero; pairs go in
+ * ascending order and each block's float sum is added to the double accumulator. */
+
+static inline uint32_t bf16_bits(float x) {
+    uint32_t b;
+    memcpy(&b, &x, 4);
+    const uint32_t e = b & 0x7f800000u;
+    if (e == 0) return (b >> 16) & 0x8000u;                       /* zero or denormal: signed zero */
+    if (e == 0x7f800000u && (b & 0x7fffffu)) return (b >> 16) | 0x40u;   /* NaN stays a (quiet) NaN */
+    return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+}
+
+DG_CLONES
+void pack_bf16_rows(uint32_t *out, const float *even, const float *odd, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_bits(even[i]) | (odd ? bf16_bits(odd[i]) << 16 : 0u);
+}
+
+DG_CLONES
+void pack_bf16_pairs(uint32_t *out, const float *x, int64_t n) {
+    for (int64_t m = 0; m < n / 2; m++) out[m] = bf16_bits(x[2 * m]) | bf16_bits(x[2 * m + 1]) << 16;
+    if (n % 2) out[n / 2] = bf16_bits(x[n - 1]);
+}
+
+static inline float bf16_lo(uint32_t w) { uint32_t b = w << 16; float f; memcpy(&f, &b, 4); return f; }
+static inline float bf16_hi(uint32_t w) { uint32_t b = w & 0xffff0000u; float f; memcpy(&f, &b, 4); return f; }
+static inline float ftz(float x) { return fabsf(x) < FLT_MIN ? copysignf(0.0f, x) : x; }
+
+static void axpy_bf16_cols(double *acc, const uint32_t *p, const uint32_t *w, int64_t nt, int64_t np, int64_t h0,
+                           int64_t h) {
+    for (int64_t t = 0; t < nt; t++)
+        for (int64_t i = h0; i < h; i++) {
+            float s = 0.0f;
+            for (int64_t m = 0; m < np; m++) {
+                const uint32_t a = p[t * np + m], b = w[m * h + i];
+                s = ftz(s + bf16_hi(a) * bf16_hi(b));
+                s = ftz(s + bf16_lo(a) * bf16_lo(b));
+            }
+            acc[t * h + i] += s;
+        }
+}
+
+static void axpy_bf16_ref(double *acc, const uint32_t *p, const uint32_t *w, int64_t nt, int64_t np, int64_t h) {
+    axpy_bf16_cols(acc, p, w, nt, np, 0, h);
+}
+
+#if defined(__x86_64__)
+/* 6 tokens x 32 columns, as axpy_avx512, one VDPBF16PS per pair of rows. */
+__attribute__((target("avx512f,avx512bf16"))) static void axpy_bf16_avx512(double *acc, const uint32_t *p,
+                                                                           const uint32_t *w, int64_t nt,
+                                                                           int64_t np, int64_t h) {
+    enum { TT = 6 };
+    const int64_t hv = h / 32 * 32;
+    for (int64_t t0 = 0; t0 < nt; t0 += TT) {
+        int64_t ts[TT];
+        for (int i = 0; i < TT; i++) ts[i] = t0 + i < nt ? t0 + i : t0;
+        for (int64_t c = 0; c < hv; c += 32) {
+            __m512 a[TT][2];
+            for (int i = 0; i < TT; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
+            for (int64_t m = 0; m < np; m++) {
+                const uint32_t *wr = w + m * h + c;
+                const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr), w1 = (__m512bh)_mm512_loadu_si512(wr + 16);
+                for (int i = 0; i < TT; i++) {
+                    const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)p[ts[i] * np + m]);
+                    a[i][0] = _mm512_dpbf16_ps(a[i][0], pv, w0);
+                    a[i][1] = _mm512_dpbf16_ps(a[i][1], pv, w1);
+                }
+            }
+            for (int i = 0; i < TT && t0 + i < nt; i++)
+                for (int q = 0; q < 2; q++) {
+                    double *d = acc + ts[i] * h + c + 16 * q;
+                    const __m512 s = a[i][q];
+                    _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), _mm512_cvtps_pd(_mm512_castps512_ps256(s))));
+                    _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8),
+                                                          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)))));
+                }
+        }
+    }
+    if (hv < h) axpy_bf16_cols(acc, p, w, nt, np, hv, h);
+}
+#endif
+
 /* ---- y += a * x (attention's weighted sum of values) --------------------------------------------------- */
 
 static void axpy_f32_ref(float *y, float a, const float *x, int64_t n) {
@@ -202,6 +290,7 @@ typedef struct {
     axpy_fn axpy;
     axpy_f32_fn axpy_f32;
     const int8_kernel *int8;    /* NULL: float activations for every weight type */
+    axpy_bf16_fn axpy_bf16;     /* non-NULL: quantized embeddings' soft embedding in bfloat16 pairs */
     const char *needs;          /* features in dg_cpu_features(), or NULL */
     int automatic;              /* a candidate for the default */
 } kernel;
@@ -209,13 +298,16 @@ typedef struct {
 /* In order of preference for the default (later is better); the int8 kernels take quantized weights with int8
  * activations and F32/F16/BF16 weights through their level's float kernel. */
 static const kernel KERNELS[] = {
-    {"reference", tile_ref, axpy_ref, axpy_f32_ref, NULL, NULL, 1},
-    {"int8-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, NULL, 0},
+    {"reference", tile_ref, axpy_ref, axpy_f32_ref, NULL, NULL, NULL, 1},
+    {"int8-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, NULL, NULL, 0},
+    {"int8-bf16-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, axpy_bf16_ref, NULL, 0},
 #if defined(__x86_64__)
-    {"avx2", tile_avx2, axpy_ref, axpy_f32_avx2, NULL, "avx2", 1},
-    {"int8-avx2", tile_avx2, axpy_ref, axpy_f32_avx2, &INT8_AVX2, "avx2", 1},
-    {"avx512", tile_avx512, axpy_avx512, axpy_f32_avx512, NULL, "avx512f", 1},
-    {"int8-avx512vnni", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, "avx512vnni", 1},
+    {"avx2", tile_avx2, axpy_ref, axpy_f32_avx2, NULL, NULL, "avx2", 1},
+    {"int8-avx2", tile_avx2, axpy_ref, axpy_f32_avx2, &INT8_AVX2, NULL, "avx2", 1},
+    {"avx512", tile_avx512, axpy_avx512, axpy_f32_avx512, NULL, NULL, "avx512f", 1},
+    {"int8-avx512vnni", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, NULL, "avx512vnni", 1},
+    {"int8-avx512bf16", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, axpy_bf16_avx512, "avx512bf16",
+     1},
 #endif
 };
 enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
@@ -252,6 +344,8 @@ const int8_kernel *matmul_int8(void) { return current()->int8; }
 axpy_fn soft_embed_axpy(void) { return current()->axpy; }
 
 axpy_f32_fn attention_axpy(void) { return current()->axpy_f32; }
+
+axpy_bf16_fn soft_embed_bf16(void) { return current()->axpy_bf16; }
 
 const char *dg_matmul_kernel(void) { return current()->name; }
 

@@ -14,6 +14,14 @@ typedef void (*tile_fn)(float *out, int64_t ldo, const float *x, int64_t nt, con
 /* acc[t * h + i] += sum over v < nv (ascending) of p[t * nv + v] * w[v * h + i], in double, t < nt, i < h. */
 typedef void (*axpy_fn)(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h);
 
+/* acc[t * h + i] += float sum over word m < np (ascending) of the bfloat16 pairs p[t * np + m] . w[m * h + i]
+ * (gemm.c: "soft-embedding accumulation in bfloat16 pairs"), t < nt, i < h. */
+typedef void (*axpy_bf16_fn)(double *acc, const uint32_t *p, const uint32_t *w, int64_t nt, int64_t np, int64_t h);
+/* out[i] = bf16(even[i]) | bf16(odd[i]) << 16 (odd NULL: 0), i < n: rows 2m and 2m + 1 as words. */
+void pack_bf16_rows(uint32_t *out, const float *even, const float *odd, int64_t n);
+/* out[m] = bf16(x[2m]) | bf16(x[2m + 1]) << 16, m < ceil(n / 2) (a missing odd value is 0). */
+void pack_bf16_pairs(uint32_t *out, const float *x, int64_t n);
+
 /* y[i] += a * x[i], i < n. */
 typedef void (*axpy_f32_fn)(float *y, float a, const float *x, int64_t n);
 
@@ -72,6 +80,8 @@ tile_fn matmul_tile(void);
 /* NULL when the active kernel keeps float activations for every weight type. */
 const int8_kernel *matmul_int8(void);
 axpy_fn soft_embed_axpy(void);
+/* NULL when the active kernel keeps the soft embedding in float. */
+axpy_bf16_fn soft_embed_bf16(void);
 axpy_f32_fn attention_axpy(void);
 
 #endif

@@ -466,37 +466,55 @@ typedef struct {
     int type;
     int64_t ncols, nrows;
     float scale;
-    weight_scratch sc;           /* SOFT_BLOCK rows of ncols floats per thread */
+    axpy_bf16_fn bf16;           /* non-NULL: accumulate in bfloat16 pairs (gemm.h) */
+    weight_scratch sc;           /* SOFT_BLOCK rows of ncols floats per thread, then their bfloat16 pairs */
 } soft_job;
 
 enum { SOFT_BLOCK = 128 };   /* vocabulary rows dequantized at a time (rowbuf holds SOFT_BLOCK rows) */
+
+/* Max and sum of exp(l - max) of each of nt rows of V logits; the sum in LANES double lanes in a fixed order. */
+DG_CLONES
+static void softmax_stats(float *mx, float *sum, const float *logits, int64_t nt, int64_t V) {
+    enum { LANES = 16 };
+    for (int64_t t = 0; t < nt; t++) {
+        const float *l = logits + t * V;
+        float m = l[0];
+        for (int64_t v = 1; v < V; v++) m = l[v] > m ? l[v] : m;
+        double z[LANES] = {0}, total = 0.0;
+        int64_t v = 0;
+        for (; v + LANES <= V; v += LANES)
+            for (int j = 0; j < LANES; j++) z[j] += exp_nonpositive(l[v + j] - m);
+        for (; v < V; v++) z[0] += exp_nonpositive(l[v] - m);
+        for (int j = 0; j < LANES; j++) total += z[j];
+        mx[t] = m;
+        sum[t] = (float)total;
+    }
+}
+
+DG_CLONES
+static void probabilities(float *p, const float *l, int64_t nv, float mx, float sum) {
+    for (int64_t v = 0; v < nv; v++) p[v] = exp_nonpositive(l[v] - mx) / sum;
+}
 
 /* Tokens [lo, hi): each thread walks W once in blocks of SOFT_BLOCK rows, in order, so each output sums over
  * v ascending (in double); the block's probabilities are formed once per token and handed to the kernel. */
 static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
     soft_job *j = ctx;
-    const int64_t nt = hi - lo, H = j->ncols, V = j->nrows;
+    const int64_t nt = hi - lo, H = j->ncols, V = j->nrows, npw = (SOFT_BLOCK + 1) / 2;
     float *mx = malloc((size_t)nt * 2 * sizeof(float));   /* per token: max logit, then sum of exp */
     float *pb = malloc((size_t)(nt * SOFT_BLOCK) * sizeof(float));
+    uint32_t *pw = j->bf16 ? malloc((size_t)(nt * npw) * sizeof(uint32_t)) : NULL;
     double *acc = calloc((size_t)(nt * H), sizeof(double));
     const axpy_fn axpy = soft_embed_axpy();
     char err[8];
-    if (!mx || !pb || !acc) {
+    if (!mx || !pb || !acc || (j->bf16 && !pw)) {
         j->sc.status[thread] = -2;
         goto done;
     }
     float *sum = mx + nt;
-    for (int64_t t = 0; t < nt; t++) {           /* softmax statistics of each token's logits */
-        const float *l = j->logits + (lo + t) * V;
-        float m = l[0];
-        for (int64_t v = 1; v < V; v++) m = l[v] > m ? l[v] : m;
-        double s = 0.0;
-        for (int64_t v = 0; v < V; v++) s += exp_nonpositive(l[v] - m);
-        mx[t] = m;
-        sum[t] = (float)s;
-    }
+    softmax_stats(mx, sum, j->logits + lo * V, nt, V);
     for (int64_t v0 = 0; v0 < V; v0 += SOFT_BLOCK) {
-        const int64_t nv = V - v0 < SOFT_BLOCK ? V - v0 : SOFT_BLOCK;
+        const int64_t nv = V - v0 < SOFT_BLOCK ? V - v0 : SOFT_BLOCK, np = (nv + 1) / 2;
         const void *src = j->base + (size_t)v0 * j->row_bytes;
         const float *wb = src;
         if (j->type != DG_TYPE_F32) {
@@ -506,18 +524,37 @@ static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
             }
             wb = j->sc.rowbuf[thread];
         }
-        for (int64_t t = 0; t < nt; t++) {
-            const float *l = j->logits + (lo + t) * V + v0;
-            for (int64_t v = 0; v < nv; v++) pb[t * nv + v] = exp_nonpositive(l[v] - mx[t]) / sum[t];
+        for (int64_t t = 0; t < nt; t++)
+            probabilities(pb + t * nv, j->logits + (lo + t) * V + v0, nv, mx[t], sum[t]);
+        if (j->bf16) {
+            uint32_t *ww = (uint32_t *)((float *)j->sc.rowbuf[thread] + SOFT_BLOCK * H);
+            for (int64_t m = 0; m < np; m++)
+                pack_bf16_rows(ww + m * H, wb + 2 * m * H, 2 * m + 1 < nv ? wb + (2 * m + 1) * H : NULL, H);
+            for (int64_t t = 0; t < nt; t++) pack_bf16_pairs(pw + t * np, pb + t * nv, nv);
+            j->bf16(acc, pw, ww, nt, np, H);
+        } else {
+            axpy(acc, pb, wb, nt, nv, H);
         }
-        axpy(acc, pb, wb, nt, nv, H);
     }
     for (int64_t t = 0; t < nt; t++)
         for (int64_t i = 0; i < H; i++) j->out[(lo + t) * H + i] = (float)acc[t * H + i] * j->scale;
 done:
     free(mx);
     free(pb);
+    free(pw);
     free(acc);
+}
+
+int dg_soft_embed(const dg_tensor *w, const float *logits, int64_t n, float scale, float *out, int n_threads,
+                  char *err, size_t errlen) {
+    if (!w || !w->data || !logits || !out || n < 0 || w->ne0 < 1 || w->ne1 < 1 || w->ne2 != 1) {
+        snprintf(err, errlen, "dg_soft_embed: bad arguments");
+        return DG_E_SHAPE;
+    }
+    dg_pool *p = pool_new(n_threads);
+    int rc = soft_embed(p, out, logits, w, scale, n, err, errlen);
+    pool_free(p);
+    return rc;
 }
 
 int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, float scale, int64_t n,
@@ -525,9 +562,12 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
     const size_t rb = checked_row_bytes("soft_embed", w, err, errlen);
     if (rb == 0) return DG_E_TYPE;
     if (n <= 0) return DG_OK;
-    soft_job j = {out, logits, w->data, rb, w->type, w->ne0, w->ne1, scale, {0}};
-    return run_with_rows(p, "soft_embed", w, SOFT_BLOCK * (size_t)w->ne0 * sizeof(float), n, soft_embed_tokens, &j,
-                         &j.sc, err, errlen);
+    /* bfloat16 pairs where the kernel has them and the embedding is quantized (F32/F16/BF16 stay exact) */
+    const axpy_bf16_fn bf16 = int8_type_of(w->type) ? soft_embed_bf16() : NULL;
+    const size_t block = SOFT_BLOCK * (size_t)w->ne0;
+    soft_job j = {out, logits, w->data, rb, w->type, w->ne0, w->ne1, scale, bf16, {0}};
+    return run_with_rows(p, "soft_embed", w, block * sizeof(float) + (bf16 ? block / 2 * sizeof(uint32_t) : 0), n,
+                         soft_embed_tokens, &j, &j.sc, err, errlen);
 }
 
 /* ---- attention -------------------------------------------------------------------------------------- */

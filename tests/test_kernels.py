@@ -155,3 +155,63 @@ def test_forward_tanh_is_within_2_1_ulp_of_float64_and_keeps_signs_and_specials(
     assert np.array_equal(native.tanh(special), np.tanh(special))
     assert np.signbit(native.tanh(special)).tolist() == np.signbit(special).tolist()
     assert np.isnan(native.tanh(np.array([np.nan], np.float32)))[0]
+
+
+# (tokens, vocabulary rows, width): token tails of the 6-token tile, an odd vocabulary (a half pair at the end),
+# blocks of 128 rows plus a tail, widths with 32-column tails.
+SOFT_SHAPES = [(1, 3, 32), (7, 129, 64), (13, 517, 96), (6, 300, 256), (20, 1000, 288)]
+BF16_KERNELS = [k for k in INT8_KERNELS if "bf16" in k]
+
+
+def softmax64(logits):
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q4_K"])
+def test_soft_embedding_matches_float64_under_every_kernel(kernel, type_name):
+    """Float accumulation: within the float32 sum bound (plus the exp's and the division's few ulp). The bf16
+    kernels round the probabilities and a quantized W to bfloat16 (unit roundoff 2^-8 each), so each product is
+    off by at most 2^-7 of itself; F32/F16/BF16 embeddings stay on the float path."""
+    rng = np.random.default_rng(2)
+    for n, V, H in SOFT_SHAPES:
+        if H % TENSOR_TYPES[type_name].block_size:
+            continue
+        raw, wf, t = stored(rng, V, H, type_name)
+        logits = (rng.standard_normal((n, V)) * 3).astype(np.float32)
+        got = native.soft_embed(raw, t.ggml, (V, H), logits, scale=1.5, threads=2)
+        p = softmax64(logits)
+        exact, mass = 1.5 * p @ wf.astype(np.float64), 1.5 * p @ np.abs(wf).astype(np.float64)
+        rel = 2.0 ** -7 if kernel in BF16_KERNELS and type_name in QUANTIZED else 0.0
+        bound = (rel + (V + 8) * np.finfo(np.float32).eps) * mass + 1e-30
+        assert np.all(np.abs(got - exact) <= bound), (kernel, type_name, n, V, H)
+        assert rel == 0 or np.abs(got - exact).max() > 1e-4 * mass.max(), "the bf16 path was not taken"
+
+
+def test_bf16_soft_embedding_equals_its_reference_bit_for_bit_for_any_thread_count():
+    """VDPBF16PS adds the odd product, then the even one, each rounded with denormals flushed: the reference
+    does the same in plain C, so the AVX-512 BF16 kernel must give its bits."""
+    rng = np.random.default_rng(3)
+    before = native.matmul_kernel()
+    try:
+        for n, V, H in SOFT_SHAPES:
+            raw, _, t = stored(rng, V, H, "Q8_0")
+            logits = (rng.standard_normal((n, V)) * 4).astype(np.float32)
+            native.set_matmul_kernel("int8-bf16-reference")
+            want = native.soft_embed(raw, t.ggml, (V, H), logits, threads=1)
+            for k in BF16_KERNELS:
+                native.set_matmul_kernel(k)
+                for threads in (1, 2, 3):
+                    assert np.array_equal(native.soft_embed(raw, t.ggml, (V, H), logits, threads=threads), want), \
+                        (k, threads, n, V, H)
+    finally:
+        native.set_matmul_kernel(before)
+
+
+def test_soft_embedding_rejects_mismatched_shapes_and_bad_arguments():
+    raw, _, t = stored(np.random.default_rng(4), 8, 32, "Q8_0")
+    with pytest.raises(ValueError):
+        native.soft_embed(raw, t.ggml, (8, 32), np.zeros((2, 7), np.float32))
+    with pytest.raises(ValueError):
+        native.soft_embed(raw[:-1], t.ggml, (8, 32), np.zeros((2, 8), np.float32))
