@@ -144,14 +144,19 @@ def soft_embed(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], logits
     return out
 
 
-def sample_step(logits: np.ndarray, temp: float, uniforms: np.ndarray | None = None, threads: int = 1):
+def sample_step(logits: np.ndarray, temp: float, uniforms: np.ndarray | None = None, threads: int = 1,
+                out: np.ndarray | None = None):
     """(scaled, argmax, entropy, sampled or None) of one sampler step: native/sample.c's fused version of
-    runtime/sampler.py's scale_logits, token_stats and inverse_cdf_sample."""
-    if not isinstance(logits, np.ndarray) or logits.dtype != np.float32 or logits.ndim != 2 \
-            or not logits.flags.c_contiguous:
+    runtime/sampler.py's scale_logits, token_stats and inverse_cdf_sample. out: where to write scaled (an array
+    like logits, or logits itself), instead of a new array."""
+    def rows(a):
+        return isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 2 and a.flags.c_contiguous
+    if not rows(logits):
         raise DggufError("sample_step: logits must be a C-contiguous float32 [n, V] array")
     n, V = logits.shape
-    scaled = np.empty_like(logits)
+    if out is not None and not (rows(out) and out.shape == logits.shape):
+        raise DggufError(f"sample_step: out must be a C-contiguous float32 array of shape {logits.shape}")
+    scaled = np.empty_like(logits) if out is None else out
     argmax = np.empty(n, dtype=np.int64)
     entropy = np.empty(n, dtype=np.float32)
     sampled = u = ffi.NULL

@@ -7,12 +7,14 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "dgguf.h"
 #include "ops.h"
 #include "quant_internal.h"   /* DG_CLONES */
 
 enum { LANES = 16 };           /* partial sums per row: a fixed order the compiler can keep in vector registers */
+enum { CDF_BLOCK = 256 };      /* values whose mass the inverse CDF adds at once */
 
 typedef struct {
     const float *logits;
@@ -24,17 +26,25 @@ typedef struct {
     float *entropy;
 } step_ctx;
 
+/* scaled = logits / temp (logits may be scaled itself); returns the max. GCC does not vectorise a float max
+ * without -ffinite-math-only, so the LANES running maxima are one vector (GCC's vector extension, lowered to what
+ * each clone has) and the select is spelled out on the bits: exactly s > m ? s : m per lane. */
+typedef float lanes_f __attribute__((vector_size(4 * LANES)));
+typedef int32_t lanes_i __attribute__((vector_size(4 * LANES)));
+
 DG_CLONES
 static float scale_and_max(float *scaled, const float *logits, int64_t V, float temp) {
-    float m[LANES];
+    lanes_f m;
     for (int j = 0; j < LANES; j++) m[j] = -INFINITY;
     int64_t v = 0;
-    for (; v + LANES <= V; v += LANES)
-        for (int j = 0; j < LANES; j++) {
-            float s = logits[v + j] / temp;
-            scaled[v + j] = s;
-            m[j] = s > m[j] ? s : m[j];
-        }
+    for (; v + LANES <= V; v += LANES) {
+        lanes_f s;
+        memcpy(&s, logits + v, sizeof s);
+        s = s / temp;
+        memcpy(scaled + v, &s, sizeof s);
+        const lanes_i larger = s > m;
+        m = (lanes_f)(((lanes_i)s & larger) | ((lanes_i)m & ~larger));
+    }
     for (; v < V; v++) {
         scaled[v] = logits[v] / temp;
         m[0] = scaled[v] > m[0] ? scaled[v] : m[0];
@@ -42,6 +52,29 @@ static float scale_and_max(float *scaled, const float *logits, int64_t V, float 
     float mx = m[0];
     for (int j = 1; j < LANES; j++) mx = m[j] > mx ? m[j] : mx;
     return mx;
+}
+
+/* The first index holding mx (as argmax returns; V - 1 when none does), found a block at a time. */
+DG_CLONES
+static int64_t first_index(const float *x, int64_t V, float mx) {
+    int64_t v = 0;
+    for (; v + 4 * LANES <= V; v += 4 * LANES) {
+        int hit = 0;
+        for (int j = 0; j < 4 * LANES; j++) hit |= x[v + j] == mx;
+        if (hit) break;
+    }
+    while (v < V - 1 && x[v] != mx) v++;
+    return v;
+}
+
+/* Sum of e[0..n) in LANES double lanes: a block's mass, for skipping whole blocks of the inverse CDF. */
+DG_CLONES
+static double block_mass(const float *e, int64_t n) {
+    double s[LANES] = {0};
+    for (int64_t v = 0; v < n; v++) s[v % LANES] += e[v];
+    double t = 0;
+    for (int j = 0; j < LANES; j++) t += s[j];
+    return t;
 }
 
 /* e[v] = exp(scaled[v] - mx); *Z = sum e, *S = sum e * (scaled - mx), both in double over LANES fixed lanes. */
@@ -72,8 +105,7 @@ static void step_rows(void *arg, int64_t lo, int64_t hi, int thread) {
     for (int64_t r = lo; r < hi; r++) {
         float *scaled = c->scaled + r * V;
         float mx = scale_and_max(scaled, c->logits + r * V, V, c->temp);
-        int64_t am = 0;
-        while (am < V - 1 && scaled[am] != mx) am++;      /* the first maximal index, as argmax returns */
+        int64_t am = first_index(scaled, V, mx);
         double Z, S;
         exp_sums(e, scaled, V, mx, &Z, &S);
         c->argmax[r] = am;
@@ -81,6 +113,8 @@ static void step_rows(void *arg, int64_t lo, int64_t hi, int thread) {
         if (c->uniforms) {                                   /* first v whose cumulative sum exceeds u * Z */
             double target = c->uniforms[r] * Z, cum = 0;
             int64_t v = 0;
+            for (double b; v + CDF_BLOCK < V && cum + (b = block_mass(e + v, CDF_BLOCK)) <= target; v += CDF_BLOCK)
+                cum += b;                                    /* whole blocks below the target, then one by one */
             for (; v < V - 1; v++) {
                 cum += e[v];
                 if (cum > target) break;

@@ -131,6 +131,7 @@ class Model:
         stats = GenerationStats(max_steps=sc.steps)
         out: list[int] = []
         decode_time = 0.0
+        logits_buf = np.empty((C, self.config.vocab_size), dtype=np.float32)   # reused by every step
         for c in range(n_canvases):
             if c > 0:
                 cache.encode(np.asarray(out[-C:], dtype=np.int32))
@@ -140,7 +141,7 @@ class Model:
                 if on_step is not None:
                     on_step(c, canvas)
                 t = time.perf_counter()
-                logits = cache.decode(np.asarray(canvas, dtype=np.int32), sc_logits)
+                logits = cache.decode(np.asarray(canvas, dtype=np.int32), sc_logits, out=logits_buf)
                 decode_time += time.perf_counter() - t
                 return logits
 

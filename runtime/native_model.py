@@ -36,6 +36,13 @@ _MODEL_TENSORS = {
 }
 
 
+def float_rows(a, shape: tuple[int, int], what: str) -> None:
+    """DggufError unless a is a C-contiguous float32 array of `shape`."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != shape or not a.flags.c_contiguous:
+        got = (getattr(a, "dtype", type(a)), getattr(a, "shape", None))
+        raise DggufError(f"{what} must be a C-contiguous float32 array of shape {shape}, got {got[0]} {got[1]}")
+
+
 def token_ids(ids, vocab: int, what: str, allow_empty: bool = True) -> np.ndarray:
     """Token ids as a contiguous int32 vector, or a DggufError naming `what` and the offending id."""
     a = np.asarray(ids)
@@ -136,20 +143,22 @@ class NativeCache:
         check(lib.dg_encode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), a.size, err, ERRLEN),
                err)
 
-    def decode(self, ids: np.ndarray, sc_logits: np.ndarray | None = None) -> np.ndarray:
+    def decode(self, ids: np.ndarray, sc_logits: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Canvas logits float32 [n, V] for ids at positions length..length+n-1; sc_logits [n, V] float32
-        (the previous step's processed logits) or None for the first step."""
+        (the previous step's processed logits) or None for the first step. out: a float32 [n, V] array to write
+        the logits into (not sc_logits), so a denoising loop does not fault in fresh pages every step."""
         a = token_ids(ids, self.model.cfg.vocab_size, "decode")
         n, V = a.size, self.model.cfg.vocab_size
         sc = ffi.NULL
         if sc_logits is not None:
-            if not isinstance(sc_logits, np.ndarray) or sc_logits.dtype != np.float32 \
-                    or sc_logits.shape != (n, V) or not sc_logits.flags.c_contiguous:
-                got = (getattr(sc_logits, "dtype", type(sc_logits)), getattr(sc_logits, "shape", None))
-                raise DggufError(f"decode: sc_logits must be a C-contiguous float32 array of shape {(n, V)}, "
-                                 f"got {got[0]} {got[1]}")
+            float_rows(sc_logits, (n, V), "decode: sc_logits")
             sc = ffi.from_buffer("float[]", sc_logits)
-        out = np.empty((n, V), dtype=np.float32)
+        if out is None:
+            out = np.empty((n, V), dtype=np.float32)
+        else:
+            float_rows(out, (n, V), "decode: out")
+            if sc_logits is not None and np.shares_memory(out, sc_logits):
+                raise DggufError("decode: out must not overlap sc_logits")
         err = ffi.new("char[]", ERRLEN)
         check(lib.dg_decode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), n, sc,
                              ffi.from_buffer("float[]", out), err, ERRLEN), err)

@@ -210,18 +210,24 @@ def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConf
     after a step that is both.
 
     The per-step reductions (scale, argmax, entropy, and the sampling itself when draws is a SeededDraws) run
-    natively on `threads` threads (native/sample.c); the functions above are their reference.
+    natively on `threads` threads (native/sample.c); the functions above are their reference. The scaled logits
+    handed to canvas_logits (as sc) and to draws live in two buffers reused every other step: copy them to keep
+    them.
     """
     canvas = draws("init", canvas_index, config.steps)
     # The reference starts the history at -1, which no argmax equals, so the first step is never stable.
     history = deque([np.full(len(canvas), -1, dtype=np.int64)] * config.stability_threshold,
                     maxlen=config.stability_threshold)
     sc = None
+    scaled_bufs = [None, None]   # this step's scaled logits, and the previous step's (being read as sc)
     for step in range(config.steps, 0, -1):
         logits = np.ascontiguousarray(canvas_logits(canvas, sc), dtype=np.float32)
         temp = temperature(step, config.steps, config.t_min, config.t_max)
         uniforms = draws.sample_uniforms(canvas_index, step, len(logits)) if isinstance(draws, SeededDraws) else None
-        scaled, argmax, entropy, sampled = native.sample_step(logits, temp, uniforms, threads)
+        if scaled_bufs[0] is None or scaled_bufs[0].shape != logits.shape:
+            scaled_bufs[0] = np.empty_like(logits)
+        scaled, argmax, entropy, sampled = native.sample_step(logits, temp, uniforms, threads, out=scaled_bufs[0])
+        scaled_bufs.reverse()
         if sampled is None:
             sampled = draws("sample", canvas_index, step, scaled)
         accept = accept_mask(entropy, config.entropy_bound)

@@ -170,7 +170,8 @@ def test_bench_denoise_step_times_exactly_the_forced_steps_of_one_canvas(tiny, m
     m = Model.load(tiny[1])
     calls = []
     decode = native_model.NativeCache.decode
-    monkeypatch.setattr(native_model.NativeCache, "decode", lambda self, *a: calls.append(a) or decode(self, *a))
+    monkeypatch.setattr(native_model.NativeCache, "decode",
+                        lambda self, *a, **kw: calls.append(a) or decode(self, *a, **kw))
     assert denoise_step(m, np.arange(3, 8, dtype=np.int32), 5) > 0
     assert len(calls) == 5                       # every step ran: no early stop
     assert calls[0][1] is None and all(sc is not None for _, sc in calls[1:])
