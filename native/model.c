@@ -240,6 +240,7 @@ typedef struct {
     float *g, *u;                              /* [n, F] (dense MLP) or [chunk * top_k, 2I] (expert slots) */
     float *xs, *ys;                            /* expert slots: [chunk * top_k, H] in and out */
     int *sel;                                  /* [chunk * top_k] the token of each slot */
+    int *slot_of;                              /* [chunk * top_k] each token's slots, ascending */
     float *sel_w;                              /* [chunk * top_k] its routing weight */
     float *router;                             /* [n, E] */
     int *top_idx;                              /* [n, top_k] */
@@ -251,7 +252,7 @@ typedef struct {
 
 static void run_state_free(run_state *s) {
     free(s->h); free(s->x); free(s->tmp); free(s->h1); free(s->h2); free(s->q); free(s->att); free(s->k);
-    free(s->v); free(s->g); free(s->u); free(s->xs); free(s->ys); free(s->sel); free(s->sel_w);
+    free(s->v); free(s->g); free(s->u); free(s->xs); free(s->ys); free(s->sel); free(s->slot_of); free(s->sel_w);
     free(s->router); free(s->top_idx); free(s->top_w); free(s->inv_freq); free(s->scores);
 }
 
@@ -277,13 +278,14 @@ static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int
     s->k = alloc_f(n * kv_max); s->v = alloc_f(n * kv_max);
     s->g = alloc_f(wide); s->u = alloc_f(wide);
     s->xs = alloc_f(slots * H); s->ys = alloc_f(slots * H);
-    s->sel = malloc((size_t)slots * sizeof(int)); s->sel_w = alloc_f(slots);
+    s->sel = malloc((size_t)slots * sizeof(int)); s->slot_of = malloc((size_t)slots * sizeof(int));
+    s->sel_w = alloc_f(slots);
     s->router = alloc_f(n * m->n_experts);
     s->top_idx = malloc((size_t)(n * m->top_k) * sizeof(int)); s->top_w = alloc_f(n * m->top_k);
     s->inv_freq = alloc_f(d_max / 2);
     s->scores = alloc_f(nt * s->max_keys);
     if (!s->h || !s->x || !s->tmp || !s->h1 || !s->h2 || !s->q || !s->att || !s->k || !s->v ||
-        !s->g || !s->u || !s->xs || !s->ys || !s->sel || !s->sel_w || !s->router || !s->top_idx || !s->top_w ||
+        !s->g || !s->u || !s->xs || !s->ys || !s->sel || !s->slot_of || !s->sel_w || !s->router || !s->top_idx || !s->top_w ||
         !s->inv_freq || !s->scores) {
         run_state_free(s);
         FAIL(DG_E_VALUE, "out of memory for the scratch buffers of %lld tokens", (long long)n);
@@ -327,12 +329,12 @@ static int decoder_input(const dg_model *m, run_state *s, const int32_t *ids, co
     if (sc_logits) {
         if ((rc = soft_embed(s->pool, s->x, sc_logits, &m->token_embd, m->embed_scale, n, err, errlen)) != DG_OK)
             return rc;
-        for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->x + t * H, m->sc_pre_norm.data, H, m->eps);
+        rmsnorm_rows(s->pool, s->x, s->x, m->sc_pre_norm.data, n, H, m->eps);
         if ((rc = gated_mlp(s, s->tmp, s->x, &m->sc_gate, &m->sc_up, &m->sc_down, n, err, errlen)) != DG_OK)
             return rc;
         for (int64_t i = 0; i < n * H; i++) s->h[i] += s->tmp[i];
     }
-    for (int64_t t = 0; t < n; t++) rmsnorm(s->h + t * H, s->h + t * H, NULL, H, m->eps);
+    rmsnorm_rows(s->pool, s->h, s->h, NULL, n, H, m->eps);
     return DG_OK;
 }
 
@@ -412,28 +414,51 @@ static int attention_block(const dg_model *m, const dg_layer *ly, run_state *s, 
     return DG_OK;
 }
 
-/* Router on the raw residual: r = rms(h) * scale * H^-0.5, p = softmax(r . W), top-k, weights renormalised
- * to sum 1 and then multiplied by the per-expert scale. */
-static int route(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
-    const int64_t n = s->n, H = m->hidden, E = m->n_experts, K = m->top_k;
-    const float root = (float)pow((double)H, -0.5);
-    const float *scale = ly->ffn_gate_inp_scale.data, *exp_scale = ly->ffn_down_exps_scale.data;
-    for (int64_t t = 0; t < n; t++) {
-        float *r = s->x + t * H;
-        rmsnorm(r, s->h + t * H, NULL, H, m->eps);
+/* The per-token stages around the matmuls run on the pool too: each token's values come from one thread, in the
+ * order of the serial loop, so the bits never depend on the thread count. */
+typedef struct {
+    const dg_model *m;
+    const dg_layer *ly;
+    run_state *s;
+    float scalar;
+    int64_t t0;                  /* moe: the chunk's first token */
+} token_job;
+
+/* r = rms(h) * scale * H^-0.5 */
+static void router_input(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const token_job *j = ctx;
+    const int64_t H = j->m->hidden;
+    const float root = (float)pow((double)H, -0.5), *scale = j->ly->ffn_gate_inp_scale.data;
+    for (int64_t t = lo; t < hi; t++) {
+        float *r = j->s->x + t * H;
+        rmsnorm(r, j->s->h + t * H, NULL, H, j->m->eps);
         for (int64_t i = 0; i < H; i++) r[i] = r[i] * scale[i] * root;
     }
-    int rc = matmul(s->pool, s->router, s->x, &ly->ffn_gate_inp, 0, n, err, errlen);
-    if (rc != DG_OK) return rc;
-    for (int64_t t = 0; t < n; t++) {
-        float *p = s->router + t * E, *w = s->top_w + t * K;
-        int *idx = s->top_idx + t * K;
+}
+
+static void router_select(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const token_job *j = ctx;
+    const int64_t E = j->m->n_experts, K = j->m->top_k;
+    const float *exp_scale = j->ly->ffn_down_exps_scale.data;
+    for (int64_t t = lo; t < hi; t++) {
+        float *p = j->s->router + t * E, *w = j->s->top_w + t * K;
+        int *idx = j->s->top_idx + t * K;
         softmax(p, E);
         topk(idx, p, (int)E, (int)K);
         float sum = 0.0f;
         for (int64_t k = 0; k < K; k++) sum += p[idx[k]];
         for (int64_t k = 0; k < K; k++) w[k] = p[idx[k]] / sum * exp_scale[idx[k]];
     }
+}
+
+/* Router on the raw residual: r = rms(h) * scale * H^-0.5, p = softmax(r . W), top-k, weights renormalised
+ * to sum 1 and then multiplied by the per-expert scale. */
+static int route(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
+    token_job j = {m, ly, s, 0.0f, 0};
+    parallel_for(s->pool, s->n, router_input, &j);
+    int rc = matmul(s->pool, s->router, s->x, &ly->ffn_gate_inp, 0, s->n, err, errlen);
+    if (rc != DG_OK) return rc;
+    parallel_for(s->pool, s->n, router_select, &j);
     return DG_OK;
 }
 
@@ -452,6 +477,28 @@ static void gated_slots(void *ctx, int64_t lo, int64_t hi, int thread) {
     }
 }
 
+static void gather_slots(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const token_job *j = ctx;
+    const int64_t H = j->m->hidden;
+    for (int64_t c = lo; c < hi; c++) memcpy(j->s->xs + c * H, j->s->x + j->s->sel[c] * H, (size_t)H * sizeof(float));
+}
+
+/* h2[t] = sum of w * y over token t's slots, ascending (its experts in ascending order). */
+static void combine_slots(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const token_job *j = ctx;
+    const run_state *s = j->s;
+    const int64_t H = j->m->hidden, K = j->m->top_k;
+    for (int64_t i = lo; i < hi; i++) {
+        float *out = s->h2 + (j->t0 + i) * H;
+        memset(out, 0, (size_t)H * sizeof(float));
+        for (int64_t k = 0; k < K; k++) {
+            const int c = s->slot_of[i * K + k];
+            const float *y = s->ys + (int64_t)c * H;
+            for (int64_t d = 0; d < H; d++) out[d] += y[d] * s->sel_w[c];
+        }
+    }
+}
+
 /* MoE into s->h2: moe[t] = sum over t's experts e (ascending) of w * down_e(gelu(gate_e(xe)) * up_e(xe)),
  * xe = rms_w(h, pre_ffw_norm_2); gate_up_exps matrix e holds the gate rows, then the up rows. Tokens go in chunks
  * of MOE_CHUNK (the slot buffers stay that size however long the pass); in a chunk the (token, expert) pairs are
@@ -461,11 +508,12 @@ static int moe(const dg_model *m, const dg_layer *ly, run_state *s, char *err, s
     const int64_t n = s->n, H = m->hidden, I = m->expert_ff, K = m->top_k, E = m->n_experts;
     int rc;
     if ((rc = route(m, ly, s, err, errlen)) != DG_OK) return rc;
-    for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->h + t * H, ly->pre_ffw_norm_2.data, H, m->eps);
-    memset(s->h2, 0, (size_t)(n * H) * sizeof(float));
+    rmsnorm_rows(s->pool, s->x, s->h, ly->pre_ffw_norm_2.data, n, H, m->eps);
     int64_t off[E + 1];
     for (int64_t t0 = 0; t0 < n; t0 += MOE_CHUNK) {
         const int64_t t1 = min64(n, t0 + MOE_CHUNK);
+        int filled[t1 - t0];
+        memset(filled, 0, sizeof filled);
         off[0] = 0;
         for (int64_t e = 0; e < E; e++) {
             int64_t c = off[e];
@@ -474,53 +522,57 @@ static int moe(const dg_model *m, const dg_layer *ly, run_state *s, char *err, s
                     if (s->top_idx[t * K + k] == e) {
                         s->sel[c] = (int)t;
                         s->sel_w[c] = s->top_w[t * K + k];
-                        memcpy(s->xs + c * H, s->x + t * H, (size_t)H * sizeof(float));
+                        s->slot_of[(t - t0) * K + filled[t - t0]++] = (int)c;
                         c++;
                     }
             off[e + 1] = c;
         }
+        token_job tj = {m, ly, s, 0.0f, t0};
+        parallel_for(s->pool, off[E], gather_slots, &tj);
         if ((rc = matmul_grouped(s->pool, s->g, s->xs, &ly->ffn_gate_up_exps, off, err, errlen)) != DG_OK)
             return rc;
         gated_job gj = {s, I};
         parallel_for(s->pool, off[E], gated_slots, &gj);
         if ((rc = matmul_grouped(s->pool, s->ys, s->u, &ly->ffn_down_exps, off, err, errlen)) != DG_OK) return rc;
-        for (int64_t c = 0; c < off[E]; c++) {     /* slot order: each token's experts ascending */
-            float *out = s->h2 + (int64_t)s->sel[c] * H;
-            const float *y = s->ys + c * H;
-            for (int64_t i = 0; i < H; i++) out[i] += y[i] * s->sel_w[c];
-        }
+        parallel_for(s->pool, t1 - t0, combine_slots, &tj);
     }
     return DG_OK;
+}
+
+static void ffn_output(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const token_job *j = ctx;
+    const dg_layer *ly = j->ly;
+    const int64_t H = j->m->hidden;
+    const float eps = j->m->eps;
+    for (int64_t t = lo; t < hi; t++) {
+        float *h1 = j->s->h1 + t * H, *h2 = j->s->h2 + t * H, *h = j->s->h + t * H;
+        rmsnorm(h1, h1, ly->post_ffw_norm_1.data, H, eps);
+        rmsnorm(h2, h2, ly->post_ffw_norm_2.data, H, eps);
+        for (int64_t i = 0; i < H; i++) h1[i] += h2[i];
+        rmsnorm(h1, h1, ly->post_ffw_norm.data, H, eps);
+        for (int64_t i = 0; i < H; i++) h[i] = (h[i] + h1[i]) * j->scalar;
+    }
 }
 
 /* Feed-forward: the dense MLP and the MoE both read the residual h;
- * h += rms_w(rms_w(dense, post_ffw_norm_1) + rms_w(moe, post_ffw_norm_2), post_ffw_norm). */
-static int ffn_block(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
+ * h = (h + rms_w(rms_w(dense, post_ffw_norm_1) + rms_w(moe, post_ffw_norm_2), post_ffw_norm)) * scalar, the
+ * layer's output scale (the encoder's or the decoder's). */
+static int ffn_block(const dg_model *m, const dg_layer *ly, run_state *s, float scalar, char *err, size_t errlen) {
     const int64_t n = s->n, H = m->hidden;
     int rc;
-    for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->h + t * H, ly->ffn_norm.data, H, m->eps);
+    rmsnorm_rows(s->pool, s->x, s->h, ly->ffn_norm.data, n, H, m->eps);
     if ((rc = gated_mlp(s, s->h1, s->x, &ly->ffn_gate, &ly->ffn_up, &ly->ffn_down, n, err, errlen)) != DG_OK)
         return rc;
     if ((rc = moe(m, ly, s, err, errlen)) != DG_OK) return rc;
-    for (int64_t t = 0; t < n; t++) {
-        float *h1 = s->h1 + t * H, *h2 = s->h2 + t * H, *h = s->h + t * H;
-        rmsnorm(h1, h1, ly->post_ffw_norm_1.data, H, m->eps);
-        rmsnorm(h2, h2, ly->post_ffw_norm_2.data, H, m->eps);
-        for (int64_t i = 0; i < H; i++) h1[i] += h2[i];
-        rmsnorm(h1, h1, ly->post_ffw_norm.data, H, m->eps);
-        for (int64_t i = 0; i < H; i++) h[i] += h1[i];
-    }
+    token_job j = {m, ly, s, scalar, 0};
+    parallel_for(s->pool, n, ffn_output, &j);
     return DG_OK;
-}
-
-static void scale_residual(run_state *s, int64_t H, float scalar) {
-    for (int64_t i = 0; i < s->n * H; i++) s->h[i] *= scalar;
 }
 
 /* logits = softcap * tanh(rms_w(h, output_norm) . E^T / softcap), E the tied embedding in its stored type. */
 static int head(const dg_model *m, run_state *s, float *logits, char *err, size_t errlen) {
     const int64_t n = s->n, H = m->hidden;
-    for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->h + t * H, m->output_norm.data, H, m->eps);
+    rmsnorm_rows(s->pool, s->x, s->h, m->output_norm.data, n, H, m->eps);
     int rc = matmul(s->pool, logits, s->x, &m->token_embd, 0, n, err, errlen);
     if (rc != DG_OK) return rc;
     if (m->softcap > 0.0f) softcap(s->pool, logits, n, m->vocab, m->softcap);
@@ -552,8 +604,7 @@ int dg_encode(const dg_model *m, dg_cache *c, const int32_t *ids, int64_t n, cha
         const int last = l == m->n_layers - 1;     /* only its K/V matter: skip its attention output and FFN */
         if ((rc = attention_block(m, ly, &s, cl, cl, pos0, last, err, errlen)) != DG_OK) break;
         if (last) break;
-        if ((rc = ffn_block(m, ly, &s, err, errlen)) != DG_OK) break;
-        scale_residual(&s, m->hidden, ly->enc_scale);
+        if ((rc = ffn_block(m, ly, &s, ly->enc_scale, err, errlen)) != DG_OK) break;
     }
 done:
     if (rc == DG_OK)
@@ -585,8 +636,7 @@ int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t 
     for (int l = 0; l < m->n_layers; l++) {
         const dg_layer *ly = &m->layers[l];
         if ((rc = attention_block(m, ly, &s, &c->layers[l], NULL, c->length, 0, err, errlen)) != DG_OK) goto done;
-        if ((rc = ffn_block(m, ly, &s, err, errlen)) != DG_OK) goto done;
-        scale_residual(&s, m->hidden, ly->dec_scale);
+        if ((rc = ffn_block(m, ly, &s, ly->dec_scale, err, errlen)) != DG_OK) goto done;
     }
     rc = head(m, &s, logits, err, errlen);
 done:

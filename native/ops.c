@@ -204,6 +204,23 @@ void gelu_mul(dg_pool *p, float *g, const float *u, int64_t n, int64_t width) {
     parallel_for(p, n, gelu_mul_rows, &j);
 }
 
+typedef struct {
+    float *out;
+    const float *x, *w;
+    int64_t width;
+    float eps;
+} norm_job;
+
+static void rmsnorm_items(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const norm_job *j = ctx;
+    for (int64_t t = lo; t < hi; t++) rmsnorm(j->out + t * j->width, j->x + t * j->width, j->w, j->width, j->eps);
+}
+
+void rmsnorm_rows(dg_pool *p, float *out, const float *x, const float *w, int64_t n, int64_t width, float eps) {
+    norm_job j = {out, x, w, width, eps};
+    parallel_for(p, n, rmsnorm_items, &j);
+}
+
 DG_CLONES
 static void softcap_values(float *x, int64_t n, float cap) {
     for (int64_t i = 0; i < n; i++) x[i] = tanh_poly(x[i] / cap) * cap;

@@ -69,6 +69,8 @@ void rope(float *x, const float *inv_freq, int64_t pos, int d, int n_pairs);
  * pairs (all d/2 on sliding layers, m->rope_pairs_full on full layers). Returns the number of pairs.
  * Shared with the CUDA forward (native/cuda), which uploads the same values. */
 int rope_freqs(const dg_model *m, const dg_layer *ly, float *inv_freq);
+/* rmsnorm of each of n rows of width values (out may alias x), rows split across the pool's threads. */
+void rmsnorm_rows(dg_pool *p, float *out, const float *x, const float *w, int64_t n, int64_t width, float eps);
 /* g = gelu_tanh(g) * u over rows [n, width], rows split across the pool's threads. */
 void gelu_mul(dg_pool *p, float *g, const float *u, int64_t n, int64_t width);
 /* x = cap * tanh(x / cap) over rows [n, width], rows split across the pool's threads. */
