@@ -475,19 +475,34 @@ done:
 
 /* ---- soft embedding --------------------------------------------------------------------------------- */
 
+/* The vocabulary goes in batches of SOFT_BATCH blocks of SOFT_BLOCK rows. The threads first dequantize a batch
+ * together (a block each) into one shared buffer, then split the tokens: each token's probabilities for a block
+ * are formed and the block is accumulated into that token's double sums, blocks in ascending order, so the bits
+ * do not depend on the thread count; a block of rows stays in L2 while a thread sweeps its tokens over it. */
+enum { SOFT_BLOCK = 128, SOFT_BATCH = 8 };
+
+static int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
 typedef struct {
     float *out;
     const float *logits;
-    const char *base;
+    const dg_tensor *w;
     size_t row_bytes;
-    int type;
-    int64_t ncols, nrows;
+    int64_t n, H, V;
     float scale;
     axpy_bf16_fn bf16;           /* non-NULL: accumulate in bfloat16 pairs (gemm.h) */
-    weight_scratch sc;           /* SOFT_BLOCK rows of ncols floats per thread, then their bfloat16 pairs */
+    float *mx, *sum;             /* [n] softmax statistics */
+    double *acc;                 /* [n, H] */
+    float *rows;                 /* shared, float path: the batch's rows (F32: unused, rows are read in place) */
+    uint32_t *pairs;             /* shared, bf16 path: the batch's rows in bfloat16 pairs */
+    float **block;               /* per thread, bf16 path: one block of rows dequantized, to be paired */
+    const float *batch_rows;     /* float path: the batch's rows, in rows or the mapped F32 tensor */
+    int64_t v0;                  /* the batch's first row */
+    float **pb;                  /* per thread: probabilities [tokens, SOFT_BLOCK] */
+    uint32_t **pw;               /* per thread: their bfloat16 pairs */
+    int64_t per_thread;          /* tokens a thread may be handed */
+    int *status;                 /* per thread: -1 a row would not dequantize */
 } soft_job;
-
-enum { SOFT_BLOCK = 128 };   /* vocabulary rows dequantized at a time (rowbuf holds SOFT_BLOCK rows) */
 
 /* Max and sum of exp(l - max) of each of nt rows of V logits; the sum in LANES double lanes in a fixed order. */
 DG_CLONES
@@ -513,53 +528,57 @@ static void probabilities(float *p, const float *l, int64_t nv, float mx, float 
     for (int64_t v = 0; v < nv; v++) p[v] = exp_nonpositive(l[v] - mx) / sum;
 }
 
-/* Tokens [lo, hi): each thread walks W once in blocks of SOFT_BLOCK rows, in order, so each output sums over
- * v ascending (in double); the block's probabilities are formed once per token and handed to the kernel. */
-static void soft_embed_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
+static void soft_stats(void *ctx, int64_t lo, int64_t hi, int thread) {
     soft_job *j = ctx;
-    const int64_t nt = hi - lo, H = j->ncols, V = j->nrows, npw = (SOFT_BLOCK + 1) / 2;
-    float *mx = malloc((size_t)nt * 2 * sizeof(float));   /* per token: max logit, then sum of exp */
-    float *pb = malloc((size_t)(nt * SOFT_BLOCK) * sizeof(float));
-    uint32_t *pw = j->bf16 ? malloc((size_t)(nt * npw) * sizeof(uint32_t)) : NULL;
-    double *acc = calloc((size_t)(nt * H), sizeof(double));
-    const axpy_fn axpy = soft_embed_axpy();
+    softmax_stats(j->mx + lo, j->sum + lo, j->logits + lo * j->V, hi - lo, j->V);
+}
+
+/* Blocks [lo, hi) of the batch: dequantized into the shared rows, or (bf16 path, quantized types only) into
+ * the thread's block buffer and paired into the shared pairs. */
+static void soft_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
+    soft_job *j = ctx;
+    const int64_t H = j->H;
     char err[8];
-    if (!mx || !pb || !acc || (j->bf16 && !pw)) {
-        j->sc.status[thread] = -2;
-        goto done;
-    }
-    float *sum = mx + nt;
-    softmax_stats(mx, sum, j->logits + lo * V, nt, V);
-    for (int64_t v0 = 0; v0 < V; v0 += SOFT_BLOCK) {
-        const int64_t nv = V - v0 < SOFT_BLOCK ? V - v0 : SOFT_BLOCK, np = (nv + 1) / 2;
-        const void *src = j->base + (size_t)v0 * j->row_bytes;
-        const float *wb = src;
-        if (j->type != DG_TYPE_F32) {
-            if (dg_dequantize_rows(j->type, src, (float *)j->sc.rowbuf[thread], nv, H, err, sizeof err) != 0) {
-                j->sc.status[thread] = -1;
-                goto done;
-            }
-            wb = j->sc.rowbuf[thread];
+    for (int64_t b = lo; b < hi; b++) {
+        const int64_t r0 = b * SOFT_BLOCK, nv = min_i64(SOFT_BLOCK, j->V - j->v0 - r0);
+        float *wb = j->bf16 ? j->block[thread] : j->rows + r0 * H;
+        if (j->w->type == DG_TYPE_F32) continue;
+        if (dg_dequantize_rows(j->w->type, (const char *)j->w->data + (size_t)(j->v0 + r0) * j->row_bytes, wb, nv,
+                               H, err, sizeof err) != 0) {
+            j->status[thread] = -1;
+            return;
         }
-        for (int64_t t = 0; t < nt; t++)
-            probabilities(pb + t * nv, j->logits + (lo + t) * V + v0, nv, mx[t], sum[t]);
         if (j->bf16) {
-            uint32_t *ww = (uint32_t *)((float *)j->sc.rowbuf[thread] + SOFT_BLOCK * H);
-            for (int64_t m = 0; m < np; m++)
+            uint32_t *ww = j->pairs + r0 / 2 * H;
+            for (int64_t m = 0; m < (nv + 1) / 2; m++)
                 pack_bf16_rows(ww + m * H, wb + 2 * m * H, 2 * m + 1 < nv ? wb + (2 * m + 1) * H : NULL, H);
-            for (int64_t t = 0; t < nt; t++) pack_bf16_pairs(pw + t * np, pb + t * nv, nv);
-            j->bf16(acc, pw, ww, nt, np, H);
-        } else {
-            axpy(acc, pb, wb, nt, nv, H);
         }
     }
-    for (int64_t t = 0; t < nt; t++)
-        for (int64_t i = 0; i < H; i++) j->out[(lo + t) * H + i] = (float)acc[t * H + i] * j->scale;
-done:
-    free(mx);
-    free(pb);
-    free(pw);
-    free(acc);
+}
+
+/* Tokens [lo, hi) over every block of the batch, in order. */
+static void soft_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
+    soft_job *j = ctx;
+    const int64_t H = j->H, nt = hi - lo, nb = min_i64(SOFT_BATCH * SOFT_BLOCK, j->V - j->v0);
+    float *pb = j->pb[thread];
+    uint32_t *pw = j->pw[thread];
+    const axpy_fn axpy = soft_embed_axpy();
+    for (int64_t r0 = 0; r0 < nb; r0 += SOFT_BLOCK) {
+        const int64_t nv = min_i64(SOFT_BLOCK, nb - r0), np = (nv + 1) / 2;
+        for (int64_t t = 0; t < nt; t++)
+            probabilities(pb + t * nv, j->logits + (lo + t) * j->V + j->v0 + r0, nv, j->mx[lo + t], j->sum[lo + t]);
+        if (j->bf16) {
+            for (int64_t t = 0; t < nt; t++) pack_bf16_pairs(pw + t * np, pb + t * nv, nv);
+            j->bf16(j->acc + lo * H, pw, j->pairs + r0 / 2 * H, nt, np, H);
+        } else {
+            axpy(j->acc + lo * H, pb, j->batch_rows + r0 * H, nt, nv, H);
+        }
+    }
+}
+
+static void soft_output(void *ctx, int64_t lo, int64_t hi, int thread) {
+    soft_job *j = ctx;
+    for (int64_t i = lo * j->H; i < hi * j->H; i++) j->out[i] = (float)j->acc[i] * j->scale;
 }
 
 int dg_soft_embed(const dg_tensor *w, const float *logits, int64_t n, float scale, float *out, int n_threads,
@@ -579,12 +598,51 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
     const size_t rb = checked_row_bytes("soft_embed", w, err, errlen);
     if (rb == 0) return DG_E_TYPE;
     if (n <= 0) return DG_OK;
+    const int nt = pool_threads(p);
+    const int64_t H = w->ne0, V = w->ne1, per_thread = (n + nt - 1) / nt;
+    const int64_t batch = SOFT_BATCH * SOFT_BLOCK * H;
     /* bfloat16 pairs where the kernel has them and the embedding is quantized (F32/F16/BF16 stay exact) */
     const axpy_bf16_fn bf16 = int8_type_of(w->type) ? soft_embed_bf16() : NULL;
-    const size_t block = SOFT_BLOCK * (size_t)w->ne0;
-    soft_job j = {out, logits, w->data, rb, w->type, w->ne0, w->ne1, scale, bf16, {0}};
-    return run_with_rows(p, "soft_embed", w, block * sizeof(float) + (bf16 ? block / 2 * sizeof(uint32_t) : 0), n,
-                         soft_embed_tokens, &j, &j.sc, err, errlen);
+    int status[nt];
+    memset(status, 0, sizeof status);
+    soft_job j = {out, logits, w, rb, n, H, V, scale, bf16, .status = status, .per_thread = per_thread};
+    j.mx = malloc((size_t)n * 2 * sizeof(float));
+    j.acc = calloc((size_t)(n * H), sizeof(double));
+    j.rows = w->type == DG_TYPE_F32 || bf16 ? NULL : aligned_alloc(64, (size_t)batch * sizeof(float));
+    j.pairs = bf16 ? aligned_alloc(64, (size_t)batch / 2 * sizeof(uint32_t)) : NULL;
+    j.block = bf16 ? (float **)alloc_scratch(nt, (size_t)(SOFT_BLOCK * H) * sizeof(float)) : NULL;
+    j.pb = (float **)alloc_scratch(nt, (size_t)(per_thread * SOFT_BLOCK) * sizeof(float));
+    j.pw = (uint32_t **)alloc_scratch(nt, (size_t)(per_thread * SOFT_BLOCK / 2) * sizeof(uint32_t));
+    int rc = DG_OK;
+    if (!j.mx || !j.acc || (w->type != DG_TYPE_F32 && !bf16 && !j.rows) || (bf16 && (!j.pairs || !j.block)) ||
+        !j.pb || !j.pw) {
+        snprintf(err, errlen, "soft_embed: out of memory");
+        rc = DG_E_VALUE;
+        goto done;
+    }
+    j.sum = j.mx + n;
+    parallel_for(p, n, soft_stats, &j);
+    for (j.v0 = 0; j.v0 < V; j.v0 += SOFT_BATCH * SOFT_BLOCK) {
+        j.batch_rows = w->type == DG_TYPE_F32 ? (const float *)w->data + j.v0 * H : j.rows;
+        parallel_for(p, (min_i64(SOFT_BATCH * SOFT_BLOCK, V - j.v0) + SOFT_BLOCK - 1) / SOFT_BLOCK, soft_rows, &j);
+        for (int i = 0; i < nt; i++)
+            if (status[i]) {
+                snprintf(err, errlen, "soft_embed: cannot dequantize a row of type %d", w->type);
+                rc = DG_E_TYPE;
+                goto done;
+            }
+        parallel_for(p, n, soft_tokens, &j);
+    }
+    parallel_for(p, n, soft_output, &j);
+done:
+    free(j.mx);
+    free(j.acc);
+    free(j.rows);
+    free(j.pairs);
+    free_scratch((void **)j.block, nt);
+    free_scratch((void **)j.pb, nt);
+    free_scratch((void **)j.pw, nt);
+    return rc;
 }
 
 /* ---- attention -------------------------------------------------------------------------------------- */
