@@ -144,6 +144,39 @@ def soft_embed(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], logits
     return out
 
 
+ATTENTION_KERNELS = ("per-query", "blocked")
+
+
+def attention_kernel() -> str:
+    """The attention kernel in use: "blocked" (the default) or "per-query" (the reference)."""
+    return ffi.string(lib.dg_attention_kernel()).decode()
+
+
+def set_attention_kernel(name: str) -> None:
+    """Switch the process-wide attention kernel (tests and benchmarks); DggufError for an unknown name."""
+    err = ffi.new("char[]", ERRLEN)
+    check(lib.dg_set_attention_kernel(name.encode(), err, ERRLEN), err)
+
+
+def attention(q: np.ndarray, cached_k: np.ndarray, cached_v: np.ndarray, k: np.ndarray, v: np.ndarray,
+              window: int = 0, causal: bool = False, threads: int = 1) -> np.ndarray:
+    """One layer's attention as the forward runs it: q [n, heads, d] against the cached rows [held, kv, d] and
+    then the pass's own rows k, v [n, kv, d]; window > 0 keeps keys p - window < k <= p, causal the pass's rows
+    up to the query's own. Returns [n, heads, d] float32."""
+    q, cached_k, cached_v, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, cached_k, cached_v, k, v))
+    n, heads, d = q.shape
+    held, kv = cached_k.shape[:2]
+    if cached_k.shape != (held, kv, d) or cached_v.shape != cached_k.shape or k.shape != (n, kv, d) \
+            or v.shape != k.shape:
+        raise ValueError("attention: shapes do not match")
+    out = np.empty_like(q)
+    err = ffi.new("char[]", ERRLEN)
+    f = lambda a: ffi.from_buffer("float[]", a)  # noqa: E731
+    check(lib.dg_attention(f(q), f(cached_k), f(cached_v), held, f(k), f(v), n, heads, kv, d, window, int(causal),
+                           f(out), threads, err, ERRLEN), err)
+    return out
+
+
 def sample_step(logits: np.ndarray, temp: float, uniforms: np.ndarray | None = None, threads: int = 1,
                 out: np.ndarray | None = None):
     """(scaled, argmax, entropy, sampled or None) of one sampler step: native/sample.c's fused version of

@@ -124,6 +124,20 @@ int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float 
 int dg_soft_embed(const dg_tensor *w, const float *logits, int64_t n, float scale, float *out, int n_threads,
                   char *err, size_t errlen);
 
+/* The attention kernel in use: "blocked" (the default; (kv head, 64 query rows) items, register-tiled scores and
+ * values, at the matmul kernel's instruction set) or "per-query" (one (token, head) at a time: the reference), and
+ * a switch between them (process-wide; for tests and benchmarks). docs/attention.md. */
+const char *dg_attention_kernel(void);
+int dg_set_attention_kernel(const char *name, char *err, size_t errlen);
+
+/* One layer's attention with the active kernels on n_threads threads, as the forward runs it: queries q [n,
+ * n_heads, head_dim] see the held cached rows ck, cv [held, n_kv, head_dim] and then their pass's rows k, v [n,
+ * n_kv, head_dim]; window > 0 keeps keys p - window < k <= p, causal keeps own rows up to the query's. Writes
+ * out [n, n_heads, head_dim]. Exposed for kernel tests and benchmarks. */
+int dg_attention(const float *q, const float *ck, const float *cv, int64_t held, const float *k, const float *v,
+                 int64_t n, int n_heads, int n_kv, int head_dim, int64_t window, int causal, float *out,
+                 int n_threads, char *err, size_t errlen);
+
 /* Decoder pass over a canvas ids[n] at positions length..length+n-1: bidirectional over the cached context
  * (full layers: all of it; sliding layers: the last W-1 positions) plus the canvas, decoder layer scalars,
  * self-conditioning from sc_logits [n, vocab] (NULL: none, i.e. the first step), final norm, tied head,

@@ -246,14 +246,13 @@ typedef struct {
     int *top_idx;                              /* [n, top_k] */
     float *top_w;                              /* [n, top_k] */
     float *inv_freq;                           /* [d_max / 2] */
-    float *scores;                             /* [threads, max keys] */
-    int64_t max_keys;
+    float *attn_scratch;                       /* [threads, attention_scratch(max keys, d_max)] */
 } run_state;
 
 static void run_state_free(run_state *s) {
     free(s->h); free(s->x); free(s->tmp); free(s->h1); free(s->h2); free(s->q); free(s->att); free(s->k);
     free(s->v); free(s->g); free(s->u); free(s->xs); free(s->ys); free(s->sel); free(s->slot_of); free(s->sel_w);
-    free(s->router); free(s->top_idx); free(s->top_w); free(s->inv_freq); free(s->scores);
+    free(s->router); free(s->top_idx); free(s->top_w); free(s->inv_freq); free(s->attn_scratch);
 }
 
 static void *alloc_f(int64_t count) { return malloc((size_t)max64(count, 1) * sizeof(float)); }
@@ -270,7 +269,6 @@ static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int
     }
     s->n = n;
     s->pool = c->pool;
-    s->max_keys = held_max + n;
     const int nt = pool_threads(s->pool);
     s->h = alloc_f(n * H); s->x = alloc_f(n * H); s->tmp = alloc_f(n * H);
     s->h1 = alloc_f(n * H); s->h2 = alloc_f(n * H);
@@ -283,10 +281,10 @@ static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int
     s->router = alloc_f(n * m->n_experts);
     s->top_idx = malloc((size_t)(n * m->top_k) * sizeof(int)); s->top_w = alloc_f(n * m->top_k);
     s->inv_freq = alloc_f(d_max / 2);
-    s->scores = alloc_f(nt * s->max_keys);
+    s->attn_scratch = alloc_f(nt * attention_scratch(held_max + n, (int)d_max));
     if (!s->h || !s->x || !s->tmp || !s->h1 || !s->h2 || !s->q || !s->att || !s->k || !s->v ||
-        !s->g || !s->u || !s->xs || !s->ys || !s->sel || !s->slot_of || !s->sel_w || !s->router || !s->top_idx || !s->top_w ||
-        !s->inv_freq || !s->scores) {
+        !s->g || !s->u || !s->xs || !s->ys || !s->sel || !s->slot_of || !s->sel_w || !s->router || !s->top_idx ||
+        !s->top_w || !s->inv_freq || !s->attn_scratch) {
         run_state_free(s);
         FAIL(DG_E_VALUE, "out of memory for the scratch buffers of %lld tokens", (long long)n);
     }
@@ -338,36 +336,6 @@ static int decoder_input(const dg_model *m, run_state *s, const int32_t *ids, co
     return DG_OK;
 }
 
-typedef struct {
-    const dg_layer *ly;
-    run_state *s;
-    const cache_layer *cl;      /* positions pos0 - cl->n .. pos0 - 1 */
-    int64_t pos0, window;       /* window: 0 for no window (full layers, decoder) */
-    int causal, n_heads;
-} attn_job;
-
-/* Items are (token, head) pairs: each computes one head's output for one query. */
-static void attention_items(void *ctx, int64_t lo, int64_t hi, int thread) {
-    const attn_job *j = ctx;
-    const run_state *s = j->s;
-    const int d = j->ly->head_dim, group = j->n_heads / j->ly->n_kv_heads;
-    const int64_t stride = (int64_t)j->ly->n_kv_heads * d, held = j->cl->n;
-    float *scores = s->scores + thread * s->max_keys;
-    for (int64_t it = lo; it < hi; it++) {
-        const int64_t t = it / j->n_heads, p = j->pos0 + t;
-        const int head = (int)(it % j->n_heads), g = head / group;
-        int64_t a_lo = 0, b_lo = 0, b_hi = j->causal ? t + 1 : s->n;
-        if (j->window) {           /* keys p - W < k <= p */
-            a_lo = max64(0, (p - j->window + 1) - (j->pos0 - held));
-            b_lo = max64(0, t - j->window + 1);
-        }
-        const int64_t na = max64(0, held - a_lo);
-        attention(s->att + (t * j->n_heads + head) * d, s->q + (t * j->n_heads + head) * d,
-                  j->cl->k + a_lo * stride + g * d, j->cl->v + a_lo * stride + g * d, na,
-                  s->k + b_lo * stride + g * d, s->v + b_lo * stride + g * d, b_hi - b_lo, stride, d, scores);
-    }
-}
-
 /* Attention block. x = rms_w(h, attn_norm); q, k = rope(rms_w(proj, norm)); v = rms(v_proj or raw k);
  * scores q.k (scale 1); h += rms_w(o_proj(attn), post_attention_norm).
  * Encoder (cache != NULL): causal (+ window on sliding layers), then appends K/V to the cache; kv_only
@@ -402,8 +370,10 @@ static int attention_block(const dg_model *m, const dg_layer *ly, run_state *s, 
         cache_append(write, s->k, s->v, n);
         return DG_OK;
     }
-    attn_job job = {ly, s, cl, pos0, (write && ly->sliding) ? m->sliding_window : 0, write != NULL, m->n_heads};
-    parallel_for(s->pool, n * nh, attention_items, &job);
+    const int64_t window = (write && ly->sliding) ? m->sliding_window : 0;
+    const attn_layer a = {s->q, cl->k, cl->v, s->k, s->v, s->att, n, cl->n, window, write != NULL, (int)nh, (int)nkv,
+                          (int)d};
+    attention_layer(s->pool, &a, s->attn_scratch);
     if (write) cache_append(write, s->k, s->v, n);
     if ((rc = matmul(s->pool, s->tmp, s->att, &ly->attn_output, 0, n, err, errlen)) != DG_OK) return rc;
     for (int64_t t = 0; t < n; t++) {
