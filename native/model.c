@@ -336,6 +336,50 @@ static int decoder_input(const dg_model *m, run_state *s, const int32_t *ids, co
     return DG_OK;
 }
 
+/* The per-token stages around the matmuls run on the pool too: each token's values come from one thread, in the
+ * order of the serial loop, so the bits never depend on the thread count. */
+typedef struct {
+    const dg_model *m;
+    const dg_layer *ly;
+    run_state *s;
+    float scalar;
+    int64_t t0;                  /* attention: the pass's first position; moe: the chunk's first token */
+    int pairs;                   /* attention: RoPE pairs of the layer */
+} token_job;
+
+/* Per token: q heads rms_w(q, q_norm) then RoPE; k heads the same with k_norm; v heads rms (no weight). */
+static void qkv_heads(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const token_job *j = ctx;
+    const dg_layer *ly = j->ly;
+    const run_state *s = j->s;
+    const int64_t d = ly->head_dim, nh = j->m->n_heads, nkv = ly->n_kv_heads;
+    const float eps = j->m->eps;
+    for (int64_t t = lo; t < hi; t++) {
+        for (int64_t hd = 0; hd < nh; hd++) {
+            float *q = s->q + (t * nh + hd) * d;
+            rmsnorm(q, q, ly->attn_q_norm.data, d, eps);
+            rope(q, s->inv_freq, j->t0 + t, (int)d, j->pairs);
+        }
+        for (int64_t hd = 0; hd < nkv; hd++) {
+            float *k = s->k + (t * nkv + hd) * d, *v = s->v + (t * nkv + hd) * d;
+            rmsnorm(k, k, ly->attn_k_norm.data, d, eps);
+            rope(k, s->inv_freq, j->t0 + t, (int)d, j->pairs);
+            rmsnorm(v, v, NULL, d, eps);
+        }
+    }
+}
+
+/* h += rms_w(o, post_attention_norm) per token. */
+static void attention_output(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const token_job *j = ctx;
+    const int64_t H = j->m->hidden;
+    for (int64_t t = lo; t < hi; t++) {
+        float *o = j->s->tmp + t * H, *h = j->s->h + t * H;
+        rmsnorm(o, o, j->ly->post_attention_norm.data, H, j->m->eps);
+        for (int64_t i = 0; i < H; i++) h[i] += o[i];
+    }
+}
+
 /* Attention block. x = rms_w(h, attn_norm); q, k = rope(rms_w(proj, norm)); v = rms(v_proj or raw k);
  * scores q.k (scale 1); h += rms_w(o_proj(attn), post_attention_norm).
  * Encoder (cache != NULL): causal (+ window on sliding layers), then appends K/V to the cache; kv_only
@@ -344,7 +388,7 @@ static int attention_block(const dg_model *m, const dg_layer *ly, run_state *s, 
                            cache_layer *write, int64_t pos0, int kv_only, char *err, size_t errlen) {
     const int64_t n = s->n, H = m->hidden, d = ly->head_dim, nh = m->n_heads, nkv = ly->n_kv_heads;
     int rc;
-    for (int64_t t = 0; t < n; t++) rmsnorm(s->x + t * H, s->h + t * H, ly->attn_norm.data, H, m->eps);
+    rmsnorm_rows(s->pool, s->x, s->h, ly->attn_norm.data, n, H, m->eps);
     if ((rc = matmul(s->pool, s->q, s->x, &ly->attn_q, 0, n, err, errlen)) != DG_OK) return rc;
     if ((rc = matmul(s->pool, s->k, s->x, &ly->attn_k, 0, n, err, errlen)) != DG_OK) return rc;
     if (ly->sliding) {
@@ -352,20 +396,8 @@ static int attention_block(const dg_model *m, const dg_layer *ly, run_state *s, 
     } else {
         memcpy(s->v, s->k, (size_t)(n * nkv * d) * sizeof(float));   /* K = V: the raw projection */
     }
-    const int pairs = rope_freqs(m, ly, s->inv_freq);
-    for (int64_t t = 0; t < n; t++) {
-        for (int64_t hd = 0; hd < nh; hd++) {
-            float *q = s->q + (t * nh + hd) * d;
-            rmsnorm(q, q, ly->attn_q_norm.data, d, m->eps);
-            rope(q, s->inv_freq, pos0 + t, (int)d, pairs);
-        }
-        for (int64_t hd = 0; hd < nkv; hd++) {
-            float *k = s->k + (t * nkv + hd) * d, *v = s->v + (t * nkv + hd) * d;
-            rmsnorm(k, k, ly->attn_k_norm.data, d, m->eps);
-            rope(k, s->inv_freq, pos0 + t, (int)d, pairs);
-            rmsnorm(v, v, NULL, d, m->eps);
-        }
-    }
+    token_job j = {m, ly, s, 0.0f, pos0, rope_freqs(m, ly, s->inv_freq)};
+    parallel_for(s->pool, n, qkv_heads, &j);
     if (kv_only) {
         cache_append(write, s->k, s->v, n);
         return DG_OK;
@@ -376,23 +408,9 @@ static int attention_block(const dg_model *m, const dg_layer *ly, run_state *s, 
     attention_layer(s->pool, &a, s->attn_scratch);
     if (write) cache_append(write, s->k, s->v, n);
     if ((rc = matmul(s->pool, s->tmp, s->att, &ly->attn_output, 0, n, err, errlen)) != DG_OK) return rc;
-    for (int64_t t = 0; t < n; t++) {
-        float *o = s->tmp + t * H, *h = s->h + t * H;
-        rmsnorm(o, o, ly->post_attention_norm.data, H, m->eps);
-        for (int64_t i = 0; i < H; i++) h[i] += o[i];
-    }
+    parallel_for(s->pool, n, attention_output, &j);
     return DG_OK;
 }
-
-/* The per-token stages around the matmuls run on the pool too: each token's values come from one thread, in the
- * order of the serial loop, so the bits never depend on the thread count. */
-typedef struct {
-    const dg_model *m;
-    const dg_layer *ly;
-    run_state *s;
-    float scalar;
-    int64_t t0;                  /* moe: the chunk's first token */
-} token_job;
 
 /* r = rms(h) * scale * H^-0.5 */
 static void router_input(void *ctx, int64_t lo, int64_t hi, int thread) {
@@ -424,7 +442,7 @@ static void router_select(void *ctx, int64_t lo, int64_t hi, int thread) {
 /* Router on the raw residual: r = rms(h) * scale * H^-0.5, p = softmax(r . W), top-k, weights renormalised
  * to sum 1 and then multiplied by the per-expert scale. */
 static int route(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
-    token_job j = {m, ly, s, 0.0f, 0};
+    token_job j = {m, ly, s, 0.0f, 0, 0};
     parallel_for(s->pool, s->n, router_input, &j);
     int rc = matmul(s->pool, s->router, s->x, &ly->ffn_gate_inp, 0, s->n, err, errlen);
     if (rc != DG_OK) return rc;
@@ -497,7 +515,7 @@ static int moe(const dg_model *m, const dg_layer *ly, run_state *s, char *err, s
                     }
             off[e + 1] = c;
         }
-        token_job tj = {m, ly, s, 0.0f, t0};
+        token_job tj = {m, ly, s, 0.0f, t0, 0};
         parallel_for(s->pool, off[E], gather_slots, &tj);
         if ((rc = matmul_grouped(s->pool, s->g, s->xs, &ly->ffn_gate_up_exps, off, err, errlen)) != DG_OK)
             return rc;
@@ -534,7 +552,7 @@ static int ffn_block(const dg_model *m, const dg_layer *ly, run_state *s, float 
     if ((rc = gated_mlp(s, s->h1, s->x, &ly->ffn_gate, &ly->ffn_up, &ly->ffn_down, n, err, errlen)) != DG_OK)
         return rc;
     if ((rc = moe(m, ly, s, err, errlen)) != DG_OK) return rc;
-    token_job j = {m, ly, s, scalar, 0};
+    token_job j = {m, ly, s, scalar, 0, 0};
     parallel_for(s->pool, n, ffn_output, &j);
     return DG_OK;
 }
