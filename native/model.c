@@ -345,6 +345,7 @@ typedef struct {
     float scalar;
     int64_t t0;                  /* attention: the pass's first position; moe: the chunk's first token */
     int pairs;                   /* attention: RoPE pairs of the layer */
+    int kv_only;                 /* attention: no queries (the encoder's last layer) */
 } token_job;
 
 /* Per token: q heads rms_w(q, q_norm) then RoPE; k heads the same with k_norm; v heads rms (no weight). */
@@ -355,7 +356,7 @@ static void qkv_heads(void *ctx, int64_t lo, int64_t hi, int thread) {
     const int64_t d = ly->head_dim, nh = j->m->n_heads, nkv = ly->n_kv_heads;
     const float eps = j->m->eps;
     for (int64_t t = lo; t < hi; t++) {
-        for (int64_t hd = 0; hd < nh; hd++) {
+        for (int64_t hd = 0; hd < (j->kv_only ? 0 : nh); hd++) {
             float *q = s->q + (t * nh + hd) * d;
             rmsnorm(q, q, ly->attn_q_norm.data, d, eps);
             rope(q, s->inv_freq, j->t0 + t, (int)d, j->pairs);
@@ -383,20 +384,20 @@ static void attention_output(void *ctx, int64_t lo, int64_t hi, int thread) {
 /* Attention block. x = rms_w(h, attn_norm); q, k = rope(rms_w(proj, norm)); v = rms(v_proj or raw k);
  * scores q.k (scale 1); h += rms_w(o_proj(attn), post_attention_norm).
  * Encoder (cache != NULL): causal (+ window on sliding layers), then appends K/V to the cache; kv_only
- * stops there (the last encoder layer). Decoder: sees the cached keys plus every key of this pass. */
+ * (the last encoder layer) computes only K/V and stops there. Decoder: sees the cached keys plus every key of this pass. */
 static int attention_block(const dg_model *m, const dg_layer *ly, run_state *s, const cache_layer *cl,
                            cache_layer *write, int64_t pos0, int kv_only, char *err, size_t errlen) {
     const int64_t n = s->n, H = m->hidden, d = ly->head_dim, nh = m->n_heads, nkv = ly->n_kv_heads;
     int rc;
     rmsnorm_rows(s->pool, s->x, s->h, ly->attn_norm.data, n, H, m->eps);
-    if ((rc = matmul(s->pool, s->q, s->x, &ly->attn_q, 0, n, err, errlen)) != DG_OK) return rc;
+    if (!kv_only && (rc = matmul(s->pool, s->q, s->x, &ly->attn_q, 0, n, err, errlen)) != DG_OK) return rc;
     if ((rc = matmul(s->pool, s->k, s->x, &ly->attn_k, 0, n, err, errlen)) != DG_OK) return rc;
     if (ly->sliding) {
         if ((rc = matmul(s->pool, s->v, s->x, &ly->attn_v, 0, n, err, errlen)) != DG_OK) return rc;
     } else {
         memcpy(s->v, s->k, (size_t)(n * nkv * d) * sizeof(float));   /* K = V: the raw projection */
     }
-    token_job j = {m, ly, s, 0.0f, pos0, rope_freqs(m, ly, s->inv_freq)};
+    token_job j = {m, ly, s, 0.0f, pos0, rope_freqs(m, ly, s->inv_freq), kv_only};
     parallel_for(s->pool, n, qkv_heads, &j);
     if (kv_only) {
         cache_append(write, s->k, s->v, n);
@@ -442,7 +443,7 @@ static void router_select(void *ctx, int64_t lo, int64_t hi, int thread) {
 /* Router on the raw residual: r = rms(h) * scale * H^-0.5, p = softmax(r . W), top-k, weights renormalised
  * to sum 1 and then multiplied by the per-expert scale. */
 static int route(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
-    token_job j = {m, ly, s, 0.0f, 0, 0};
+    token_job j = {m, ly, s, 0.0f, 0, 0, 0};
     parallel_for(s->pool, s->n, router_input, &j);
     int rc = matmul(s->pool, s->router, s->x, &ly->ffn_gate_inp, 0, s->n, err, errlen);
     if (rc != DG_OK) return rc;
@@ -515,7 +516,7 @@ static int moe(const dg_model *m, const dg_layer *ly, run_state *s, char *err, s
                     }
             off[e + 1] = c;
         }
-        token_job tj = {m, ly, s, 0.0f, t0, 0};
+        token_job tj = {m, ly, s, 0.0f, t0, 0, 0};
         parallel_for(s->pool, off[E], gather_slots, &tj);
         if ((rc = matmul_grouped(s->pool, s->g, s->xs, &ly->ffn_gate_up_exps, off, err, errlen)) != DG_OK)
             return rc;
@@ -552,7 +553,7 @@ static int ffn_block(const dg_model *m, const dg_layer *ly, run_state *s, float 
     if ((rc = gated_mlp(s, s->h1, s->x, &ly->ffn_gate, &ly->ffn_up, &ly->ffn_down, n, err, errlen)) != DG_OK)
         return rc;
     if ((rc = moe(m, ly, s, err, errlen)) != DG_OK) return rc;
-    token_job j = {m, ly, s, scalar, 0, 0};
+    token_job j = {m, ly, s, scalar, 0, 0, 0};
     parallel_for(s->pool, n, ffn_output, &j);
     return DG_OK;
 }
