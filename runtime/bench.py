@@ -57,6 +57,23 @@ def denoise_step(model, prompt, steps: int) -> float:
     return (end - marks[0]) / steps
 
 
+def one_token_bytes(gguf, c) -> int:
+    """Weight bytes a one-token encoder pass reads: one embedding row, every layer's attention, dense FFN and
+    router, top_k of its n_experts experts, and of the last layer only what its K/V need (no FFN, no queries)."""
+    last = c.n_layers - 1
+    kv_only = {"attn_norm.weight", "attn_k.weight", "attn_v.weight", "attn_k_norm.weight"}
+    total = 0
+    for t in gguf.tensors:
+        if t.name == "token_embd.weight":
+            total += t.nbytes // c.vocab_size
+        elif t.name.startswith("blk."):
+            layer, name = t.name[4:].split(".", 1)
+            if int(layer) == last and name not in kv_only:
+                continue
+            total += t.nbytes * c.top_k // c.n_experts if "_exps." in name else t.nbytes
+    return total
+
+
 def step_macs(c, canvas: int, context: int) -> float:
     """Multiply-adds of one decoder step over a canvas after `context` cached tokens (matmuls and attention)."""
     H, F, I, nh = c.hidden_size, c.dense_ff, c.expert_ff, c.n_heads

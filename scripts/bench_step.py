@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dgguf.runtime.bench import best_of, denoise_step, load_note
+from dgguf.runtime.bench import best_of, denoise_step, load_note, one_token_bytes, step_macs
 from synthetic import text_config, write_checkpoint
 
 STEPS = 16
@@ -45,6 +45,7 @@ def main() -> None:
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from dgguf.convert import native
+    from dgguf.convert.gguf_file import read_gguf
     from dgguf.convert.quantize import convert_checkpoint
     from dgguf.runtime import Model
 
@@ -94,12 +95,29 @@ def main() -> None:
             denoise = min(denoise_step(m, prompt, STEPS) for _ in range(a.repeats))
             canvas_encode = best_of(lambda: m.native.new_cache(C).encode(canvas), 1)
             tok_s = C / (STEPS * denoise + canvas_encode)
-            print(f"dgguf {t:>7} {kernel:>15}: decoder step {step:.3f} s, denoise step {denoise:.3f} s, prompt "
-                  f"encode {enc:.3f} s, canvas encode {canvas_encode:.3f} s, {tok_s:.1f} tok/s at {STEPS} steps; "
-                  f"denoise step vs transformers fp32 {ref_times['fp32'] / denoise:.2f}x, bf16 "
-                  f"{ref_times['bf16'] / denoise:.2f}x, fp32 backbone {ref_times['backbone'] / denoise:.2f}x "
-                  f"(>1: dgguf faster)")
+            one = m.native.new_cache(PROMPT_LEN + 1)
+            one.encode(prompt)
+
+            def one_token():
+                one.truncate(PROMPT_LEN)
+                one.encode(prompt[:1])
+            token = best_of(one_token, 4 * a.repeats)
+            weights = one_token_bytes(read_gguf(path), m.config)
+            gops = 2 * step_macs(m.config, C, PROMPT_LEN) / step / 1e9
+            print(f"dgguf {t:>7} {kernel:>15}: decoder step {step:.3f} s ({gops:.0f} GOP/s effective), denoise step "
+                  f"{denoise:.3f} s, prompt encode {enc:.3f} s, canvas encode {canvas_encode:.3f} s, {tok_s:.1f} "
+                  f"tok/s at {STEPS} steps; denoise step vs transformers fp32 {ref_times['fp32'] / denoise:.2f}x, "
+                  f"bf16 {ref_times['bf16'] / denoise:.2f}x, fp32 backbone {ref_times['backbone'] / denoise:.2f}x "
+                  f"(>1: dgguf faster); one-token encode {token * 1e3:.2f} ms, {weights / token / 1e9:.1f} GB/s "
+                  f"of the {weights / 1e6:.1f} MB of weights it reads")
             m.close()
+            if kernel == default and a.threads > 1:
+                m1 = Model.load(path, threads=1)
+                c1 = m1.native.new_cache(PROMPT_LEN + C)
+                c1.encode(prompt)
+                step1 = best_of(lambda: c1.decode(canvas, sc), a.repeats)
+                print(f"    decoder step on 1 thread {step1:.3f} s: {step1 / step:.2f}x speed-up on {a.threads}")
+                m1.close()
     native.set_matmul_kernel(default)
     print(f"after timing: {load_note()}")
 
