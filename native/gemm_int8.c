@@ -279,9 +279,7 @@ static const int32_t LANE_SWAP[3][2][16] = {
     {{0, 8, 1, 9, 2, 10, 3, 11, 16, 24, 17, 25, 18, 26, 19, 27}, {4, 12, 5, 13, 6, 14, 7, 15, 20, 28, 21, 29, 22, 30, 23, 31}},
 };
 
-INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict out, const uint8_t *restrict lev) {
-    __m512i v[8];
-    for (int k = 0; k < 8; k++) v[k] = _mm512_loadu_si512(lev + 64 * k);
+INLINE __attribute__((target("avx512f"))) void lanes_avx512(__m512i v[8]) {
     for (int s = 0; s < 3; s++) {
         const int vb = 1 << s;
         const __m512i i0 = _mm512_loadu_si512(LANE_SWAP[s][0]), i1 = _mm512_loadu_si512(LANE_SWAP[s][1]);
@@ -292,27 +290,184 @@ INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict
                 v[k | vb] = _mm512_permutex2var_epi32(a, i1, b);
             }
     }
+}
+
+INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict out, const uint8_t *restrict lev) {
+    __m512i v[8];
+    for (int k = 0; k < 8; k++) v[k] = _mm512_loadu_si512(lev + 64 * k);
+    lanes_avx512(v);
     for (int j = 0; j < 8; j++) _mm512_storeu_si512(out + 64 * j, v[j]);
+}
+
+/* ---- groups of the preset types straight from the stored bytes -----------------------------------------------
+ * The same levels as levels_*() above, built 64 bytes (two blocks, natural order) per vector with shifts and
+ * masks instead of byte loops, then permuted in registers; the scales and mins are the same float products,
+ * 16 lanes at a time. Q8_0 / Q4_0 take groups of an even number of blocks, the K-quants whole super-blocks;
+ * anything else returns 0 and goes through levels(). */
+#define AVX512_BW __attribute__((target("avx512f,avx512bw")))
+
+/* Bytes lo (low 32) and hi (high 32) of one vector. */
+INLINE AVX512_BW __m512i halves(const void *lo, const void *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+                              _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+
+/* Each 64-bit lane of v shifted right by a (lanes 0-3) or b (lanes 4-7), then masked bytewise. */
+INLINE AVX512_BW __m512i shift_mask(__m512i v, int a, int b, int mask) {
+    return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_set_epi64(b, b, b, b, a, a, a, a)), _mm512_set1_epi8((char)mask));
+}
+
+/* Lanes 0-7 a, lanes 8-15 b: one float per super-block of a group. */
+INLINE AVX512_BW __m512 pair(float a, float b) { return _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b)); }
+
+/* The f16 scales of the first `lanes` of 16 Q8_0 / Q4_0 blocks `stride` bytes apart (the scale first in each), 0
+ * past them: four to a 64-bit word (a gather is slower), then the hardware conversion, exact as dg_f16_to_f32 is. */
+INLINE AVX512_BW __m512 f16_scales(const uint8_t *blocks, int stride, int lanes) {
+    uint64_t h[4] = {0};
+    for (int b = 0; b < lanes; b++) {
+        uint16_t d;
+        memcpy(&d, blocks + b * stride, 2);
+        h[b / 4] |= (uint64_t)d << (16 * (b % 4));
+    }
+    return _mm512_cvtph_ps(_mm256_set_epi64x((long long)h[3], (long long)h[2], (long long)h[1], (long long)h[0]));
+}
+
+/* unpack_scales_k4 for the two super-blocks of a group, 16 lanes (sub-block s = L % 8 of super-block L / 8) from
+ * the 12 scale bytes of each (read as 16: the bytes after them are still in the block). */
+static const int32_t K4_PICK[4][16] = {
+    {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},   /* in[s] or in[s + 4]: low bits of ls */
+    {0, 1, 2, 3, 0, 1, 2, 3, 16, 17, 18, 19, 16, 17, 18, 19},     /* in[s - 4]: top bits of ls (s >= 4) */
+    {4, 5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27},   /* in[s + 4]: low bits of lm */
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},     /* in[s]: top bits of lm (s >= 4) */
+};
+
+INLINE AVX512_BW void scales_k4(const uint8_t *sc0, const uint8_t *sc1, __m512 dd, __m512 dm, __mmask16 lanes,
+                                wgt_group *o) {
+    const __m512i in0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc0));
+    const __m512i in1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc1));
+    __m512i pick[4];
+    for (int i = 0; i < 4; i++) pick[i] = _mm512_permutex2var_epi32(in0, _mm512_loadu_si512(K4_PICK[i]), in1);
+    const __mmask16 high = 0xf0f0;   /* s >= 4 */
+    const __m512i low = _mm512_mask_blend_epi32(high, _mm512_set1_epi32(63), _mm512_set1_epi32(15));
+    const __m512i four = _mm512_maskz_mov_epi32(high, _mm512_set1_epi32(4));
+    const __m512i ls = _mm512_or_si512(_mm512_and_si512(pick[0], low),
+                                       _mm512_maskz_slli_epi32(high, _mm512_srli_epi32(pick[1], 6), 4));
+    const __m512i lm = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(pick[2], four), low),
+                                       _mm512_maskz_slli_epi32(high, _mm512_srli_epi32(pick[3], 6), 4));
+    _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(lanes, dd, _mm512_cvtepi32_ps(ls)));
+    const __m512i wm = _mm512_castps_si512(_mm512_mul_ps(dm, _mm512_cvtepi32_ps(lm)));   /* -(dm * lm) */
+    _mm512_store_ps(o->wa, _mm512_castsi512_ps(_mm512_maskz_xor_epi32(lanes, wm, _mm512_set1_epi32(INT32_MIN))));
+}
+
+static const int32_t EVEN_ODD[2][16] = {
+    {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+    {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31},
+};
+
+INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, __m512i v[8], wgt_group *o) {
+    const __mmask16 in = (__mmask16)((1u << lanes) - 1);
+    for (int k = 0; k < 8; k++) v[k] = _mm512_setzero_si512();   /* missing blocks: level 0, scale 0 */
+    switch (type) {
+    case DG_TYPE_Q8_0: {
+        if (lanes % 2) return 0;
+        const block_q8_0 *x = src;
+        for (int k = 0; k < lanes / 2; k++)
+            v[k] = _mm512_xor_si512(halves(x[2 * k].qs, x[2 * k + 1].qs), _mm512_set1_epi8((char)0x80));
+        _mm512_store_ps(o->sa, f16_scales(src, sizeof *x, lanes));
+        return 1;
+    }
+    case DG_TYPE_Q4_0: {
+        if (lanes % 2) return 0;
+        const block_q4_0 *x = src;
+        for (int k = 0; k < lanes / 2; k++) {
+            /* 16 bytes of each block twice: low nibbles are values 0-15, high nibbles 16-31 */
+            const __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x[2 * k].qs));
+            const __m512i ab = _mm512_mask_broadcast_i32x4(a, 0xff00, _mm_loadu_si128((const __m128i *)x[2 * k + 1].qs));
+            v[k] = _mm512_and_si512(_mm512_srlv_epi64(ab, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)), _mm512_set1_epi8(0x0f));
+        }
+        _mm512_store_ps(o->sa, f16_scales(src, sizeof *x, lanes));
+        return 1;
+    }
+    case DG_TYPE_Q4_K:
+    case DG_TYPE_Q5_K: {
+        if (lanes % 8) return 0;
+        const int five = type == DG_TYPE_Q5_K, last = lanes / 8 - 1;   /* the super-blocks present: 0..last */
+        const block_q4_K *x4 = src;
+        const block_q5_K *x5 = src;
+        for (int b = 0; b <= last; b++) {
+            const uint8_t *qs = five ? x5[b].qs : x4[b].qs;
+            /* sub-blocks 2p and 2p + 1 are the low and high nibbles of the same 32 bytes */
+            for (int p = 0; p < 4; p++) {
+                __m512i lv = shift_mask(halves(qs + 32 * p, qs + 32 * p), 0, 4, 0x0f);
+                if (five) {
+                    const __m512i h = shift_mask(halves(x5[b].qh, x5[b].qh), 2 * p, 2 * p + 1, 1);
+                    lv = _mm512_or_si512(lv, _mm512_slli_epi64(h, 4));
+                }
+                v[4 * b + p] = lv;
+            }
+        }
+        if (five)
+            scales_k4(x5[0].scales, x5[last].scales, pair(dg_f16_to_f32(x5[0].d), dg_f16_to_f32(x5[last].d)),
+                      pair(dg_f16_to_f32(x5[0].dmin), dg_f16_to_f32(x5[last].dmin)), in, o);
+        else
+            scales_k4(x4[0].scales, x4[last].scales, pair(dg_f16_to_f32(x4[0].d), dg_f16_to_f32(x4[last].d)),
+                      pair(dg_f16_to_f32(x4[0].dmin), dg_f16_to_f32(x4[last].dmin)), in, o);
+        return 1;
+    }
+    case DG_TYPE_Q6_K: {
+        if (lanes % 8) return 0;
+        const block_q6_K *x = src;
+        const int last = lanes / 8 - 1;
+        for (int b = 0; b <= last; b++)
+            /* sub-blocks 2m, 2m + 1 (h = m / 2): one nibble of ql[64 h .. 64 h + 63], two bits of qh[32 h ..] */
+            for (int m = 0; m < 4; m++) {
+                const int h = m / 2, k0 = 2 * (m % 2);
+                const __m512i lo = shift_mask(_mm512_loadu_si512(x[b].ql + 64 * h), 4 * (m % 2), 4 * (m % 2), 0x0f);
+                const __m512i hi = shift_mask(halves(x[b].qh + 32 * h, x[b].qh + 32 * h), 2 * k0, 2 * k0 + 2, 3);
+                v[4 * b + m] = _mm512_or_si512(lo, _mm512_slli_epi64(hi, 4));
+            }
+        /* the 16 signed scales of each super-block, read 16 bytes wide; sa takes the even ones, sb the odd */
+        const __m512 s0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x[0].scales)));
+        const __m512 s1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x[last].scales)));
+        const __m512 d = pair(dg_f16_to_f32(x[0].d), dg_f16_to_f32(x[last].d));
+        _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(in, d, _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[0]), s1)));
+        _mm512_store_ps(o->sb, _mm512_maskz_mul_ps(in, d, _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[1]), s1)));
+        return 1;
+    }
+    }
+    return 0;
+}
+
+/* One group of `lanes` blocks into o through the path above; 0 for the types and lane counts it does not take. */
+INLINE AVX512_BW int group_avx512_unpack(const int8_type *t, const void *src, int lanes, wgt_group *o) {
+    __m512i v[8];
+    if (!group_avx512_levels(t->type, src, lanes, v, o)) return 0;
+    lanes_avx512(v);
+    for (int j = 0; j < 8; j++) _mm512_store_si512(o->qs + 64 * j, v[j]);
+    return 1;
 }
 #endif
 
 /* Each instruction set gets its own build of the row functions from the same C (the same integer and float
- * operations, so the same bytes); only the lane permutation has a hand-written AVX-512 form. */
-#define DEFINE_ROW_FNS(SUFFIX, ATTR, TO_LANES)                                                                 \
-    ATTR static void unpack_row_##SUFFIX(const int8_type *t, const void *row, int64_t k, wgt_group *out) {    \
-        const int64_t ng = int8_groups(k), per_group = INT8_GROUP / t->block; /* stored blocks per group */   \
-        for (int64_t g = 0; g < ng; g++) {                                                                      \
-            wgt_group *o = out + g;                                                                             \
-            const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);        \
-            uint8_t lev[INT8_GROUP] __attribute__((aligned(64)));                                               \
-            if (lanes < 16) {                                                                                   \
-                memset(lev, 0, sizeof lev);                                                                     \
-                memset(o, 0, sizeof *o);                                                                        \
-            }                                                                                                   \
-            levels(t, (const uint8_t *)row + g * per_group * t->block_bytes, lanes, lev, o->sa, o->sb, o->wa,  \
-                   o->wb);                                                                                      \
-            TO_LANES(o->qs, lev);                                                                               \
+ * operations, so the same bytes); only the lane permutation and the groups of the preset types (FAST_GROUP)
+ * have hand-written AVX-512 forms. */
+#define DEFINE_ROW_FNS(SUFFIX, ATTR, TO_LANES, FAST_GROUP)                                                    \
+    /* Group g of a stored row of k values. */                                                                 \
+    ATTR static inline void unpack_group_##SUFFIX(const int8_type *t, const void *row, int64_t k, int64_t g,   \
+                                                  wgt_group *o) {                                              \
+        const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);            \
+        const uint8_t *src = (const uint8_t *)row + g * (INT8_GROUP / t->block) * t->block_bytes;              \
+        if (FAST_GROUP(t, src, lanes, o)) return;                                                              \
+        uint8_t lev[INT8_GROUP] __attribute__((aligned(64)));                                                   \
+        if (lanes < 16) {                                                                                       \
+            memset(lev, 0, sizeof lev);                                                                         \
+            memset(o, 0, sizeof *o);                                                                            \
         }                                                                                                       \
+        levels(t, src, lanes, lev, o->sa, o->sb, o->wa, o->wb);                                                 \
+        TO_LANES(o->qs, lev);                                                                                   \
+    }                                                                                                           \
+    ATTR static void unpack_row_##SUFFIX(const int8_type *t, const void *row, int64_t k, wgt_group *out) {    \
+        for (int64_t g = 0; g < int8_groups(k); g++) unpack_group_##SUFFIX(t, row, k, g, out + g);             \
     }                                                                                                           \
     /* One token: per 32 values, dx = max|x| / 127 and qx = round-to-nearest-even(x * (1 / dx)), then the     \
      * integer and float terms of the type's offset and mins. */                                              \
@@ -354,10 +509,13 @@ INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict
         }                                                                                                       \
     }
 
-DEFINE_ROW_FNS(ref, , to_lanes_ref)
+/* The variants without a fast group path. */
+INLINE int levels_only(const int8_type *t, const void *src, int lanes, wgt_group *o) { return 0; }
+
+DEFINE_ROW_FNS(ref, , to_lanes_ref, levels_only)
 #if defined(__x86_64__)
-DEFINE_ROW_FNS(avx2, __attribute__((target("avx2,fma"))), to_lanes_ref)
-DEFINE_ROW_FNS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), to_lanes_avx512)
+DEFINE_ROW_FNS(avx2, __attribute__((target("avx2,fma"))), to_lanes_ref, levels_only)
+DEFINE_ROW_FNS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), to_lanes_avx512, group_avx512_unpack)
 #endif
 
 /* ---- the reference kernel ---------------------------------------------------------------------------------- */
@@ -495,6 +653,64 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
 TILES_AVX512(tiles_avx512_wide, TT)
 TILES_AVX512(tiles_avx512_narrow, 1)
 
+/* Few tokens straight from the stored rows: each group of 4 rows is unpacked into L1 just before its dot products
+ * (no row buffer), and the same group steps as the tiles above run one token at a time. type is a constant: one
+ * of the types group_avx512_levels() takes, or 0 for any type through unpack_group_avx512. */
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void rows_avx512(
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const void *rows, size_t row_bytes, int nr,
+    int64_t k, const int8_type *t, const int type, const int split, const int mins) {
+    const int64_t ng = int8_groups(k), group_bytes = INT8_GROUP / t->block * t->block_bytes;
+    wgt_group w[TR];
+    const wgt_group *wg[TR] = {&w[0], &w[1], &w[2], &w[3]};
+    __m512 acc[TR * TC];
+    for (int r0 = 0; r0 < nr; r0 += TR) {
+        const char *src[TR];
+        for (int r = 0; r < TR; r++)   /* past the end: the last row again, never stored */
+            src[r] = (const char *)rows + (size_t)(r0 + r < nr ? r0 + r : nr - 1) * row_bytes;
+        for (int r = 0; r < TR; r++)
+            for (int i = 0; i < nt; i++) acc[r * TC + i] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);
+            for (int r = 0; r < TR; r++) {
+                __m512i v[8];
+                /* a constant 16 for whole groups keeps v in registers */
+                const char *sg = src[r] + g * group_bytes;
+                if (type && (lanes == 16 ? group_avx512_levels(type, sg, 16, v, &w[r])
+                                         : group_avx512_levels(type, sg, lanes, v, &w[r]))) {
+                    lanes_avx512(v);
+                    for (int j = 0; j < 8; j++) _mm512_store_si512(w[r].qs + 64 * j, v[j]);
+                } else {
+                    unpack_group_avx512(t, src[r], k, g, &w[r]);
+                }
+            }
+            for (int i = 0; i < nt; i++) {
+                const act_group *xg = x + i * ng + g;
+                group_avx512(acc + i, wg, &xg, 1, split, mins);
+            }
+        }
+        for (int i = 0; i < nt; i++)
+            for (int r = 0; r < TR && r0 + r < nr; r++) out[i * ldo + r0 + r] = fold16_avx512(acc[r * TC + i]);
+    }
+}
+
+__attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void int8_rows_avx512vnni(
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const void *rows, size_t row_bytes, int nr,
+    int64_t k, const int8_type *t) {
+#define ROWS(TYPE, SPLIT, MINS) rows_avx512(out, ldo, x, nt, rows, row_bytes, nr, k, t, TYPE, SPLIT, MINS)
+    switch (t->type) {
+    case DG_TYPE_Q8_0: ROWS(DG_TYPE_Q8_0, 0, 0); return;
+    case DG_TYPE_Q4_0: ROWS(DG_TYPE_Q4_0, 0, 0); return;
+    case DG_TYPE_Q4_K: ROWS(DG_TYPE_Q4_K, 0, 1); return;
+    case DG_TYPE_Q5_K: ROWS(DG_TYPE_Q5_K, 0, 1); return;
+    case DG_TYPE_Q6_K: ROWS(DG_TYPE_Q6_K, 1, 0); return;
+    }
+    if (t->split && t->mins) ROWS(0, 1, 1);
+    else if (t->split) ROWS(0, 1, 0);
+    else if (t->mins) ROWS(0, 0, 1);
+    else ROWS(0, 0, 0);
+#undef ROWS
+}
+
 static void int8_tile_avx512vnni(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w,
                                  int nr, int64_t ng, const int8_type *t) {
     (nt < TT ? tiles_avx512_narrow : tiles_avx512_wide)(out, ldo, x, nt, w, nr, ng, t);
@@ -579,8 +795,9 @@ __attribute__((target("avx2,fma"))) static void int8_tile_avx2(
 }
 #endif
 
-const int8_kernel INT8_REFERENCE = {int8_tile_ref, unpack_row_ref, quantize_row_ref};
+const int8_kernel INT8_REFERENCE = {int8_tile_ref, unpack_row_ref, quantize_row_ref, NULL};
 #if defined(__x86_64__)
-const int8_kernel INT8_AVX2 = {int8_tile_avx2, unpack_row_avx2, quantize_row_avx2};
-const int8_kernel INT8_AVX512VNNI = {int8_tile_avx512vnni, unpack_row_avx512, quantize_row_avx512};
+const int8_kernel INT8_AVX2 = {int8_tile_avx2, unpack_row_avx2, quantize_row_avx2, NULL};
+const int8_kernel INT8_AVX512VNNI = {int8_tile_avx512vnni, unpack_row_avx512, quantize_row_avx512,
+                                     int8_rows_avx512vnni};
 #endif
