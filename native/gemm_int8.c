@@ -438,26 +438,17 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
     return 0;
 }
 
-/* One group of `lanes` blocks into o through the path above; 0 for the types and lane counts it does not take. */
-INLINE AVX512_BW int group_avx512_unpack(const int8_type *t, const void *src, int lanes, wgt_group *o) {
-    __m512i v[8];
-    if (!group_avx512_levels(t->type, src, lanes, v, o)) return 0;
-    lanes_avx512(v);
-    for (int j = 0; j < 8; j++) _mm512_store_si512(o->qs + 64 * j, v[j]);
-    return 1;
-}
 #endif
 
 /* Each instruction set gets its own build of the row functions from the same C (the same integer and float
- * operations, so the same bytes); only the lane permutation and the groups of the preset types (FAST_GROUP)
- * have hand-written AVX-512 forms. */
-#define DEFINE_ROW_FNS(SUFFIX, ATTR, TO_LANES, FAST_GROUP)                                                    \
+ * operations, so the same bytes); only the lane permutation has a hand-written AVX-512 form (and the AVX-512 rows
+ * of the preset types their own path, below). */
+#define DEFINE_ROW_FNS(SUFFIX, ATTR, TO_LANES)                                                                 \
     /* Group g of a stored row of k values. */                                                                 \
     ATTR static inline void unpack_group_##SUFFIX(const int8_type *t, const void *row, int64_t k, int64_t g,   \
                                                   wgt_group *o) {                                              \
         const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);            \
         const uint8_t *src = (const uint8_t *)row + g * (INT8_GROUP / t->block) * t->block_bytes;              \
-        if (FAST_GROUP(t, src, lanes, o)) return;                                                              \
         uint8_t lev[INT8_GROUP] __attribute__((aligned(64)));                                                   \
         if (lanes < 16) {                                                                                       \
             memset(lev, 0, sizeof lev);                                                                         \
@@ -465,9 +456,6 @@ INLINE AVX512_BW int group_avx512_unpack(const int8_type *t, const void *src, in
         }                                                                                                       \
         levels(t, src, lanes, lev, o->sa, o->sb, o->wa, o->wb);                                                 \
         TO_LANES(o->qs, lev);                                                                                   \
-    }                                                                                                           \
-    ATTR static void unpack_row_##SUFFIX(const int8_type *t, const void *row, int64_t k, wgt_group *out) {    \
-        for (int64_t g = 0; g < int8_groups(k); g++) unpack_group_##SUFFIX(t, row, k, g, out + g);             \
     }                                                                                                           \
     /* One token: per 32 values, dx = max|x| / 127 and qx = round-to-nearest-even(x * (1 / dx)), then the     \
      * integer and float terms of the type's offset and mins. */                                              \
@@ -509,13 +497,53 @@ INLINE AVX512_BW int group_avx512_unpack(const int8_type *t, const void *src, in
         }                                                                                                       \
     }
 
-/* The variants without a fast group path. */
-INLINE int levels_only(const int8_type *t, const void *src, int lanes, wgt_group *o) { return 0; }
-
-DEFINE_ROW_FNS(ref, , to_lanes_ref, levels_only)
+DEFINE_ROW_FNS(ref, , to_lanes_ref)
 #if defined(__x86_64__)
-DEFINE_ROW_FNS(avx2, __attribute__((target("avx2,fma"))), to_lanes_ref, levels_only)
-DEFINE_ROW_FNS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), to_lanes_avx512, group_avx512_unpack)
+DEFINE_ROW_FNS(avx2, __attribute__((target("avx2,fma"))), to_lanes_ref)
+DEFINE_ROW_FNS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), to_lanes_avx512)
+#endif
+
+static void unpack_row_ref(const int8_type *t, const void *row, int64_t k, wgt_group *out) {
+    for (int64_t g = 0; g < int8_groups(k); g++) unpack_group_ref(t, row, k, g, out + g);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) static void unpack_row_avx2(const int8_type *t, const void *row, int64_t k,
+                                                                 wgt_group *out) {
+    for (int64_t g = 0; g < int8_groups(k); g++) unpack_group_avx2(t, row, k, g, out + g);
+}
+
+/* Group g of a stored row through group_avx512_levels() where it takes the type (a constant; 0 for none) and the
+ * group's length (a constant 16 for whole groups keeps the vectors in registers), else through levels(). */
+INLINE AVX512_BW void group_avx512_row(const int8_type *t, const int type, const void *row, int64_t k, int64_t g,
+                                       wgt_group *o) {
+    const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);
+    const int64_t per_group = type == DG_TYPE_Q8_0 || type == DG_TYPE_Q4_0 ? 16 : type ? 2 : INT8_GROUP / t->block;
+    const uint8_t *src = (const uint8_t *)row + g * per_group * t->block_bytes;   /* no division for known types */
+    __m512i v[8];
+    if (type && (lanes == 16 ? group_avx512_levels(type, src, 16, v, o) : group_avx512_levels(type, src, lanes, v, o))) {
+        lanes_avx512(v);
+        for (int j = 0; j < 8; j++) _mm512_store_si512(o->qs + 64 * j, v[j]);
+    } else {
+        unpack_group_avx512(t, row, k, g, o);
+    }
+}
+
+/* The types group_avx512_levels() takes, with their split and mins flags: X(type, split, mins). */
+#define AVX512_LEVEL_TYPES(X) \
+    X(DG_TYPE_Q8_0, 0, 0) X(DG_TYPE_Q4_0, 0, 0) X(DG_TYPE_Q4_K, 0, 1) X(DG_TYPE_Q5_K, 0, 1) X(DG_TYPE_Q6_K, 1, 0)
+
+INLINE AVX512_BW void unpack_row_typed(const int8_type *t, const int type, const void *row, int64_t k,
+                                       wgt_group *out) {
+    for (int64_t g = 0; g < int8_groups(k); g++) group_avx512_row(t, type, row, k, g, out + g);
+}
+
+AVX512_BW static void unpack_row_avx512(const int8_type *t, const void *row, int64_t k, wgt_group *out) {
+#define UNPACK_CASE(TYPE, SPLIT, MINS) case TYPE: unpack_row_typed(t, TYPE, row, k, out); return;
+    switch (t->type) { AVX512_LEVEL_TYPES(UNPACK_CASE) }
+#undef UNPACK_CASE
+    unpack_row_typed(t, 0, row, k, out);
+}
 #endif
 
 /* ---- the reference kernel ---------------------------------------------------------------------------------- */
@@ -659,7 +687,7 @@ TILES_AVX512(tiles_avx512_narrow, 1)
 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void rows_avx512(
     float *out, int64_t ldo, const act_group *x, int64_t nt, const void *rows, size_t row_bytes, int nr,
     int64_t k, const int8_type *t, const int type, const int split, const int mins) {
-    const int64_t ng = int8_groups(k), group_bytes = INT8_GROUP / t->block * t->block_bytes;
+    const int64_t ng = int8_groups(k);
     wgt_group w[TR];
     const wgt_group *wg[TR] = {&w[0], &w[1], &w[2], &w[3]};
     __m512 acc[TR * TC];
@@ -670,19 +698,7 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
         for (int r = 0; r < TR; r++)
             for (int i = 0; i < nt; i++) acc[r * TC + i] = _mm512_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
-            const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);
-            for (int r = 0; r < TR; r++) {
-                __m512i v[8];
-                /* a constant 16 for whole groups keeps v in registers */
-                const char *sg = src[r] + g * group_bytes;
-                if (type && (lanes == 16 ? group_avx512_levels(type, sg, 16, v, &w[r])
-                                         : group_avx512_levels(type, sg, lanes, v, &w[r]))) {
-                    lanes_avx512(v);
-                    for (int j = 0; j < 8; j++) _mm512_store_si512(w[r].qs + 64 * j, v[j]);
-                } else {
-                    unpack_group_avx512(t, src[r], k, g, &w[r]);
-                }
-            }
+            for (int r = 0; r < TR; r++) group_avx512_row(t, type, src[r], k, g, &w[r]);
             for (int i = 0; i < nt; i++) {
                 const act_group *xg = x + i * ng + g;
                 group_avx512(acc + i, wg, &xg, 1, split, mins);
@@ -697,13 +713,9 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void int
     float *out, int64_t ldo, const act_group *x, int64_t nt, const void *rows, size_t row_bytes, int nr,
     int64_t k, const int8_type *t) {
 #define ROWS(TYPE, SPLIT, MINS) rows_avx512(out, ldo, x, nt, rows, row_bytes, nr, k, t, TYPE, SPLIT, MINS)
-    switch (t->type) {
-    case DG_TYPE_Q8_0: ROWS(DG_TYPE_Q8_0, 0, 0); return;
-    case DG_TYPE_Q4_0: ROWS(DG_TYPE_Q4_0, 0, 0); return;
-    case DG_TYPE_Q4_K: ROWS(DG_TYPE_Q4_K, 0, 1); return;
-    case DG_TYPE_Q5_K: ROWS(DG_TYPE_Q5_K, 0, 1); return;
-    case DG_TYPE_Q6_K: ROWS(DG_TYPE_Q6_K, 1, 0); return;
-    }
+#define ROWS_CASE(TYPE, SPLIT, MINS) case TYPE: ROWS(TYPE, SPLIT, MINS); return;
+    switch (t->type) { AVX512_LEVEL_TYPES(ROWS_CASE) }
+#undef ROWS_CASE
     if (t->split && t->mins) ROWS(0, 1, 1);
     else if (t->split) ROWS(0, 1, 0);
     else if (t->mins) ROWS(0, 0, 1);
