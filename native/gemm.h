@@ -59,7 +59,7 @@ typedef void (*int8_tile_fn)(float *out, int64_t ldo, const act_group *x, int64_
  * k values each: no row buffer. */
 typedef void (*int8_rows_fn)(float *out, int64_t ldo, const act_group *x, int64_t nt, const void *rows,
                              size_t row_bytes, int nr, int64_t k, const int8_type *t);
-enum { INT8_FEW = 4 };
+enum { INT8_FEW = 4 };   /* nt fits one AVX-512 tile of 4 tokens */
 
 /* One instruction set's int8 functions; every one gives the reference's bits. rows may be NULL (unpack, then
  * tile). */
