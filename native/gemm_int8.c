@@ -692,7 +692,7 @@ TILES_AVX512(tiles_avx512_narrow, 1)
  * (no row buffer), and the same group steps as the tiles above run one token at a time. type is a constant: one
  * of the types group_avx512_levels() takes, or 0 for any type through unpack_group_avx512. */
 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void rows_avx512(
-    float *out, int64_t ldo, const act_group *x, int64_t nt, const void *rows, size_t row_bytes, int nr,
+    float *out, int64_t ldo, const act_group *x, const int nt, const void *rows, size_t row_bytes, int nr,
     int64_t k, const int8_type *t, const int type, const int split, const int mins) {
     const int64_t ng = int8_groups(k);
     wgt_group w[TR];
@@ -707,7 +707,7 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
             const act_group *xg[TT];
             for (int i = 0; i < nt; i++) xg[i] = x + i * ng + g;
             for (int r = 0; r < TR; r++) group_avx512_row(t, type, src[r], k, g, &w[r]);
-            group_avx512(acc, wg, xg, (int)nt, split, mins);
+            group_avx512(acc, wg, xg, nt, split, mins);
         }
         for (int i = 0; i < nt; i++)
             for (int r = 0; r < TR && r0 + r < nr; r++) out[i * ldo + r0 + r] = fold16_avx512(acc[r * TT + i]);
@@ -717,7 +717,10 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
 __attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void int8_rows_avx512vnni(
     float *out, int64_t ldo, const act_group *x, int64_t nt, const void *rows, size_t row_bytes, int nr,
     int64_t k, const int8_type *t) {
-#define ROWS(TYPE, SPLIT, MINS) rows_avx512(out, ldo, x, nt, rows, row_bytes, nr, k, t, TYPE, SPLIT, MINS)
+/* one token (a constant, which keeps the integer sums in registers) or a few */
+#define ROWS(TYPE, SPLIT, MINS)                                                                                 \
+    (nt == 1 ? rows_avx512(out, ldo, x, 1, rows, row_bytes, nr, k, t, TYPE, SPLIT, MINS)                         \
+             : rows_avx512(out, ldo, x, (int)nt, rows, row_bytes, nr, k, t, TYPE, SPLIT, MINS))
 #define ROWS_CASE(TYPE, SPLIT, MINS) case TYPE: ROWS(TYPE, SPLIT, MINS); return;
     switch (t->type) { AVX512_LEVEL_TYPES(ROWS_CASE) }
 #undef ROWS_CASE
