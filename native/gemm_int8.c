@@ -314,11 +314,14 @@ INLINE AVX512_BW __m512i halves(const void *lo, const void *hi) {
 
 /* Each 64-bit lane of v shifted right by a (lanes 0-3) or b (lanes 4-7), then masked bytewise. */
 INLINE AVX512_BW __m512i shift_mask(__m512i v, int a, int b, int mask) {
-    return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_set_epi64(b, b, b, b, a, a, a, a)), _mm512_set1_epi8((char)mask));
+    const __m512i shifted = _mm512_srlv_epi64(v, _mm512_set_epi64(b, b, b, b, a, a, a, a));
+    return _mm512_and_si512(shifted, _mm512_set1_epi8((char)mask));
 }
 
 /* Lanes 0-7 a, lanes 8-15 b: one float per super-block of a group. */
-INLINE AVX512_BW __m512 pair(float a, float b) { return _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b)); }
+INLINE AVX512_BW __m512 pair(float a, float b) {
+    return _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
+}
 
 /* The f16 scales of the first `lanes` of 16 Q8_0 / Q4_0 blocks `stride` bytes apart (the scale first in each), 0
  * past them: four to a 64-bit word (a gather is slower), then the hardware conversion, exact as dg_f16_to_f32 is. */
@@ -382,8 +385,10 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
         for (int k = 0; k < lanes / 2; k++) {
             /* 16 bytes of each block twice: low nibbles are values 0-15, high nibbles 16-31 */
             const __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x[2 * k].qs));
-            const __m512i ab = _mm512_mask_broadcast_i32x4(a, 0xff00, _mm_loadu_si128((const __m128i *)x[2 * k + 1].qs));
-            v[k] = _mm512_and_si512(_mm512_srlv_epi64(ab, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)), _mm512_set1_epi8(0x0f));
+            const __m128i b = _mm_loadu_si128((const __m128i *)x[2 * k + 1].qs);
+            const __m512i ab = _mm512_mask_broadcast_i32x4(a, 0xff00, b);
+            v[k] = _mm512_and_si512(_mm512_srlv_epi64(ab, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)),
+                                    _mm512_set1_epi8(0x0f));
         }
         _mm512_store_ps(o->sa, f16_scales(src, sizeof *x, lanes));
         return 1;
@@ -430,8 +435,10 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
         const __m512 s0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x[0].scales)));
         const __m512 s1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x[last].scales)));
         const __m512 d = pair(dg_f16_to_f32(x[0].d), dg_f16_to_f32(x[last].d));
-        _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(in, d, _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[0]), s1)));
-        _mm512_store_ps(o->sb, _mm512_maskz_mul_ps(in, d, _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[1]), s1)));
+        const __m512 even = _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[0]), s1);
+        const __m512 odd = _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[1]), s1);
+        _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(in, d, even));
+        _mm512_store_ps(o->sb, _mm512_maskz_mul_ps(in, d, odd));
         return 1;
     }
     }
@@ -674,22 +681,18 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
     }
 }
 
-/* One build per tile width and type shape; the narrow one (one token at a time) serves passes of fewer tokens
- * than a tile, such as one-token encoding, without computing padded tokens. */
-#define TILES_AVX512(NAME, TT_)                                                                                   \
-    __attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void NAME(                        \
-        float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng, \
-        const int8_type *t) {                                                                                   \
-        if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 1, 1);                           \
-        else if (t->split) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 1, 0);                                 \
-        else if (t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 0, 1);                                  \
-        else tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 0, 0);                                               \
-    }
-TILES_AVX512(tiles_avx512_wide, TT)
-TILES_AVX512(tiles_avx512_narrow, 1)
+/* One build per type shape. Fewer tokens than a tile are padded (matmul sends them to the rows path below). */
+__attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void int8_tile_avx512vnni(
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
+    const int8_type *t) {
+    if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 1, 1);
+    else if (t->split) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 1, 0);
+    else if (t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 0, 1);
+    else tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 0, 0);
+}
 
 /* Few tokens straight from the stored rows: each group of 4 rows is unpacked into L1 just before its dot products
- * (no row buffer), and the same group steps as the tiles above run one token at a time. type is a constant: one
+ * (no row buffer), and the same group steps as the tiles above run on its 1-3 tokens. type is a constant: one
  * of the types group_avx512_levels() takes, or 0 for any type through unpack_group_avx512. */
 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void rows_avx512(
     float *out, int64_t ldo, const act_group *x, const int nt, const void *rows, size_t row_bytes, int nr,
@@ -729,11 +732,6 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void int
     else if (t->mins) ROWS(0, 0, 1);
     else ROWS(0, 0, 0);
 #undef ROWS
-}
-
-static void int8_tile_avx512vnni(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w,
-                                 int nr, int64_t ng, const int8_type *t) {
-    (nt < TT ? tiles_avx512_narrow : tiles_avx512_wide)(out, ldo, x, nt, w, nr, ng, t);
 }
 
 /* ---- AVX2: 2 rows x 2 tokens, a group as two 8-lane halves (lanes 0-7, 8-15) ---------------------------------
