@@ -261,6 +261,27 @@ int64_t int8_groups(int64_t k) { return (k + INT8_GROUP - 1) / INT8_GROUP; }
 
 /* ---- unpacking weights and quantizing activations --------------------------------------------------------- */
 
+/* One block of 32 activations: dx = max|x| / 127 and qx = round-to-nearest-even(x * (1 / dx)), with the sums of
+ * qx over its two halves. */
+INLINE void quant_block_ref(const float *xb, int8_t *restrict q, float *dx, int32_t *lo, int32_t *hi) {
+    float amax = 0.0f, nonfinite = 0.0f;   /* x * 0 is NaN for inf and NaN, +-0 otherwise */
+    for (int i = 0; i < 32; i++) {
+        const float a = fabsf(xb[i]);
+        amax = a > amax ? a : amax;
+        nonfinite += xb[i] * 0.0f;
+    }
+    /* a non-finite value makes the block's scale NaN, and so every output of the token */
+    const float d = amax / 127.0f + nonfinite, id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < 32; i++) {
+        const float r = nearbyintf(xb[i] * id);
+        q[i] = (int8_t)(fabsf(r) <= 127.0f ? r : 0.0f);   /* NaN: 0, a defined cast */
+    }
+    *lo = *hi = 0;
+    for (int i = 0; i < 16; i++) *lo += q[i];
+    for (int i = 16; i < 32; i++) *hi += q[i];
+    *dx = d;
+}
+
 /* Natural order (block L at byte 32 L) to lane-per-block order (dword j of block L at dword 16 j + L). */
 INLINE void to_lanes_ref(uint8_t *restrict out, const uint8_t *restrict lev) {
     for (int j = 0; j < 8; j++)
@@ -297,6 +318,31 @@ INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict
     for (int k = 0; k < 8; k++) v[k] = _mm512_loadu_si512(lev + 64 * k);
     lanes_avx512(v);
     for (int j = 0; j < 8; j++) _mm512_storeu_si512(out + 64 * j, v[j]);
+}
+
+/* quant_block_ref with two vectors: the same products, maximum, division and rounding (in the current rounding
+ * mode, as nearbyintf), so the same bytes; a block holding inf or NaN goes through quant_block_ref. */
+INLINE __attribute__((target("avx512f,avx512bw"))) void quant_block_avx512(const float *xb, int8_t *restrict q,
+                                                                          float *dx, int32_t *lo, int32_t *hi) {
+    const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16), zero = _mm512_setzero_ps();
+    const __m512 za = _mm512_mul_ps(a, zero), zb = _mm512_mul_ps(b, zero);
+    if (_mm512_cmp_ps_mask(za, za, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(zb, zb, _CMP_UNORD_Q)) {
+        quant_block_ref(xb, q, dx, lo, hi);
+        return;
+    }
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;   /* + nonfinite: + 0 */
+    __m512i qi[2];
+    for (int h = 0; h < 2; h++) {
+        const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(h ? b : a, _mm512_set1_ps(id)),
+                                              _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+        const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_abs_ps(r), _mm512_set1_ps(127.0f), _CMP_LE_OQ);
+        qi[h] = _mm512_maskz_cvtps_epi32(keep, r);
+        _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(qi[h]));
+    }
+    *lo = _mm512_reduce_add_epi32(qi[0]);
+    *hi = _mm512_reduce_add_epi32(qi[1]);
+    *dx = d;
 }
 
 /* ---- groups of the preset types straight from the stored bytes -----------------------------------------------
@@ -450,7 +496,7 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
 /* Each instruction set gets its own build of the row functions from the same C (the same integer and float
  * operations, so the same bytes); only the lane permutation has a hand-written AVX-512 form (and the AVX-512 rows
  * of the preset types their own path, below). */
-#define DEFINE_ROW_FNS(SUFFIX, ATTR, TO_LANES)                                                                 \
+#define DEFINE_ROW_FNS(SUFFIX, ATTR, TO_LANES, QUANT_BLOCK)                                                    \
     /* Group g of a stored row of k values. */                                                                 \
     ATTR static inline void unpack_group_##SUFFIX(const int8_type *t, const void *row, int64_t k, int64_t g,   \
                                                   wgt_group *o) {                                              \
@@ -464,8 +510,8 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
         levels(t, src, lanes, lev, o->sa, o->sb, o->wa, o->wb);                                                 \
         TO_LANES(o->qs, lev);                                                                                   \
     }                                                                                                           \
-    /* One token: per 32 values, dx = max|x| / 127 and qx = round-to-nearest-even(x * (1 / dx)), then the     \
-     * integer and float terms of the type's offset and mins. */                                              \
+    /* One token: each block through QUANT_BLOCK, then the integer and float terms of the type's offset and    \
+     * mins. */                                                                                                 \
     ATTR static void quantize_row_##SUFFIX(const int8_type *t, const float *x, int64_t k, act_group *out) {   \
         const int64_t ng = int8_groups(k);                                                                      \
         for (int64_t g = 0; g < ng; g++) {                                                                      \
@@ -477,22 +523,9 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
                 memset(q + 32 * lanes, 0, (size_t)(16 - lanes) * 32);                                           \
             }                                                                                                   \
             for (int l = 0; l < lanes; l++) {                                                                   \
-                const float *xb = x + g * INT8_GROUP + 32 * l;                                                  \
-                float amax = 0.0f, nonfinite = 0.0f; /* x * 0 is NaN for inf and NaN, +-0 otherwise */           \
-                for (int i = 0; i < 32; i++) {                                                                  \
-                    const float a = fabsf(xb[i]);                                                               \
-                    amax = a > amax ? a : amax;                                                                 \
-                    nonfinite += xb[i] * 0.0f;                                                                  \
-                }                                                                                               \
-                /* a non-finite value makes the block's scale NaN, and so every output of the token */        \
-                const float d = amax / 127.0f + nonfinite, id = d != 0.0f ? 1.0f / d : 0.0f;                    \
-                int32_t lo = 0, hi = 0;                                                                         \
-                for (int i = 0; i < 32; i++) {                                                                  \
-                    const float r = nearbyintf(xb[i] * id);                                                     \
-                    q[32 * l + i] = (int8_t)(fabsf(r) <= 127.0f ? r : 0.0f); /* NaN: 0, a defined cast */      \
-                }                                                                                               \
-                for (int i = 0; i < 16; i++) lo += q[32 * l + i];                                               \
-                for (int i = 16; i < 32; i++) hi += q[32 * l + i];                                              \
+                float d;                                                                                        \
+                int32_t lo, hi;                                                                                 \
+                QUANT_BLOCK(x + g * INT8_GROUP + 32 * l, q + 32 * l, &d, &lo, &hi);                             \
                 const int32_t first = t->split ? lo : lo + hi;                                                  \
                 o->d[l] = d;                                                                                    \
                 o->ia[l] = -t->zero * first;                                                                    \
@@ -504,10 +537,10 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
         }                                                                                                       \
     }
 
-DEFINE_ROW_FNS(ref, , to_lanes_ref)
+DEFINE_ROW_FNS(ref, , to_lanes_ref, quant_block_ref)
 #if defined(__x86_64__)
-DEFINE_ROW_FNS(avx2, __attribute__((target("avx2,fma"))), to_lanes_ref)
-DEFINE_ROW_FNS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), to_lanes_avx512)
+DEFINE_ROW_FNS(avx2, __attribute__((target("avx2,fma"))), to_lanes_ref, quant_block_ref)
+DEFINE_ROW_FNS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), to_lanes_avx512, quant_block_avx512)
 #endif
 
 static void unpack_row_ref(const int8_type *t, const void *row, int64_t k, wgt_group *out) {
