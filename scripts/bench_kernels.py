@@ -12,9 +12,9 @@ GEMM (BLAS) on the same shape with the weights already in float32, GB/s of store
 cores of AMD Zen 4, ~940 GOP/s int8 VNNI and ~235 GFLOP/s FP32 FMA, measured on a quiet machine, so foreign load
 lowers the fractions, not the ratios). Best of N; prints the load average.
 
---baseline DIR times the int8 kernel of the dgguf installed in DIR (pip install --target DIR <checkout>) and of
-this one, alternately, in child processes of this run, --rounds times each, and prints both (best of all) and
-their ratio.
+--baseline DIR times the int8 kernel of the dgguf installed in DIR (pip install --target DIR <checkout>) against
+this one's: two child processes of this run, asked in turn for each type and column count (--rounds times, best
+of all), so a change in foreign load hits both; prints both and their ratio.
 """
 from __future__ import annotations
 
@@ -34,49 +34,54 @@ TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
-def int8_seconds(a) -> None:
-    """One JSON line per quantized type and column count: the int8 kernel's best time (the --json child)."""
+def serve(a) -> None:
+    """The --serve child: for each line "TYPE COLS" on stdin, the int8 kernel's best time and the weight's bytes."""
     native.set_matmul_kernel([k for k in native.matmul_kernels() if k.startswith("int8")][-1])
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((a.rows, a.k)).astype(np.float32)
-    for name in (n for n in a.types.split(",") if n not in FLOAT_TYPES):
+    w = np.random.default_rng(0).standard_normal((a.rows, a.k)).astype(np.float32)
+    raw = {}
+    for line in sys.stdin:
+        name, cols = line.split()
         t = TENSOR_TYPES[name]
-        raw = native.quantize_rows(w, t.ggml)
-        for cols in (int(c) for c in a.columns.split(",")):
-            x = rng.standard_normal((cols, a.k)).astype(np.float32)
-            s = best_of(lambda: native.matmul(raw, t.ggml, (a.rows, a.k), x, a.threads), a.repeats)
-            print(json.dumps({"type": name, "cols": cols, "s": s, "bytes": raw.nbytes}), flush=True)
+        raw.setdefault(name, native.quantize_rows(w, t.ggml))
+        x = np.random.default_rng(1).standard_normal((int(cols), a.k)).astype(np.float32)
+        s = best_of(lambda: native.matmul(raw[name], t.ggml, (a.rows, a.k), x, a.threads), a.repeats)
+        print(json.dumps({"s": s, "bytes": raw[name].nbytes}), flush=True)
 
 
 def ab(a) -> None:
-    """The int8 kernel of --baseline against this checkout's, alternately in child processes."""
-    args = [sys.executable, __file__, "--json"] + [f"--{k}={v}" for k, v in
-                                                   (("threads", a.threads), ("rows", a.rows), ("k", a.k),
-                                                    ("columns", a.columns), ("types", a.types),
-                                                    ("repeats", a.repeats))]
-    best: dict[tuple, float] = {}
-    size: dict[str, int] = {}
-    for _ in range(a.rounds):
-        for side, path in (("base", a.baseline), ("this", None)):
-            env = dict(os.environ)
-            if path:
-                env["PYTHONPATH"] = os.path.abspath(path)
-            out = subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
-            for line in out.splitlines():
-                r = json.loads(line)
-                key = (r["type"], r["cols"], side)
-                best[key] = min(best.get(key, float("inf")), r["s"])
-                size[r["type"]] = r["bytes"]
+    """The int8 kernel of --baseline against this checkout's: one child process each, asked in turn for every
+    type and column count (--rounds times), so both see the same load."""
+    args = [sys.executable, os.path.abspath(__file__), "--serve", f"--threads={a.threads}", f"--rows={a.rows}",
+            f"--k={a.k}", f"--repeats={a.repeats}"]
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(a.baseline))
+    children = {"base": subprocess.Popen(args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True),
+                "this": subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)}
+
+    def ask(side: str, name: str, cols: int) -> dict:
+        children[side].stdin.write(f"{name} {cols}\n")
+        children[side].stdin.flush()
+        return json.loads(children[side].stdout.readline())
+
     print(f"int8 kernel, this checkout against {a.baseline}; threads {a.threads}; {a.rows}x{a.k}; "
           f"best of {a.rounds} x {a.repeats}")
     print(f"{'type':>5} {'cols':>5} {'base GOP/s':>11} {'this GOP/s':>11} {'this/base':>10} {'base GB/s':>10} "
           f"{'this GB/s':>10} {'of INT8 peak':>13}")
-    for name in (n for n in a.types.split(",") if n not in FLOAT_TYPES):
-        for cols in (int(c) for c in a.columns.split(",")):
-            ops = 2 * a.rows * a.k * cols / 1e9
-            b, t = best[(name, cols, "base")], best[(name, cols, "this")]
-            print(f"{name:>5} {cols:>5} {ops / b:>11.1f} {ops / t:>11.1f} {b / t:>10.2f} {size[name] / b / 1e9:>10.1f} "
-                  f"{size[name] / t / 1e9:>10.1f} {ops / t / a.int8_peak:>13.3f}", flush=True)
+    try:
+        for name in (n for n in a.types.split(",") if n not in FLOAT_TYPES):
+            for cols in (int(c) for c in a.columns.split(",")):
+                best = {"base": float("inf"), "this": float("inf")}
+                for _ in range(a.rounds):
+                    for side in best:
+                        r = ask(side, name, cols)
+                        best[side] = min(best[side], r["s"])
+                ops, b, t = 2 * a.rows * a.k * cols / 1e9, best["base"], best["this"]
+                print(f"{name:>5} {cols:>5} {ops / b:>11.1f} {ops / t:>11.1f} {b / t:>10.2f} "
+                      f"{r['bytes'] / b / 1e9:>10.1f} {r['bytes'] / t / 1e9:>10.1f} {ops / t / a.int8_peak:>13.3f}",
+                      flush=True)
+    finally:
+        for c in children.values():
+            c.stdin.close()
+            c.wait()
 
 
 def main() -> None:
@@ -91,10 +96,10 @@ def main() -> None:
     ap.add_argument("--fp32-peak", type=float, default=235.0, help="GFLOP/s (default: 2 Zen 4 cores)")
     ap.add_argument("--baseline", help="a directory holding another dgguf build to A/B the int8 kernel against")
     ap.add_argument("--rounds", type=int, default=3, help="alternations of baseline and this build")
-    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.json:
-        return int8_seconds(a)
+    if a.serve:
+        return serve(a)
     print(f"{load_note()}")
     if a.baseline:
         ab(a)
