@@ -63,11 +63,19 @@ typedef void (*int8_quantize_fn)(const int8_type *t, const float *x, int64_t k, 
 typedef void (*int8_tile_fn)(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w,
                              int nr, int64_t ng, const int8_type *t);
 
-/* One instruction set's int8 functions; every one gives the reference's bits. */
+/* The tile's results for nt < INT8_FEW tokens straight from nr (<= INT8_ROWS) stored rows, row_bytes apart, of
+ * k values each: no row buffer. */
+typedef void (*int8_rows_fn)(float *out, int64_t ldo, const act_group *x, int64_t nt, const void *rows,
+                             size_t row_bytes, int nr, int64_t k, const int8_type *t);
+enum { INT8_FEW = 4 };   /* nt fits one AVX-512 tile of 4 tokens */
+
+/* One instruction set's int8 functions; every one gives the reference's bits. rows may be NULL (unpack, then
+ * tile). */
 typedef struct {
     int8_tile_fn tile;
     int8_unpack_fn unpack;
     int8_quantize_fn quantize;
+    int8_rows_fn rows;
 } int8_kernel;
 
 extern const int8_kernel INT8_REFERENCE;

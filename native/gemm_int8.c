@@ -261,6 +261,27 @@ int64_t int8_groups(int64_t k) { return (k + INT8_GROUP - 1) / INT8_GROUP; }
 
 /* ---- unpacking weights and quantizing activations --------------------------------------------------------- */
 
+/* One block of 32 activations: dx = max|x| / 127 and qx = round-to-nearest-even(x * (1 / dx)), with the sums of
+ * qx over its two halves. */
+INLINE void quant_block_ref(const float *xb, int8_t *restrict q, float *dx, int32_t *lo, int32_t *hi) {
+    float amax = 0.0f, nonfinite = 0.0f;   /* x * 0 is NaN for inf and NaN, +-0 otherwise */
+    for (int i = 0; i < 32; i++) {
+        const float a = fabsf(xb[i]);
+        amax = a > amax ? a : amax;
+        nonfinite += xb[i] * 0.0f;
+    }
+    /* a non-finite value makes the block's scale NaN, and so every output of the token */
+    const float d = amax / 127.0f + nonfinite, id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < 32; i++) {
+        const float r = nearbyintf(xb[i] * id);
+        q[i] = (int8_t)(fabsf(r) <= 127.0f ? r : 0.0f);   /* NaN: 0, a defined cast */
+    }
+    *lo = *hi = 0;
+    for (int i = 0; i < 16; i++) *lo += q[i];
+    for (int i = 16; i < 32; i++) *hi += q[i];
+    *dx = d;
+}
+
 /* Natural order (block L at byte 32 L) to lane-per-block order (dword j of block L at dword 16 j + L). */
 INLINE void to_lanes_ref(uint8_t *restrict out, const uint8_t *restrict lev) {
     for (int j = 0; j < 8; j++)
@@ -279,9 +300,7 @@ static const int32_t LANE_SWAP[3][2][16] = {
     {{0, 8, 1, 9, 2, 10, 3, 11, 16, 24, 17, 25, 18, 26, 19, 27}, {4, 12, 5, 13, 6, 14, 7, 15, 20, 28, 21, 29, 22, 30, 23, 31}},
 };
 
-INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict out, const uint8_t *restrict lev) {
-    __m512i v[8];
-    for (int k = 0; k < 8; k++) v[k] = _mm512_loadu_si512(lev + 64 * k);
+INLINE __attribute__((target("avx512f"))) void lanes_avx512(__m512i v[8]) {
     for (int s = 0; s < 3; s++) {
         const int vb = 1 << s;
         const __m512i i0 = _mm512_loadu_si512(LANE_SWAP[s][0]), i1 = _mm512_loadu_si512(LANE_SWAP[s][1]);
@@ -292,30 +311,207 @@ INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict
                 v[k | vb] = _mm512_permutex2var_epi32(a, i1, b);
             }
     }
+}
+
+INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict out, const uint8_t *restrict lev) {
+    __m512i v[8];
+    for (int k = 0; k < 8; k++) v[k] = _mm512_loadu_si512(lev + 64 * k);
+    lanes_avx512(v);
     for (int j = 0; j < 8; j++) _mm512_storeu_si512(out + 64 * j, v[j]);
 }
+
+/* quant_block_ref with two vectors: the same products, maximum, division and rounding (in the current rounding
+ * mode, as nearbyintf), so the same bytes; a block holding inf or NaN goes through quant_block_ref. */
+INLINE __attribute__((target("avx512f,avx512bw"))) void quant_block_avx512(const float *xb, int8_t *restrict q,
+                                                                          float *dx, int32_t *lo, int32_t *hi) {
+    const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16), zero = _mm512_setzero_ps();
+    const __m512 za = _mm512_mul_ps(a, zero), zb = _mm512_mul_ps(b, zero);
+    if (_mm512_cmp_ps_mask(za, za, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(zb, zb, _CMP_UNORD_Q)) {
+        quant_block_ref(xb, q, dx, lo, hi);
+        return;
+    }
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;   /* + nonfinite: + 0 */
+    __m512i qi[2];
+    for (int h = 0; h < 2; h++) {
+        const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(h ? b : a, _mm512_set1_ps(id)),
+                                              _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+        const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_abs_ps(r), _mm512_set1_ps(127.0f), _CMP_LE_OQ);
+        qi[h] = _mm512_maskz_cvtps_epi32(keep, r);
+        _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(qi[h]));
+    }
+    *lo = _mm512_reduce_add_epi32(qi[0]);
+    *hi = _mm512_reduce_add_epi32(qi[1]);
+    *dx = d;
+}
+
+/* ---- groups of the preset types straight from the stored bytes -----------------------------------------------
+ * The same levels as levels_*() above, built 64 bytes (two blocks, natural order) per vector with shifts and
+ * masks instead of byte loops, then permuted in registers; the scales and mins are the same float products,
+ * 16 lanes at a time. Q8_0 / Q4_0 take groups of an even number of blocks, the K-quants whole super-blocks;
+ * anything else returns 0 and goes through levels(). */
+#define AVX512_BW __attribute__((target("avx512f,avx512bw")))
+
+/* Bytes lo (low 32) and hi (high 32) of one vector. */
+INLINE AVX512_BW __m512i halves(const void *lo, const void *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+                              _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+
+/* Each 64-bit lane of v shifted right by a (lanes 0-3) or b (lanes 4-7), then masked bytewise. */
+INLINE AVX512_BW __m512i shift_mask(__m512i v, int a, int b, int mask) {
+    const __m512i shifted = _mm512_srlv_epi64(v, _mm512_set_epi64(b, b, b, b, a, a, a, a));
+    return _mm512_and_si512(shifted, _mm512_set1_epi8((char)mask));
+}
+
+/* Lanes 0-7 a, lanes 8-15 b: one float per super-block of a group. */
+INLINE AVX512_BW __m512 pair(float a, float b) {
+    return _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
+}
+
+/* The f16 scales of the first `lanes` of 16 Q8_0 / Q4_0 blocks `stride` bytes apart (the scale first in each), 0
+ * past them: four to a 64-bit word (a gather is slower), then the hardware conversion, exact as dg_f16_to_f32 is. */
+INLINE AVX512_BW __m512 f16_scales(const uint8_t *blocks, int stride, int lanes) {
+    uint64_t h[4] = {0};
+    for (int b = 0; b < lanes; b++) {
+        uint16_t d;
+        memcpy(&d, blocks + b * stride, 2);
+        h[b / 4] |= (uint64_t)d << (16 * (b % 4));
+    }
+    return _mm512_cvtph_ps(_mm256_set_epi64x((long long)h[3], (long long)h[2], (long long)h[1], (long long)h[0]));
+}
+
+/* unpack_scales_k4 for the two super-blocks of a group, 16 lanes (sub-block s = L % 8 of super-block L / 8) from
+ * the 12 scale bytes of each (read as 16: the bytes after them are still in the block). */
+static const int32_t K4_PICK[4][16] = {
+    {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},   /* in[s] or in[s + 4]: low bits of ls */
+    {0, 1, 2, 3, 0, 1, 2, 3, 16, 17, 18, 19, 16, 17, 18, 19},     /* in[s - 4]: top bits of ls (s >= 4) */
+    {4, 5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27},   /* in[s + 4]: low bits of lm */
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},     /* in[s]: top bits of lm (s >= 4) */
+};
+
+INLINE AVX512_BW void scales_k4(const uint8_t *sc0, const uint8_t *sc1, __m512 dd, __m512 dm, __mmask16 lanes,
+                                wgt_group *o) {
+    const __m512i in0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc0));
+    const __m512i in1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc1));
+    __m512i pick[4];
+    for (int i = 0; i < 4; i++) pick[i] = _mm512_permutex2var_epi32(in0, _mm512_loadu_si512(K4_PICK[i]), in1);
+    const __mmask16 high = 0xf0f0;   /* s >= 4 */
+    const __m512i low = _mm512_mask_blend_epi32(high, _mm512_set1_epi32(63), _mm512_set1_epi32(15));
+    const __m512i four = _mm512_maskz_mov_epi32(high, _mm512_set1_epi32(4));
+    const __m512i ls = _mm512_or_si512(_mm512_and_si512(pick[0], low),
+                                       _mm512_maskz_slli_epi32(high, _mm512_srli_epi32(pick[1], 6), 4));
+    const __m512i lm = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(pick[2], four), low),
+                                       _mm512_maskz_slli_epi32(high, _mm512_srli_epi32(pick[3], 6), 4));
+    _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(lanes, dd, _mm512_cvtepi32_ps(ls)));
+    const __m512i wm = _mm512_castps_si512(_mm512_mul_ps(dm, _mm512_cvtepi32_ps(lm)));   /* -(dm * lm) */
+    _mm512_store_ps(o->wa, _mm512_castsi512_ps(_mm512_maskz_xor_epi32(lanes, wm, _mm512_set1_epi32(INT32_MIN))));
+}
+
+static const int32_t EVEN_ODD[2][16] = {
+    {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+    {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31},
+};
+
+INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, __m512i v[8], wgt_group *o) {
+    const __mmask16 in = (__mmask16)((1u << lanes) - 1);
+    for (int k = 0; k < 8; k++) v[k] = _mm512_setzero_si512();   /* missing blocks: level 0, scale 0 */
+    switch (type) {
+    case DG_TYPE_Q8_0: {
+        if (lanes % 2) return 0;
+        const block_q8_0 *x = src;
+        for (int k = 0; k < lanes / 2; k++)
+            v[k] = _mm512_xor_si512(halves(x[2 * k].qs, x[2 * k + 1].qs), _mm512_set1_epi8((char)0x80));
+        _mm512_store_ps(o->sa, f16_scales(src, sizeof *x, lanes));
+        return 1;
+    }
+    case DG_TYPE_Q4_0: {
+        if (lanes % 2) return 0;
+        const block_q4_0 *x = src;
+        for (int k = 0; k < lanes / 2; k++) {
+            /* 16 bytes of each block twice: low nibbles are values 0-15, high nibbles 16-31 */
+            const __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x[2 * k].qs));
+            const __m128i b = _mm_loadu_si128((const __m128i *)x[2 * k + 1].qs);
+            const __m512i ab = _mm512_mask_broadcast_i32x4(a, 0xff00, b);
+            v[k] = _mm512_and_si512(_mm512_srlv_epi64(ab, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)),
+                                    _mm512_set1_epi8(0x0f));
+        }
+        _mm512_store_ps(o->sa, f16_scales(src, sizeof *x, lanes));
+        return 1;
+    }
+    case DG_TYPE_Q4_K:
+    case DG_TYPE_Q5_K: {
+        if (lanes % 8) return 0;
+        const int five = type == DG_TYPE_Q5_K, last = lanes / 8 - 1;   /* the super-blocks present: 0..last */
+        const block_q4_K *x4 = src;
+        const block_q5_K *x5 = src;
+        for (int b = 0; b <= last; b++) {
+            const uint8_t *qs = five ? x5[b].qs : x4[b].qs;
+            /* sub-blocks 2p and 2p + 1 are the low and high nibbles of the same 32 bytes */
+            for (int p = 0; p < 4; p++) {
+                __m512i lv = shift_mask(halves(qs + 32 * p, qs + 32 * p), 0, 4, 0x0f);
+                if (five) {
+                    const __m512i h = shift_mask(halves(x5[b].qh, x5[b].qh), 2 * p, 2 * p + 1, 1);
+                    lv = _mm512_or_si512(lv, _mm512_slli_epi64(h, 4));
+                }
+                v[4 * b + p] = lv;
+            }
+        }
+        if (five)
+            scales_k4(x5[0].scales, x5[last].scales, pair(dg_f16_to_f32(x5[0].d), dg_f16_to_f32(x5[last].d)),
+                      pair(dg_f16_to_f32(x5[0].dmin), dg_f16_to_f32(x5[last].dmin)), in, o);
+        else
+            scales_k4(x4[0].scales, x4[last].scales, pair(dg_f16_to_f32(x4[0].d), dg_f16_to_f32(x4[last].d)),
+                      pair(dg_f16_to_f32(x4[0].dmin), dg_f16_to_f32(x4[last].dmin)), in, o);
+        return 1;
+    }
+    case DG_TYPE_Q6_K: {
+        if (lanes % 8) return 0;
+        const block_q6_K *x = src;
+        const int last = lanes / 8 - 1;
+        for (int b = 0; b <= last; b++)
+            /* sub-blocks 2m, 2m + 1 (h = m / 2): one nibble of ql[64 h .. 64 h + 63], two bits of qh[32 h ..] */
+            for (int m = 0; m < 4; m++) {
+                const int h = m / 2, k0 = 2 * (m % 2);
+                const __m512i lo = shift_mask(_mm512_loadu_si512(x[b].ql + 64 * h), 4 * (m % 2), 4 * (m % 2), 0x0f);
+                const __m512i hi = shift_mask(halves(x[b].qh + 32 * h, x[b].qh + 32 * h), 2 * k0, 2 * k0 + 2, 3);
+                v[4 * b + m] = _mm512_or_si512(lo, _mm512_slli_epi64(hi, 4));
+            }
+        /* the 16 signed scales of each super-block, read 16 bytes wide; sa takes the even ones, sb the odd */
+        const __m512 s0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x[0].scales)));
+        const __m512 s1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x[last].scales)));
+        const __m512 d = pair(dg_f16_to_f32(x[0].d), dg_f16_to_f32(x[last].d));
+        const __m512 even = _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[0]), s1);
+        const __m512 odd = _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[1]), s1);
+        _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(in, d, even));
+        _mm512_store_ps(o->sb, _mm512_maskz_mul_ps(in, d, odd));
+        return 1;
+    }
+    }
+    return 0;
+}
+
 #endif
 
 /* Each instruction set gets its own build of the row functions from the same C (the same integer and float
- * operations, so the same bytes); only the lane permutation has a hand-written AVX-512 form. */
-#define DEFINE_ROW_FNS(SUFFIX, ATTR, TO_LANES)                                                                 \
-    ATTR static void unpack_row_##SUFFIX(const int8_type *t, const void *row, int64_t k, wgt_group *out) {    \
-        const int64_t ng = int8_groups(k), per_group = INT8_GROUP / t->block; /* stored blocks per group */   \
-        for (int64_t g = 0; g < ng; g++) {                                                                      \
-            wgt_group *o = out + g;                                                                             \
-            const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);        \
-            uint8_t lev[INT8_GROUP] __attribute__((aligned(64)));                                               \
-            if (lanes < 16) {                                                                                   \
-                memset(lev, 0, sizeof lev);                                                                     \
-                memset(o, 0, sizeof *o);                                                                        \
-            }                                                                                                   \
-            levels(t, (const uint8_t *)row + g * per_group * t->block_bytes, lanes, lev, o->sa, o->sb, o->wa,  \
-                   o->wb);                                                                                      \
-            TO_LANES(o->qs, lev);                                                                               \
+ * operations, so the same bytes); only the lane permutation has a hand-written AVX-512 form (and the AVX-512 rows
+ * of the preset types their own path, below). */
+#define DEFINE_ROW_FNS(SUFFIX, ATTR, TO_LANES, QUANT_BLOCK)                                                    \
+    /* Group g of a stored row of k values. */                                                                 \
+    ATTR static inline void unpack_group_##SUFFIX(const int8_type *t, const void *row, int64_t k, int64_t g,   \
+                                                  wgt_group *o) {                                              \
+        const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);            \
+        const uint8_t *src = (const uint8_t *)row + g * (INT8_GROUP / t->block) * t->block_bytes;              \
+        uint8_t lev[INT8_GROUP] __attribute__((aligned(64)));                                                   \
+        if (lanes < 16) {                                                                                       \
+            memset(lev, 0, sizeof lev);                                                                         \
+            memset(o, 0, sizeof *o);                                                                            \
         }                                                                                                       \
+        levels(t, src, lanes, lev, o->sa, o->sb, o->wa, o->wb);                                                 \
+        TO_LANES(o->qs, lev);                                                                                   \
     }                                                                                                           \
-    /* One token: per 32 values, dx = max|x| / 127 and qx = round-to-nearest-even(x * (1 / dx)), then the     \
-     * integer and float terms of the type's offset and mins. */                                              \
+    /* One token: each block through QUANT_BLOCK, then the integer and float terms of the type's offset and    \
+     * mins. */                                                                                                 \
     ATTR static void quantize_row_##SUFFIX(const int8_type *t, const float *x, int64_t k, act_group *out) {   \
         const int64_t ng = int8_groups(k);                                                                      \
         for (int64_t g = 0; g < ng; g++) {                                                                      \
@@ -327,22 +523,9 @@ INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict
                 memset(q + 32 * lanes, 0, (size_t)(16 - lanes) * 32);                                           \
             }                                                                                                   \
             for (int l = 0; l < lanes; l++) {                                                                   \
-                const float *xb = x + g * INT8_GROUP + 32 * l;                                                  \
-                float amax = 0.0f, nonfinite = 0.0f; /* x * 0 is NaN for inf and NaN, +-0 otherwise */           \
-                for (int i = 0; i < 32; i++) {                                                                  \
-                    const float a = fabsf(xb[i]);                                                               \
-                    amax = a > amax ? a : amax;                                                                 \
-                    nonfinite += xb[i] * 0.0f;                                                                  \
-                }                                                                                               \
-                /* a non-finite value makes the block's scale NaN, and so every output of the token */        \
-                const float d = amax / 127.0f + nonfinite, id = d != 0.0f ? 1.0f / d : 0.0f;                    \
-                int32_t lo = 0, hi = 0;                                                                         \
-                for (int i = 0; i < 32; i++) {                                                                  \
-                    const float r = nearbyintf(xb[i] * id);                                                     \
-                    q[32 * l + i] = (int8_t)(fabsf(r) <= 127.0f ? r : 0.0f); /* NaN: 0, a defined cast */      \
-                }                                                                                               \
-                for (int i = 0; i < 16; i++) lo += q[32 * l + i];                                               \
-                for (int i = 16; i < 32; i++) hi += q[32 * l + i];                                              \
+                float d;                                                                                        \
+                int32_t lo, hi;                                                                                 \
+                QUANT_BLOCK(x + g * INT8_GROUP + 32 * l, q + 32 * l, &d, &lo, &hi);                             \
                 const int32_t first = t->split ? lo : lo + hi;                                                  \
                 o->d[l] = d;                                                                                    \
                 o->ia[l] = -t->zero * first;                                                                    \
@@ -354,10 +537,53 @@ INLINE __attribute__((target("avx512f"))) void to_lanes_avx512(uint8_t *restrict
         }                                                                                                       \
     }
 
-DEFINE_ROW_FNS(ref, , to_lanes_ref)
+DEFINE_ROW_FNS(ref, , to_lanes_ref, quant_block_ref)
 #if defined(__x86_64__)
-DEFINE_ROW_FNS(avx2, __attribute__((target("avx2,fma"))), to_lanes_ref)
-DEFINE_ROW_FNS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), to_lanes_avx512)
+DEFINE_ROW_FNS(avx2, __attribute__((target("avx2,fma"))), to_lanes_ref, quant_block_ref)
+DEFINE_ROW_FNS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), to_lanes_avx512, quant_block_avx512)
+#endif
+
+static void unpack_row_ref(const int8_type *t, const void *row, int64_t k, wgt_group *out) {
+    for (int64_t g = 0; g < int8_groups(k); g++) unpack_group_ref(t, row, k, g, out + g);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) static void unpack_row_avx2(const int8_type *t, const void *row, int64_t k,
+                                                                 wgt_group *out) {
+    for (int64_t g = 0; g < int8_groups(k); g++) unpack_group_avx2(t, row, k, g, out + g);
+}
+
+/* Group g of a stored row through group_avx512_levels() where it takes the type (a constant; 0 for none) and the
+ * group's length (a constant 16 for whole groups keeps the vectors in registers), else through levels(). */
+INLINE AVX512_BW void group_avx512_row(const int8_type *t, const int type, const void *row, int64_t k, int64_t g,
+                                       wgt_group *o) {
+    const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);
+    const int64_t per_group = type == DG_TYPE_Q8_0 || type == DG_TYPE_Q4_0 ? 16 : type ? 2 : INT8_GROUP / t->block;
+    const uint8_t *src = (const uint8_t *)row + g * per_group * t->block_bytes;   /* no division for known types */
+    __m512i v[8];
+    if (type && (lanes == 16 ? group_avx512_levels(type, src, 16, v, o) : group_avx512_levels(type, src, lanes, v, o))) {
+        lanes_avx512(v);
+        for (int j = 0; j < 8; j++) _mm512_store_si512(o->qs + 64 * j, v[j]);
+    } else {
+        unpack_group_avx512(t, row, k, g, o);
+    }
+}
+
+/* The types group_avx512_levels() takes, with their split and mins flags: X(type, split, mins). */
+#define AVX512_LEVEL_TYPES(X) \
+    X(DG_TYPE_Q8_0, 0, 0) X(DG_TYPE_Q4_0, 0, 0) X(DG_TYPE_Q4_K, 0, 1) X(DG_TYPE_Q5_K, 0, 1) X(DG_TYPE_Q6_K, 1, 0)
+
+INLINE AVX512_BW void unpack_row_typed(const int8_type *t, const int type, const void *row, int64_t k,
+                                       wgt_group *out) {
+    for (int64_t g = 0; g < int8_groups(k); g++) group_avx512_row(t, type, row, k, g, out + g);
+}
+
+AVX512_BW static void unpack_row_avx512(const int8_type *t, const void *row, int64_t k, wgt_group *out) {
+#define UNPACK_CASE(TYPE, SPLIT, MINS) case TYPE: unpack_row_typed(t, TYPE, row, k, out); return;
+    switch (t->type) { AVX512_LEVEL_TYPES(UNPACK_CASE) }
+#undef UNPACK_CASE
+    unpack_row_typed(t, 0, row, k, out);
+}
 #endif
 
 /* ---- the reference kernel ---------------------------------------------------------------------------------- */
@@ -406,12 +632,15 @@ static void int8_tile_ref(float *out, int64_t ldo, const act_group *x, int64_t n
 #if defined(__x86_64__)
 
 /* ---- AVX-512 VNNI ---------------------------------------------------------------------------------------------
- * Cache blocking: tokens in chunks of TC; for each group, every 4-row x 4-token tile of the block adds its 16
- * lanes into a float accumulator buffer (rows x TC x 16, in L1), so the group's weights and activations are
- * read from L1 while the chunk is swept. The per-lane order (groups ascending; halves, then mins) is the
- * reference's. Padded rows and tokens repeat the last one into accumulator slots of their own (never stored). */
+ * Tiles of 4 rows x TT tokens run over all groups at once: the 16 integer sums of a group in registers with 4
+ * weight vectors and one activation vector, the 16 float accumulators in a 1 KB array that stays in L1 (a
+ * 32 KB buffer of a whole row block's accumulators, swept group by group, took up to 35% more time; 4 x 3 tiles
+ * with every accumulator in registers, 4 x 2 and 4 x 5 or 6 were slower too). Tokens go in chunks of TC (their
+ * activations stay in L2); within a chunk each block of 4 rows (in L1) meets every token tile. The per-lane
+ * order (groups ascending; halves, then mins) is the reference's. Padded rows and tokens repeat the last one
+ * into accumulators of their own (never stored). */
 
-enum { TR = 4, TT = 4, TC = 16 };
+enum { TR = 4, TT = 4, TC = 48 };
 
 __attribute__((target("avx512f"))) static float fold16_avx512(__m512 a) {
     __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
@@ -420,8 +649,8 @@ __attribute__((target("avx512f"))) static float fold16_avx512(__m512 a) {
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
 }
 
-/* One group of a 4-row x tt-token tile (tt <= TT); acc[r * TC + i] is row r, token i. tt, split and mins are
- * constants once inlined. */
+/* One group of a 4-row x tt-token tile (tt <= TT); acc[r * TT + i] is row r, token i. split and mins are
+ * constants once inlined, and so is tt in the tiles. */
 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void group_avx512(
     __m512 *acc, const wgt_group *const *w, const act_group *const *x, const int tt, const int split,
     const int mins) {
@@ -444,7 +673,7 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
             const __m512 dx = _mm512_load_ps(x[i]->d);
             for (int r = 0; r < TR; r++) {
                 const __m512 s = _mm512_mul_ps(_mm512_load_ps(half ? w[r]->sb : w[r]->sa), dx);
-                acc[r * TC + i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c[i][r]), s, acc[r * TC + i]);
+                acc[r * TT + i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c[i][r]), s, acc[r * TT + i]);
             }
         }
     }
@@ -453,51 +682,89 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
             for (int i = 0; i < tt; i++) {
                 const __m512 m = _mm512_load_ps(half ? x[i]->mb : x[i]->ma);
                 for (int r = 0; r < TR; r++)
-                    acc[r * TC + i] = _mm512_fmadd_ps(m, _mm512_load_ps(half ? w[r]->wb : w[r]->wa), acc[r * TC + i]);
+                    acc[r * TT + i] = _mm512_fmadd_ps(m, _mm512_load_ps(half ? w[r]->wb : w[r]->wa), acc[r * TT + i]);
             }
 }
 
 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(
     float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
     const int tt, const int split, const int mins) {
-    const int nrp = (nr + TR - 1) / TR * TR;
-    __m512 acc[INT8_ROWS * TC];
     for (int64_t t0 = 0; t0 < nt; t0 += TC) {
-        const int tc = (int)(nt - t0 < TC ? nt - t0 : TC), tcp = (tc + tt - 1) / tt * tt;
-        for (int r = 0; r < nrp; r++)
-            for (int i = 0; i < tcp; i++) acc[r * TC + i] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < ng; g++)
-            for (int r0 = 0; r0 < nrp; r0 += TR) {
-                const wgt_group *wg[TR];
-                for (int r = 0; r < TR; r++) wg[r] = w[r0 + r < nr ? r0 + r : nr - 1] + g;
-                for (int i0 = 0; i0 < tc; i0 += tt) {
+        const int tc = (int)(nt - t0 < TC ? nt - t0 : TC);
+        for (int r0 = 0; r0 < nr; r0 += TR) {
+            const wgt_group *wr[TR];
+            for (int r = 0; r < TR; r++) wr[r] = w[r0 + r < nr ? r0 + r : nr - 1];
+            for (int i0 = 0; i0 < tc; i0 += tt) {
+                const act_group *xr[TT];
+                for (int i = 0; i < tt; i++) xr[i] = x + (t0 + (i0 + i < tc ? i0 + i : tc - 1)) * ng;
+                __m512 acc[TR * TT];
+                for (int i = 0; i < TR * TT; i++) acc[i] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < ng; g++) {
+                    const wgt_group *wg[TR];
                     const act_group *xg[TT];
-                    for (int i = 0; i < tt; i++) xg[i] = x + (t0 + (i0 + i < tc ? i0 + i : tc - 1)) * ng + g;
-                    group_avx512(acc + r0 * TC + i0, wg, xg, tt, split, mins);
+                    for (int r = 0; r < TR; r++) wg[r] = wr[r] + g;
+                    for (int i = 0; i < tt; i++) xg[i] = xr[i] + g;
+                    group_avx512(acc, wg, xg, tt, split, mins);
                 }
+                for (int i = 0; i < tt && i0 + i < tc; i++)
+                    for (int r = 0; r < TR && r0 + r < nr; r++)
+                        out[(t0 + i0 + i) * ldo + r0 + r] = fold16_avx512(acc[r * TT + i]);
             }
-        for (int i = 0; i < tc; i++)
-            for (int r = 0; r < nr; r++) out[(t0 + i) * ldo + r] = fold16_avx512(acc[r * TC + i]);
+        }
     }
 }
 
-/* One build per tile width and type shape; the narrow one (one token at a time) serves passes of fewer tokens
- * than a tile, such as one-token encoding, without computing padded tokens. */
-#define TILES_AVX512(NAME, TT_)                                                                                   \
-    __attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void NAME(                        \
-        float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng, \
-        const int8_type *t) {                                                                                   \
-        if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 1, 1);                           \
-        else if (t->split) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 1, 0);                                 \
-        else if (t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 0, 1);                                  \
-        else tile_avx512(out, ldo, x, nt, w, nr, ng, TT_, 0, 0);                                               \
-    }
-TILES_AVX512(tiles_avx512_wide, TT)
-TILES_AVX512(tiles_avx512_narrow, 1)
+/* One build per type shape. Fewer tokens than a tile are padded (matmul sends them to the rows path below). */
+__attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void int8_tile_avx512vnni(
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
+    const int8_type *t) {
+    if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 1, 1);
+    else if (t->split) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 1, 0);
+    else if (t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 0, 1);
+    else tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 0, 0);
+}
 
-static void int8_tile_avx512vnni(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w,
-                                 int nr, int64_t ng, const int8_type *t) {
-    (nt < TT ? tiles_avx512_narrow : tiles_avx512_wide)(out, ldo, x, nt, w, nr, ng, t);
+/* Few tokens straight from the stored rows: each group of 4 rows is unpacked into L1 just before its dot products
+ * (no row buffer), and the same group steps as the tiles above run on its 1-3 tokens. type is a constant: one
+ * of the types group_avx512_levels() takes, or 0 for any type through unpack_group_avx512. */
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void rows_avx512(
+    float *out, int64_t ldo, const act_group *x, const int nt, const void *rows, size_t row_bytes, int nr,
+    int64_t k, const int8_type *t, const int type, const int split, const int mins) {
+    const int64_t ng = int8_groups(k);
+    wgt_group w[TR];
+    const wgt_group *wg[TR] = {&w[0], &w[1], &w[2], &w[3]};
+    for (int r0 = 0; r0 < nr; r0 += TR) {
+        const char *src[TR];
+        for (int r = 0; r < TR; r++)   /* past the end: the last row again, never stored */
+            src[r] = (const char *)rows + (size_t)(r0 + r < nr ? r0 + r : nr - 1) * row_bytes;
+        __m512 acc[TR * TT];
+        for (int i = 0; i < TR * TT; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            const act_group *xg[TT];
+            for (int i = 0; i < nt; i++) xg[i] = x + i * ng + g;
+            for (int r = 0; r < TR; r++) group_avx512_row(t, type, src[r], k, g, &w[r]);
+            group_avx512(acc, wg, xg, nt, split, mins);
+        }
+        for (int i = 0; i < nt; i++)
+            for (int r = 0; r < TR && r0 + r < nr; r++) out[i * ldo + r0 + r] = fold16_avx512(acc[r * TT + i]);
+    }
+}
+
+__attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void int8_rows_avx512vnni(
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const void *rows, size_t row_bytes, int nr,
+    int64_t k, const int8_type *t) {
+/* one token (a constant, which keeps the integer sums in registers) or a few */
+#define ROWS(TYPE, SPLIT, MINS)                                                                                 \
+    (nt == 1 ? rows_avx512(out, ldo, x, 1, rows, row_bytes, nr, k, t, TYPE, SPLIT, MINS)                         \
+             : rows_avx512(out, ldo, x, (int)nt, rows, row_bytes, nr, k, t, TYPE, SPLIT, MINS))
+#define ROWS_CASE(TYPE, SPLIT, MINS) case TYPE: ROWS(TYPE, SPLIT, MINS); return;
+    switch (t->type) { AVX512_LEVEL_TYPES(ROWS_CASE) }
+#undef ROWS_CASE
+    if (t->split && t->mins) ROWS(0, 1, 1);
+    else if (t->split) ROWS(0, 1, 0);
+    else if (t->mins) ROWS(0, 0, 1);
+    else ROWS(0, 0, 0);
+#undef ROWS
 }
 
 /* ---- AVX2: 2 rows x 2 tokens, a group as two 8-lane halves (lanes 0-7, 8-15) ---------------------------------
@@ -579,8 +846,9 @@ __attribute__((target("avx2,fma"))) static void int8_tile_avx2(
 }
 #endif
 
-const int8_kernel INT8_REFERENCE = {int8_tile_ref, unpack_row_ref, quantize_row_ref};
+const int8_kernel INT8_REFERENCE = {int8_tile_ref, unpack_row_ref, quantize_row_ref, NULL};
 #if defined(__x86_64__)
-const int8_kernel INT8_AVX2 = {int8_tile_avx2, unpack_row_avx2, quantize_row_avx2};
-const int8_kernel INT8_AVX512VNNI = {int8_tile_avx512vnni, unpack_row_avx512, quantize_row_avx512};
+const int8_kernel INT8_AVX2 = {int8_tile_avx2, unpack_row_avx2, quantize_row_avx2, NULL};
+const int8_kernel INT8_AVX512VNNI = {int8_tile_avx512vnni, unpack_row_avx512, quantize_row_avx512,
+                                     int8_rows_avx512vnni};
 #endif

@@ -366,6 +366,10 @@ static void matmul_items(void *ctx, int64_t lo, int64_t hi, int thread) {
         const int nr = (int)(j->nrows - r0 < j->rows ? j->nrows - r0 : j->rows);
         const char *src = j->base + ((size_t)e * (size_t)j->nrows + (size_t)r0) * j->row_bytes;
         float *out = j->out + t0 * j->nrows + r0;
+        if (j->k8 && j->k8->rows && nt < INT8_FEW) {
+            j->k8->rows(out, j->nrows, j->xq + t0 * j->ng, nt, src, j->row_bytes, nr, j->ncols, j->t8);
+            continue;
+        }
         if (j->k8) {
             wgt_group *buf = j->sc.rowbuf[thread];
             const wgt_group *rows[INT8_ROWS];
@@ -463,7 +467,10 @@ int matmul_grouped(dg_pool *p, float *out, const float *x, const dg_tensor *w, c
     }
     matmul_job j = {out, x, xq, off, w->data, rb, w->type, K, R, ng, rows, matmul_tile(), k8, t8,
                     items, start, mats, row, {0}};
-    const size_t buf = (size_t)rows * (k8 ? (size_t)ng * sizeof(wgt_group) : (size_t)K * sizeof(float));
+    int64_t most = 0;            /* tokens of the busiest matrix: with few, the int8 rows path needs no buffer */
+    for (int64_t e = 0; e < E; e++) most = off[e + 1] - off[e] > most ? off[e + 1] - off[e] : most;
+    const size_t buf = k8 && k8->rows && most < INT8_FEW ? 0
+                       : (size_t)rows * (k8 ? (size_t)ng * sizeof(wgt_group) : (size_t)K * sizeof(float));
     rc = run_with_rows(p, "matmul", w, buf, work, matmul_items, &j, &j.sc, err, errlen);
 done:
     free(start);
