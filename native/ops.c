@@ -131,9 +131,16 @@ void parallel_for(dg_pool *p, int64_t n, void (*fn)(void *, int64_t, int64_t, in
 
 /* ---- elementwise ops -------------------------------------------------------------------------------- */
 
+/* The sum of squares runs in 8 double lanes (a fixed order that vectorises; each square of a float is exact in
+ * double), then the lanes are added in order. */
+DG_CLONES
 void rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    double lane[8] = {0}, ss = 0.0;
+    int64_t i0 = 0;
+    for (; i0 + 8 <= n; i0 += 8)
+        for (int j = 0; j < 8; j++) lane[j] += (double)x[i0 + j] * x[i0 + j];
+    for (int64_t i = i0; i < n; i++) lane[0] += (double)x[i] * x[i];
+    for (int j = 0; j < 8; j++) ss += lane[j];
     const float ms = (float)(ss / (double)n) + eps;
     const float inv = (float)(1.0 / sqrt((double)ms));
     if (w)
