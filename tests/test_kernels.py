@@ -215,3 +215,26 @@ def test_soft_embedding_rejects_mismatched_shapes_and_bad_arguments():
         native.soft_embed(raw, t.ggml, (8, 32), np.zeros((2, 7), np.float32))
     with pytest.raises(ValueError):
         native.soft_embed(raw[:-1], t.ggml, (8, 32), np.zeros((2, 8), np.float32))
+
+
+def test_many_short_parallel_passes_give_the_same_bits(checkpoints, tmp_path):
+    """A cache's pool runs a few hundred parallel steps per decoder pass, its workers spinning and then sleeping
+    between them: pass after pass (some after a pause long enough to put them to sleep) must complete and give
+    the single-thread bits."""
+    import time
+
+    from dgguf.convert.gguf_file import read_gguf
+    from dgguf.convert.quantize import convert_checkpoint
+    from dgguf.runtime.model_config import read_model_config
+    from dgguf.runtime.native_model import NativeModel
+    g = read_gguf(convert_checkpoint(checkpoints("tiny"), tmp_path / "t.gguf", "Q8_0"))
+    cfg = read_model_config(g)
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, cfg.canvas_length, dtype=np.int32)
+    caches = [NativeModel(g, cfg, threads=t).new_cache(8) for t in (1, 3)]
+    for c in caches:
+        c.encode(ids[:8])
+    want = caches[0].decode(ids)
+    for i in range(60):
+        assert np.array_equal(caches[1].decode(ids), want), i
+        if i % 20 == 0:
+            time.sleep(0.01)
