@@ -1,7 +1,7 @@
 """Matmul throughput per stored type and column (token) count: float activations against int8 activations, and
 both against numpy in the same run.
 
-    python scripts/bench_kernels.py [--threads 2] [--rows 2816] [--k 2816] [--columns 1,16,32,256] [--repeats 5]
+    python scripts/bench_kernels.py [--threads 2] [--rows 2816] [--k 2816] [--columns 1,16,32,256] [--repeats 20]
     python scripts/bench_kernels.py --baseline DIR [--rounds 3] ...   # A/B of the int8 kernel against another build
 
 For each type and column count: GOP/s (2 x rows x K x columns per second) of the best float-activation kernel
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2816)
     ap.add_argument("--columns", default="1,16,32,256")
     ap.add_argument("--types", default=",".join(TYPES))
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--int8-peak", type=float, default=940.0, help="GOP/s (default: 2 Zen 4 cores)")
     ap.add_argument("--fp32-peak", type=float, default=235.0, help="GFLOP/s (default: 2 Zen 4 cores)")
     ap.add_argument("--baseline", help="a directory holding another dgguf build to A/B the int8 kernel against")
