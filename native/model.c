@@ -355,16 +355,18 @@ static void qkv_heads(void *ctx, int64_t lo, int64_t hi, int thread) {
     const run_state *s = j->s;
     const int64_t d = ly->head_dim, nh = j->m->n_heads, nkv = ly->n_kv_heads;
     const float eps = j->m->eps;
+    float cs[2 * (j->pairs > 0 ? j->pairs : 1)];
     for (int64_t t = lo; t < hi; t++) {
+        rope_angles(cs, s->inv_freq, j->t0 + t, j->pairs);
         for (int64_t hd = 0; hd < (j->kv_only ? 0 : nh); hd++) {
             float *q = s->q + (t * nh + hd) * d;
             rmsnorm(q, q, ly->attn_q_norm.data, d, eps);
-            rope(q, s->inv_freq, j->t0 + t, (int)d, j->pairs);
+            rope_rotate(q, cs, (int)d, j->pairs);
         }
         for (int64_t hd = 0; hd < nkv; hd++) {
             float *k = s->k + (t * nkv + hd) * d, *v = s->v + (t * nkv + hd) * d;
             rmsnorm(k, k, ly->attn_k_norm.data, d, eps);
-            rope(k, s->inv_freq, j->t0 + t, (int)d, j->pairs);
+            rope_rotate(k, cs, (int)d, j->pairs);
             rmsnorm(v, v, NULL, d, eps);
         }
     }

@@ -207,15 +207,28 @@ void gelu_tanh(float *x, int64_t n) {
     }
 }
 
-void rope(float *x, const float *inv_freq, int64_t pos, int d, int n_pairs) {
-    const int half = d / 2;
+void rope_angles(float *cs, const float *inv_freq, int64_t pos, int n_pairs) {
     for (int i = 0; i < n_pairs; i++) {
         const float angle = (float)pos * inv_freq[i];   /* fp32 product, as transformers computes freqs */
-        const float c = cosf(angle), s = sinf(angle);
+        cs[2 * i] = cosf(angle);
+        cs[2 * i + 1] = sinf(angle);
+    }
+}
+
+void rope_rotate(float *x, const float *cs, int d, int n_pairs) {
+    const int half = d / 2;
+    for (int i = 0; i < n_pairs; i++) {
+        const float c = cs[2 * i], s = cs[2 * i + 1];
         const float x1 = x[i], x2 = x[i + half];
         x[i] = x1 * c - x2 * s;
         x[i + half] = x2 * c + x1 * s;
     }
+}
+
+void rope(float *x, const float *inv_freq, int64_t pos, int d, int n_pairs) {
+    float cs[2 * (n_pairs > 0 ? n_pairs : 1)];
+    rope_angles(cs, inv_freq, pos, n_pairs);
+    rope_rotate(x, cs, d, n_pairs);
 }
 
 int rope_freqs(const dg_model *m, const dg_layer *ly, float *inv_freq) {

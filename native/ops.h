@@ -65,6 +65,10 @@ void gelu_tanh(float *x, int64_t n);
 /* NeoX rotate-half RoPE of one head of d values at position pos: pair (i, i + d/2) turns by
  * pos * inv_freq[i] for i < n_pairs; the other pairs are left as they are. In place. */
 void rope(float *x, const float *inv_freq, int64_t pos, int d, int n_pairs);
+/* The same in two halves, so a token's angles serve all its heads: cs[2i], cs[2i + 1] = cos, sin of
+ * pos * inv_freq[i] for i < n_pairs; then the rotation of one head with them. */
+void rope_angles(float *cs, const float *inv_freq, int64_t pos, int n_pairs);
+void rope_rotate(float *x, const float *cs, int d, int n_pairs);
 /* RoPE inverse frequencies of layer ly as transformers computes them in fp32: theta^-(2i/d) for the rotated
  * pairs (all d/2 on sliding layers, m->rope_pairs_full on full layers). Returns the number of pairs.
  * Shared with the CUDA forward (native/cuda), which uploads the same values. */
