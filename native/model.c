@@ -249,14 +249,7 @@ typedef struct {
     float *attn_scratch;                       /* [threads, attention_scratch(max keys, d_max)] */
 } run_state;
 
-static void run_state_free(run_state *s) {
-    free(s->h); free(s->x); free(s->tmp); free(s->h1); free(s->h2); free(s->q); free(s->att); free(s->k);
-    free(s->v); free(s->g); free(s->u); free(s->xs); free(s->ys); free(s->sel); free(s->slot_of); free(s->sel_w);
-    free(s->router); free(s->top_idx); free(s->top_w); free(s->inv_freq); free(s->attn_scratch);
-}
-
-static void *alloc_f(int64_t count) { return malloc((size_t)max64(count, 1) * sizeof(float)); }
-
+/* The pass's buffers, carved out of one block the cache's pool keeps from pass to pass. */
 static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int64_t n, char *err, size_t errlen) {
     memset(s, 0, sizeof *s);
     const int64_t H = m->hidden, I = m->expert_ff, slots = min64(n, MOE_CHUNK) * m->top_k;
@@ -270,23 +263,22 @@ static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int
     s->n = n;
     s->pool = c->pool;
     const int nt = pool_threads(s->pool);
-    s->h = alloc_f(n * H); s->x = alloc_f(n * H); s->tmp = alloc_f(n * H);
-    s->h1 = alloc_f(n * H); s->h2 = alloc_f(n * H);
-    s->q = alloc_f(n * m->n_heads * d_max); s->att = alloc_f(n * m->n_heads * d_max);
-    s->k = alloc_f(n * kv_max); s->v = alloc_f(n * kv_max);
-    s->g = alloc_f(wide); s->u = alloc_f(wide);
-    s->xs = alloc_f(slots * H); s->ys = alloc_f(slots * H);
-    s->sel = malloc((size_t)slots * sizeof(int)); s->slot_of = malloc((size_t)slots * sizeof(int));
-    s->sel_w = alloc_f(slots);
-    s->router = alloc_f(n * m->n_experts);
-    s->top_idx = malloc((size_t)(n * m->top_k) * sizeof(int)); s->top_w = alloc_f(n * m->top_k);
-    s->inv_freq = alloc_f(d_max / 2);
-    s->attn_scratch = alloc_f(nt * attention_scratch(held_max + n, (int)d_max));
-    if (!s->h || !s->x || !s->tmp || !s->h1 || !s->h2 || !s->q || !s->att || !s->k || !s->v ||
-        !s->g || !s->u || !s->xs || !s->ys || !s->sel || !s->slot_of || !s->sel_w || !s->router || !s->top_idx ||
-        !s->top_w || !s->inv_freq || !s->attn_scratch) {
-        run_state_free(s);
-        FAIL(DG_E_VALUE, "out of memory for the scratch buffers of %lld tokens", (long long)n);
+    struct { void *p; int64_t count; } parts[] = {   /* 4-byte elements (float or int) */
+        {&s->h, n * H}, {&s->x, n * H}, {&s->tmp, n * H}, {&s->h1, n * H}, {&s->h2, n * H},
+        {&s->q, n * m->n_heads * d_max}, {&s->att, n * m->n_heads * d_max}, {&s->k, n * kv_max},
+        {&s->v, n * kv_max}, {&s->g, wide}, {&s->u, wide}, {&s->xs, slots * H}, {&s->ys, slots * H},
+        {&s->sel, slots}, {&s->slot_of, slots}, {&s->sel_w, slots}, {&s->router, n * m->n_experts},
+        {&s->top_idx, n * m->top_k}, {&s->top_w, n * m->top_k}, {&s->inv_freq, d_max / 2},
+        {&s->attn_scratch, nt * attention_scratch(held_max + n, (int)d_max)},
+    };
+    const int np = (int)(sizeof parts / sizeof parts[0]);
+    size_t total = 0;
+    for (int i = 0; i < np; i++) total += ((size_t)max64(parts[i].count, 1) * 4 + 63) / 64 * 64;
+    char *block = pool_shared(s->pool, SHARED_PASS, total);
+    if (!block) FAIL(DG_E_VALUE, "out of memory for the scratch buffers of %lld tokens", (long long)n);
+    for (int i = 0; i < np; i++) {
+        *(void **)parts[i].p = block;
+        block += ((size_t)max64(parts[i].count, 1) * 4 + 63) / 64 * 64;
     }
     return DG_OK;
 }
@@ -602,7 +594,6 @@ done:
         c->length += n;
     else
         c->broken = 1;   /* some layers may already hold the new positions */
-    run_state_free(&s);
     pthread_mutex_unlock(&c->in_use);
     return rc;
 }
@@ -631,7 +622,6 @@ int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t 
     }
     rc = head(m, &s, logits, err, errlen);
 done:
-    run_state_free(&s);
     pthread_mutex_unlock(in_use);
     return rc;
 }

@@ -48,6 +48,10 @@ struct dg_pool {
     void (*fn)(void *, int64_t, int64_t, int);
     void *ctx;
     int64_t total;
+    void **scratch[POOL_SLOTS];  /* per slot: a buffer per thread (pool_scratch) */
+    size_t scratch_bytes[POOL_SLOTS];
+    void *shared[POOL_SLOTS];    /* per slot: one buffer (pool_shared) */
+    size_t shared_bytes[POOL_SLOTS];
 };
 
 typedef struct {
@@ -120,8 +124,46 @@ dg_pool *pool_new(int n_threads) {
     return p;
 }
 
+static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/* Keeps *buf if it holds `bytes` and is not over 4x that (a long prompt's buffers are not kept for the canvases);
+ * otherwise replaces it. */
+static void *fit(void **buf, size_t *have, size_t bytes) {
+    bytes = round64(bytes ? bytes : 64);
+    if (*buf && bytes <= *have && bytes >= *have / 4) return *buf;
+    free(*buf);
+    *have = 0;
+    if ((*buf = aligned_alloc(64, bytes))) *have = bytes;
+    return *buf;
+}
+
+void **pool_scratch(dg_pool *p, int slot, size_t bytes) {
+    if (!p || slot < 0 || slot >= POOL_SLOTS) return NULL;
+    if (!p->scratch[slot] && !(p->scratch[slot] = calloc((size_t)p->n, sizeof(void *)))) return NULL;
+    size_t have = p->scratch_bytes[slot];
+    for (int i = 0; i < p->n; i++) {
+        size_t h = have;
+        if (!fit(&p->scratch[slot][i], &h, bytes)) {
+            p->scratch_bytes[slot] = 0;       /* the others are refitted next time */
+            return NULL;
+        }
+        p->scratch_bytes[slot] = h;
+    }
+    return p->scratch[slot];
+}
+
+void *pool_shared(dg_pool *p, int slot, size_t bytes) {
+    if (!p || slot < 0 || slot >= POOL_SLOTS) return NULL;
+    return fit(&p->shared[slot], &p->shared_bytes[slot], bytes);
+}
+
 void pool_free(dg_pool *p) {
     if (!p) return;
+    for (int k = 0; k < POOL_SLOTS; k++) {
+        for (int i = 0; p->scratch[k] && i < p->n; i++) free(p->scratch[k][i]);
+        free(p->scratch[k]);
+        free(p->shared[k]);
+    }
     if (p->workers) {
         pthread_mutex_lock(&p->mu);
         atomic_store(&p->stop, 1);
@@ -322,27 +364,6 @@ size_t tensor_row_bytes(const dg_tensor *w) {
 }
 
 /* Per-thread scratch of `bytes` bytes each, 64-byte aligned; NULL on allocation failure. */
-static void **alloc_scratch(int n_threads, size_t bytes) {
-    void **bufs = calloc((size_t)n_threads, sizeof *bufs);
-    if (!bufs) return NULL;
-    bytes = (bytes + 63) / 64 * 64;
-    for (int i = 0; i < n_threads; i++) {
-        bufs[i] = aligned_alloc(64, bytes ? bytes : 64);
-        if (!bufs[i]) {
-            for (int k = 0; k < i; k++) free(bufs[k]);
-            free(bufs);
-            return NULL;
-        }
-    }
-    return bufs;
-}
-
-static void free_scratch(void **bufs, int n_threads) {
-    if (!bufs) return;
-    for (int i = 0; i < n_threads; i++) free(bufs[i]);
-    free(bufs);
-}
-
 /* What a worker needs beside its job: a buffer for weight rows (dequantized floats or unpacked int8 groups), and
  * where it reports a failure (-1: a row would not dequantize, -2: out of memory). */
 typedef struct {
@@ -368,13 +389,12 @@ static int run_with_rows(dg_pool *p, const char *op, const dg_tensor *w, size_t 
     int status[nt];
     memset(status, 0, sizeof status);
     sc->status = status;
-    sc->rowbuf = alloc_scratch(nt, buf_bytes);
+    sc->rowbuf = pool_scratch(p, SCRATCH_ROWS, buf_bytes);
     if (!sc->rowbuf) {
         snprintf(err, errlen, "%s: out of memory", op);
         return DG_E_VALUE;
     }
     parallel_for(p, n, fn, job);
-    free_scratch(sc->rowbuf, nt);
     for (int i = 0; i < nt; i++) {
         if (status[i] == -2) {
             snprintf(err, errlen, "%s: out of memory", op);
@@ -503,7 +523,7 @@ int matmul_grouped(dg_pool *p, float *out, const float *x, const dg_tensor *w, c
     const int64_t ng = int8_groups(K);
     int64_t *start = malloc((size_t)(E * per_mat + 1) * sizeof *start), *row = malloc((size_t)(E * per_mat) * sizeof *row);
     int32_t *mats = malloc((size_t)(E * per_mat) * sizeof *mats);
-    act_group *xq = k8 ? aligned_alloc(64, (size_t)n * (size_t)ng * sizeof *xq) : NULL;
+    act_group *xq = k8 ? pool_shared(p, SHARED_MATMUL_ACT, (size_t)n * (size_t)ng * sizeof *xq) : NULL;
     int rc = DG_OK;
     if (!start || !row || !mats || (k8 && !xq)) {
         snprintf(err, errlen, "matmul: out of memory");
@@ -534,7 +554,6 @@ done:
     free(start);
     free(row);
     free(mats);
-    free(xq);
     return rc;
 }
 
@@ -671,20 +690,22 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
     int status[nt];
     memset(status, 0, sizeof status);
     soft_job j = {out, logits, w, rb, n, H, V, scale, bf16, .status = status, .per_thread = per_thread};
-    j.mx = malloc((size_t)n * 2 * sizeof(float));
-    j.acc = calloc((size_t)(n * H), sizeof(double));
-    j.rows = w->type == DG_TYPE_F32 || bf16 ? NULL : aligned_alloc(64, (size_t)batch * sizeof(float));
-    j.pairs = bf16 ? aligned_alloc(64, (size_t)batch / 2 * sizeof(uint32_t)) : NULL;
-    j.block = bf16 ? (float **)alloc_scratch(nt, (size_t)(SOFT_BLOCK * H) * sizeof(float)) : NULL;
-    j.pb = (float **)alloc_scratch(nt, (size_t)(per_thread * SOFT_BLOCK) * sizeof(float));
-    j.pw = (uint32_t **)alloc_scratch(nt, (size_t)(per_thread * SOFT_BLOCK / 2) * sizeof(uint32_t));
-    int rc = DG_OK;
+    /* every buffer is the pool's, kept from pass to pass (fresh pages cost as much as the arithmetic) */
+    j.mx = pool_shared(p, SHARED_SOFT_STATS, (size_t)n * 2 * sizeof(float));
+    j.acc = pool_shared(p, SHARED_SOFT_ACC, (size_t)(n * H) * sizeof(double));
+    if (bf16)
+        j.pairs = pool_shared(p, SHARED_SOFT_ROWS, (size_t)batch / 2 * sizeof(uint32_t));
+    else if (w->type != DG_TYPE_F32)
+        j.rows = pool_shared(p, SHARED_SOFT_ROWS, (size_t)batch * sizeof(float));
+    j.block = bf16 ? (float **)pool_scratch(p, SCRATCH_SOFT_BLOCK, (size_t)(SOFT_BLOCK * H) * sizeof(float)) : NULL;
+    j.pb = (float **)pool_scratch(p, SCRATCH_SOFT_PROBS, (size_t)(per_thread * SOFT_BLOCK) * sizeof(float));
+    j.pw = (uint32_t **)pool_scratch(p, SCRATCH_SOFT_PAIRS, (size_t)(per_thread * SOFT_BLOCK / 2) * sizeof(uint32_t));
     if (!j.mx || !j.acc || (w->type != DG_TYPE_F32 && !bf16 && !j.rows) || (bf16 && (!j.pairs || !j.block)) ||
         !j.pb || !j.pw) {
         snprintf(err, errlen, "soft_embed: out of memory");
-        rc = DG_E_VALUE;
-        goto done;
+        return DG_E_VALUE;
     }
+    memset(j.acc, 0, (size_t)(n * H) * sizeof(double));
     j.sum = j.mx + n;
     parallel_for(p, n, soft_stats, &j);
     for (j.v0 = 0; j.v0 < V; j.v0 += SOFT_BATCH * SOFT_BLOCK) {
@@ -693,21 +714,12 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
         for (int i = 0; i < nt; i++)
             if (status[i]) {
                 snprintf(err, errlen, "soft_embed: cannot dequantize a row of type %d", w->type);
-                rc = DG_E_TYPE;
-                goto done;
+                return DG_E_TYPE;
             }
         parallel_for(p, n, soft_tokens, &j);
     }
     parallel_for(p, n, soft_output, &j);
-done:
-    free(j.mx);
-    free(j.acc);
-    free(j.rows);
-    free(j.pairs);
-    free_scratch((void **)j.block, nt);
-    free_scratch((void **)j.pb, nt);
-    free_scratch((void **)j.pw, nt);
-    return rc;
+    return DG_OK;
 }
 
 /* ---- attention -------------------------------------------------------------------------------------- */
