@@ -137,6 +137,13 @@ static void axpy_ref(double *acc, const float *p, const float *w, int64_t nt, in
 /* 6 tokens x 32 columns: the block's products are summed in float (12 zmm accumulators, fused multiply-adds,
  * v ascending) and each block sum is then added to the double accumulator. Blocks are at most SOFT_BLOCK rows,
  * so the float partial sums stay short; this differs from the reference in the last bits only. */
+/* d[0..15] += s, widened to double: a block's float sums into the double accumulator. */
+static inline __attribute__((always_inline, target("avx512f"))) void add_block_sum(double *d, __m512 s) {
+    _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), _mm512_cvtps_pd(_mm512_castps512_ps256(s))));
+    _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8),
+                                          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)))));
+}
+
 __attribute__((target("avx512f"))) static void axpy_avx512(double *acc, const float *p, const float *w,
                                                            int64_t nt, int64_t nv, int64_t h) {
     enum { TT = 6 };
@@ -157,13 +164,7 @@ __attribute__((target("avx512f"))) static void axpy_avx512(double *acc, const fl
                 }
             }
             for (int i = 0; i < TT && t0 + i < nt; i++)
-                for (int q = 0; q < 2; q++) {
-                    double *d = acc + ts[i] * h + c + 16 * q;
-                    const __m512 s = a[i][q];
-                    _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), _mm512_cvtps_pd(_mm512_castps512_ps256(s))));
-                    _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8),
-                                                          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)))));
-                }
+                for (int q = 0; q < 2; q++) add_block_sum(acc + ts[i] * h + c + 16 * q, a[i][q]);
         }
     }
     if (hv < h) axpy_cols(acc, p, w, nt, nv, hv, h);
@@ -242,13 +243,7 @@ __attribute__((target("avx512f,avx512bf16"))) static void axpy_bf16_avx512(doubl
                 }
             }
             for (int i = 0; i < TT && t0 + i < nt; i++)
-                for (int q = 0; q < 2; q++) {
-                    double *d = acc + ts[i] * h + c + 16 * q;
-                    const __m512 s = a[i][q];
-                    _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), _mm512_cvtps_pd(_mm512_castps512_ps256(s))));
-                    _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8),
-                                                          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)))));
-                }
+                for (int q = 0; q < 2; q++) add_block_sum(acc + ts[i] * h + c + 16 * q, a[i][q]);
         }
     }
     if (hv < h) axpy_bf16_cols(acc, p, w, nt, np, hv, h);
