@@ -16,13 +16,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ---- thread pool ------------------------------------------------------------------------------------
  * A pass makes a few hundred parallel_for calls, most of them short: sleeping on a condition variable between
  * them costs ~40 us per call (a futex wake and a join), as much as the whole one-token encoder pass does in
- * arithmetic. So workers and the caller first spin on atomics for a short while (SPIN_ROUNDS pauses, tens of
- * microseconds), and only then sleep; a sleeper is counted under the mutex, and the other side broadcasts only when
- * one is counted (the count and the generation are sequentially consistent, so no wake-up is lost). */
+ * arithmetic. So workers and the caller first spin on atomics for a short while (SPIN_ROUNDS pauses, ~0.1 ms;
+ * not at all when the threads outnumber the CPUs), and only then sleep; a sleeper is counted under the mutex, and
+ * the other side broadcasts only when one is counted (the count and the generation are sequentially consistent,
+ * so no wake-up is lost). */
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -37,6 +39,7 @@ enum { SPIN_ROUNDS = 4000 };   /* ~0.1 ms of pauses on Zen 4 */
 
 struct dg_pool {
     int n;                       /* threads, the caller included */
+    int spin;                    /* rounds to spin before sleeping: 0 when threads outnumber the CPUs */
     pthread_t *workers;          /* n - 1 */
     pthread_mutex_t mu;
     pthread_cond_t work, done;
@@ -66,7 +69,7 @@ static void chunk(int64_t total, int n, int i, int64_t *lo, int64_t *hi) {
 
 /* Waits until the generation moves past seen (or stop); returns the new generation. */
 static uint64_t wait_for_work(dg_pool *p, uint64_t seen) {
-    for (int i = 0; i < SPIN_ROUNDS; i++) {
+    for (int i = 0; i < p->spin; i++) {
         uint64_t g = atomic_load(&p->generation);
         if (g != seen || atomic_load(&p->stop)) return g;
         CPU_RELAX();
@@ -107,6 +110,9 @@ dg_pool *pool_new(int n_threads) {
     if (n_threads <= 1) return p;
     p->workers = calloc((size_t)n_threads - 1, sizeof *p->workers);
     if (!p->workers) return p;
+    /* a spinning thread would hold a CPU that a working one is waiting for */
+    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    p->spin = cpus > 0 && n_threads > cpus ? 0 : SPIN_ROUNDS;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->work, NULL);
     pthread_cond_init(&p->done, NULL);
@@ -199,7 +205,7 @@ void parallel_for(dg_pool *p, int64_t n, void (*fn)(void *, int64_t, int64_t, in
     int64_t lo, hi;
     chunk(n, p->n, 0, &lo, &hi);
     if (lo < hi) fn(ctx, lo, hi, 0);
-    for (int i = 0; i < SPIN_ROUNDS && atomic_load(&p->pending) > 0; i++) CPU_RELAX();
+    for (int i = 0; i < p->spin && atomic_load(&p->pending) > 0; i++) CPU_RELAX();
     if (atomic_load(&p->pending) > 0) {
         pthread_mutex_lock(&p->mu);
         atomic_store(&p->caller_sleeping, 1);
