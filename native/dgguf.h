@@ -59,7 +59,8 @@ void dg_tanh(const float *x, float *out, int64_t n);
 
 /* The matmul kernel in use ("reference", "avx2", "avx512": float activations; "int8-reference", "int8-avx2",
  * "int8-avx512vnni": int8 activations for quantized weights; "int8-bf16-reference", "int8-avx512bf16": the same
- * with a bfloat16 soft embedding), and a switch between them (process-wide; for tests and benchmarks). The best one the CPU supports is chosen at load (docs/runtime.md, "Matmul kernels"). */
+ * with a bfloat16 soft embedding), and a switch between them (process-wide; for tests and benchmarks). The best
+ * one the CPU supports is chosen at load (docs/runtime.md, "Matmul kernels"). */
 const char *dg_matmul_kernel(void);
 int dg_set_matmul_kernel(const char *name, char *err, size_t errlen);
 

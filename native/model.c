@@ -378,7 +378,8 @@ static void attention_output(void *ctx, int64_t lo, int64_t hi, int thread) {
 /* Attention block. x = rms_w(h, attn_norm); q, k = rope(rms_w(proj, norm)); v = rms(v_proj or raw k);
  * scores q.k (scale 1); h += rms_w(o_proj(attn), post_attention_norm).
  * Encoder (cache != NULL): causal (+ window on sliding layers), then appends K/V to the cache; kv_only
- * (the last encoder layer) computes only K/V and stops there. Decoder: sees the cached keys plus every key of this pass. */
+ * (the last encoder layer) computes only K/V and stops there. Decoder: sees the cached keys plus every key of
+ * this pass. */
 static int attention_block(const dg_model *m, const dg_layer *ly, run_state *s, const cache_layer *cl,
                            cache_layer *write, int64_t pos0, int kv_only, char *err, size_t errlen) {
     const int64_t n = s->n, H = m->hidden, d = ly->head_dim, nh = m->n_heads, nkv = ly->n_kv_heads;
