@@ -13,7 +13,8 @@
  *
  * The blocked kernel has a plain reference and AVX2 and AVX-512 variants, at the level of the active matmul
  * kernel. All three make the same steps in the same order (a double sum over the head dimension for each score,
- * the exp below, fused multiply-adds over the keys for each output), so they give the same bits, and every output
+ * one plain-C softmax with ops.h's exp, fused multiply-adds over the keys for each output), so they give the
+ * same bits, and every output
  * row is computed by one item, so any thread count does too. Against the per-query reference (float scores in 16
  * lanes, expf) they differ in the last bits; tests/test_attention.py holds both to float64. Why double scores: the
  * parity model with sharp attention (tests/test_forward.py, "decisive") turns score noise of a few float ulps
@@ -25,6 +26,7 @@
 #include <string.h>
 
 #include "ops.h"
+#include "quant_internal.h"   /* DG_CLONES */
 
 enum { ROWS = 64 };          /* query rows per item: a multiple of 16 (AVX-512 lanes) */
 enum { KT = 3 };             /* keys per score tile */
@@ -72,40 +74,38 @@ static void per_query_items(void *ctx, int64_t lo, int64_t hi, int thread) {
 
 /* st[j, r] = k_j . q_r for j < nk key rows stride floats apart: summed in double, c ascending, then rounded. */
 typedef void (*scores_fn)(float *st, const double *qt, int nv, const float *k, int64_t nk, int64_t stride, int d);
-/* Per lane r < 16 nv: e = exp(s - max over the column), sum in double, st = e / sum. -inf scores give 0. */
-typedef void (*softmax_fn)(float *st, int nv, int64_t nk);
 /* out[r] += sum over j < nk (ascending) of st[j, r] v_j, r < nr, one fused multiply-add per key. */
 typedef void (*values_fn)(float *const *out, int nr, const float *st, const float *v, int64_t nk, int64_t stride,
                           int d);
 
 typedef struct {
     scores_fn scores;
-    softmax_fn softmax;
     values_fn values;
 } blocked_kernel;
 
-/* exp(x) for x <= 0 (softmax after the max is subtracted): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes'
- * degree-5 polynomial (about 1 ulp), times 2^n through the exponent bits. Below ln(FLT_MIN) it gives 0, not a
- * subnormal (expf's are under 1.2e-38: nothing next to the max's 1). */
-#define EXP_LOG2E 1.44269504088896341f
-#define EXP_LN2_HI 0.693359375f
-#define EXP_LN2_LO -2.12194440e-4f
-#define EXP_FLOOR -88.0f              /* keeps n >= -127 (and -inf finite) before the flush */
-#define EXP_FLUSH -87.33654475f       /* ln(FLT_MIN) */
-static const float EXP_P[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
-                               1.6666665459e-1f, 5.0000001201e-1f};
-
-static float exp_ref(float x) {
-    const float xc = fmaxf(x, EXP_FLOOR), n = nearbyintf(xc * EXP_LOG2E);
-    const float r = fmaf(n, -EXP_LN2_LO, fmaf(n, -EXP_LN2_HI, xc));
-    float p = EXP_P[0];
-    for (int i = 1; i < 6; i++) p = fmaf(p, r, EXP_P[i]);
-    float y = fmaf(p, r * r, r) + 1.0f;
-    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    y *= scale;
-    return x < EXP_FLUSH ? 0.0f : y;
+/* Per lane r < nr: e = exp(s - max over the column) (ops.h's exp, 0 for -inf scores), summed in double, then
+ * st = e / sum. Plain C over the lanes, which vectorises in every target clone and gives every kernel the same
+ * bits. */
+DG_CLONES
+static void softmax_columns(float *st, int nr, int64_t nk) {
+    float max[ROWS];
+    double sum[ROWS];
+    for (int r = 0; r < nr; r++) {
+        max[r] = st[r];
+        sum[r] = 0.0;
+    }
+    for (int64_t j = 1; j < nk; j++)
+        for (int r = 0; r < nr; r++) max[r] = st[j * ROWS + r] > max[r] ? st[j * ROWS + r] : max[r];
+    for (int64_t j = 0; j < nk; j++)
+        for (int r = 0; r < nr; r++) {
+            const float e = exp_nonpositive(st[j * ROWS + r] - max[r]);
+            st[j * ROWS + r] = e;
+            sum[r] += e;
+        }
+    float total[ROWS];
+    for (int r = 0; r < nr; r++) total[r] = (float)sum[r];
+    for (int64_t j = 0; j < nk; j++)
+        for (int r = 0; r < nr; r++) st[j * ROWS + r] /= total[r];
 }
 
 static void scores_ref(float *st, const double *qt, int nv, const float *k, int64_t nk, int64_t stride, int d) {
@@ -115,21 +115,6 @@ static void scores_ref(float *st, const double *qt, int nv, const float *k, int6
             for (int c = 0; c < d; c++) acc += (double)k[j * stride + c] * qt[c * ROWS + r];
             st[j * ROWS + r] = (float)acc;
         }
-}
-
-static void softmax_ref(float *st, int nv, int64_t nk) {
-    for (int r = 0; r < 16 * nv; r++) {
-        float max = st[r];
-        for (int64_t j = 1; j < nk; j++) max = fmaxf(max, st[j * ROWS + r]);
-        double sum = 0.0;
-        for (int64_t j = 0; j < nk; j++) {
-            const float e = exp_ref(st[j * ROWS + r] - max);
-            st[j * ROWS + r] = e;
-            sum += e;
-        }
-        const float s = (float)sum;
-        for (int64_t j = 0; j < nk; j++) st[j * ROWS + r] /= s;
-    }
 }
 
 static void values_ref(float *const *out, int nr, const float *st, const float *v, int64_t nk, int64_t stride,
@@ -142,27 +127,12 @@ static void values_ref(float *const *out, int nr, const float *st, const float *
         }
 }
 
-static const blocked_kernel BLOCKED_REFERENCE = {scores_ref, softmax_ref, values_ref};
+static const blocked_kernel BLOCKED_REFERENCE = {scores_ref, values_ref};
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 
 /* ---- AVX-512 ---------------------------------------------------------------------------------------------- */
-
-__attribute__((target("avx512f"))) static inline __m512 exp_avx512(__m512 x) {
-    const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(EXP_FLOOR));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(EXP_LOG2E)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-EXP_LN2_HI), xc);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-EXP_LN2_LO), r);
-    __m512 p = _mm512_set1_ps(EXP_P[0]);
-    for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P[i]));
-    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    y = _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_FLUSH), _CMP_NLT_UQ);
-    return _mm512_maskz_mov_ps(keep, y);
-}
 
 /* KT keys x 64 lanes (24 zmm of doubles at nv = 4); keys past the end repeat the last one and are not stored. */
 __attribute__((target("avx512f"), always_inline)) static inline void scores_avx512_nv(
@@ -193,24 +163,6 @@ __attribute__((target("avx512f"))) static void scores_avx512(float *st, const do
     case 2: scores_avx512_nv(st, qt, k, nk, stride, d, 2); break;
     case 3: scores_avx512_nv(st, qt, k, nk, stride, d, 3); break;
     default: scores_avx512_nv(st, qt, k, nk, stride, d, 4); break;
-    }
-}
-
-__attribute__((target("avx512f"))) static void softmax_avx512(float *st, int nv, int64_t nk) {
-    for (int v = 0; v < nv; v++) {
-        float *col = st + 16 * v;
-        __m512 max = _mm512_loadu_ps(col);
-        for (int64_t j = 1; j < nk; j++) max = _mm512_max_ps(max, _mm512_loadu_ps(col + j * ROWS));
-        __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
-        for (int64_t j = 0; j < nk; j++) {
-            const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(col + j * ROWS), max));
-            _mm512_storeu_ps(col + j * ROWS, e);
-            s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
-            s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
-        }
-        const __m512 s = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(s0))),
-                                                             _mm256_castps_pd(_mm512_cvtpd_ps(s1)), 1));
-        for (int64_t j = 0; j < nk; j++) _mm512_storeu_ps(col + j * ROWS, _mm512_div_ps(_mm512_loadu_ps(col + j * ROWS), s));
     }
 }
 
@@ -251,23 +203,9 @@ __attribute__((target("avx512f"))) static void values_avx512(float *const *out, 
     }
 }
 
-static const blocked_kernel BLOCKED_AVX512 = {scores_avx512, softmax_avx512, values_avx512};
+static const blocked_kernel BLOCKED_AVX512 = {scores_avx512, values_avx512};
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------------------- */
-
-__attribute__((target("avx2,fma"))) static inline __m256 exp_avx2(__m256 x) {
-    const __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(EXP_FLOOR));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(EXP_LOG2E)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_LN2_HI), xc);
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_LN2_LO), r);
-    __m256 p = _mm256_set1_ps(EXP_P[0]);
-    for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P[i]));
-    __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    y = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-    return _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(EXP_FLUSH), _CMP_NLT_UQ));
-}
 
 /* KT keys x 16 lanes (12 ymm of doubles), one 16-lane group at a time. */
 __attribute__((target("avx2,fma"))) static void scores_avx2(float *st, const double *qt, int nv, const float *k,
@@ -291,23 +229,6 @@ __attribute__((target("avx2,fma"))) static void scores_avx2(float *st, const dou
                 for (int u = 0; u < 4; u++)
                     _mm_storeu_ps(st + (j0 + i) * ROWS + 16 * v + 4 * u, _mm256_cvtpd_ps(acc[i][u]));
         }
-}
-
-__attribute__((target("avx2,fma"))) static void softmax_avx2(float *st, int nv, int64_t nk) {
-    for (int v = 0; v < 2 * nv; v++) {
-        float *col = st + 8 * v;
-        __m256 max = _mm256_loadu_ps(col);
-        for (int64_t j = 1; j < nk; j++) max = _mm256_max_ps(max, _mm256_loadu_ps(col + j * ROWS));
-        __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
-        for (int64_t j = 0; j < nk; j++) {
-            const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(col + j * ROWS), max));
-            _mm256_storeu_ps(col + j * ROWS, e);
-            s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
-            s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
-        }
-        const __m256 s = _mm256_set_m128(_mm256_cvtpd_ps(s1), _mm256_cvtpd_ps(s0));
-        for (int64_t j = 0; j < nk; j++) _mm256_storeu_ps(col + j * ROWS, _mm256_div_ps(_mm256_loadu_ps(col + j * ROWS), s));
-    }
 }
 
 /* 3 rows x 32 columns of accumulators (12 ymm); the column tail goes 8 (then fewer, masked) at a time. */
@@ -347,7 +268,7 @@ __attribute__((target("avx2,fma"))) static void values_avx2(float *const *out, i
     }
 }
 
-static const blocked_kernel BLOCKED_AVX2 = {scores_avx2, softmax_avx2, values_avx2};
+static const blocked_kernel BLOCKED_AVX2 = {scores_avx2, values_avx2};
 #endif
 
 /* The blocked kernel at the active matmul kernel's instruction set. */
@@ -408,7 +329,7 @@ static void blocked_items(void *ctx, int64_t lo, int64_t hi, int thread) {
             for (int64_t k = na; k < lo2; k++) st[k * ROWS + r] = -INFINITY;
             for (int64_t k = hi2; k < nk; k++) st[k * ROWS + r] = -INFINITY;
         }
-        j->kr->softmax(st, nv, nk);
+        softmax_columns(st, 16 * nv, nk);
         j->kr->values(out, nr, st, a->cv + a0 * stride + g * d, na, stride, d);
         j->kr->values(out, nr, st + na * ROWS, a->v + b0 * stride + g * d, b1 - b0, stride, d);
     }

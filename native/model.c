@@ -272,13 +272,13 @@ static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int
         {&s->attn_scratch, nt * attention_scratch(held_max + n, (int)d_max)},
     };
     const int np = (int)(sizeof parts / sizeof parts[0]);
-    size_t total = 0;
-    for (int i = 0; i < np; i++) total += ((size_t)max64(parts[i].count, 1) * 4 + 63) / 64 * 64;
+    size_t bytes[np], total = 0;
+    for (int i = 0; i < np; i++) total += bytes[i] = ((size_t)max64(parts[i].count, 1) * 4 + 63) / 64 * 64;
     char *block = pool_shared(s->pool, SHARED_PASS, total);
     if (!block) FAIL(DG_E_VALUE, "out of memory for the scratch buffers of %lld tokens", (long long)n);
     for (int i = 0; i < np; i++) {
         *(void **)parts[i].p = block;
-        block += ((size_t)max64(parts[i].count, 1) * 4 + 63) / 64 * 64;
+        block += bytes[i];
     }
     return DG_OK;
 }

@@ -369,7 +369,6 @@ size_t tensor_row_bytes(const dg_tensor *w) {
     return (size_t)(w->ne0 / bs * ts);
 }
 
-/* Per-thread scratch of `bytes` bytes each, 64-byte aligned; NULL on allocation failure. */
 /* What a worker needs beside its job: a buffer for weight rows (dequantized floats or unpacked int8 groups), and
  * where it reports a failure (-1: a row would not dequantize, -2: out of memory). */
 typedef struct {
@@ -578,7 +577,7 @@ typedef struct {
     const float *logits;
     const dg_tensor *w;
     size_t row_bytes;
-    int64_t n, H, V;
+    int64_t H, V;
     float scale;
     axpy_bf16_fn bf16;           /* non-NULL: accumulate in bfloat16 pairs (gemm.h) */
     float *mx, *sum;             /* [n] softmax statistics */
@@ -590,7 +589,6 @@ typedef struct {
     int64_t v0;                  /* the batch's first row */
     float **pb;                  /* per thread: probabilities [tokens, SOFT_BLOCK] */
     uint32_t **pw;               /* per thread: their bfloat16 pairs */
-    int64_t per_thread;          /* tokens a thread may be handed */
     int *status;                 /* per thread: -1 a row would not dequantize */
 } soft_job;
 
@@ -695,7 +693,7 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
     const axpy_bf16_fn bf16 = int8_type_of(w->type) ? soft_embed_bf16() : NULL;
     int status[nt];
     memset(status, 0, sizeof status);
-    soft_job j = {out, logits, w, rb, n, H, V, scale, bf16, .status = status, .per_thread = per_thread};
+    soft_job j = {out, logits, w, rb, H, V, scale, bf16, .status = status};
     /* every buffer is the pool's, kept from pass to pass (fresh pages cost as much as the arithmetic) */
     j.mx = pool_shared(p, SHARED_SOFT_STATS, (size_t)n * 2 * sizeof(float));
     j.acc = pool_shared(p, SHARED_SOFT_ACC, (size_t)(n * H) * sizeof(double));
