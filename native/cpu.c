@@ -10,10 +10,11 @@ static void detect_features(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl");
     int vnni = avx512 && __builtin_cpu_supports("avx512vnni");
     int bf16 = vnni && __builtin_cpu_supports("avx512bf16");
-    const char *names[] = {"avx2,fma", ",avx512f,avx512bw", ",avx512vnni", ",avx512bf16"};
+    const char *names[] = {"avx2,fma", ",avx512f,avx512bw,avx512vl", ",avx512vnni", ",avx512bf16"};
     int have[] = {avx2, avx512, vnni, bf16};
     char *p = features;
     for (int i = 0; i < 4 && have[i]; i++)

@@ -642,16 +642,31 @@ static void int8_tile_ref(float *out, int64_t ldo, const act_group *x, int64_t n
 
 enum { TR = 4, TT = 4, TC = 48 };
 
-__attribute__((target("avx512f"))) static float fold16_avx512(__m512 a) {
-    __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
-    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
-    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+/* fold16 of a whole 4 x 4 tile at once: at each step one pair of shuffles and an add take lanes at distance 8,
+ * then 4, 2, 1 for all 16 accumulators (the reference's pairs, so its bits), and the tile's outputs are stored
+ * as tokens' rows of 4: lane 4 i + r of the folded vector is row r, token i (acc[r * TT + i]). One at a time,
+ * the folds and scattered scalar stores took about a quarter of a K = 256 matmul. */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) void store_tile_avx512(
+    float *out, int64_t ldo, const __m512 *acc, int nt, int nr) {
+    __m512 s[8], u[4], w[2];
+    for (int p = 0; p < 8; p++)
+        s[p] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0xee));
+    for (int q = 0; q < 4; q++)   /* 128-bit lane c of u[q]: accumulator 4 q + c */
+        u[q] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * q], s[2 * q + 1], 0x88),
+                             _mm512_shuffle_f32x4(s[2 * q], s[2 * q + 1], 0xdd));
+    for (int m = 0; m < 2; m++)
+        w[m] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * m], u[2 * m + 1], 0x44),
+                             _mm512_shuffle_ps(u[2 * m], u[2 * m + 1], 0xee));
+    float f[16] __attribute__((aligned(64)));
+    _mm512_store_ps(f, _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xdd)));
+    const __mmask8 rows = (__mmask8)((1u << (nr < TR ? nr : TR)) - 1);
+    for (int i = 0; i < nt; i++) _mm_mask_storeu_ps(out + i * ldo, rows, _mm_load_ps(f + 4 * i));
 }
 
 /* One group of a 4-row x tt-token tile (tt <= TT); acc[r * TT + i] is row r, token i. split and mins are
  * constants once inlined, and so is tt in the tiles. */
-static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void group_avx512(
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx512(
     __m512 *acc, const wgt_group *const *w, const act_group *const *x, const int tt, const int split,
     const int mins) {
     for (int half = 0; half <= split; half++) {
@@ -686,7 +701,7 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
             }
 }
 
-static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512(
     float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
     const int tt, const int split, const int mins) {
     for (int64_t t0 = 0; t0 < nt; t0 += TC) {
@@ -706,16 +721,14 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
                     for (int i = 0; i < tt; i++) xg[i] = xr[i] + g;
                     group_avx512(acc, wg, xg, tt, split, mins);
                 }
-                for (int i = 0; i < tt && i0 + i < tc; i++)
-                    for (int r = 0; r < TR && r0 + r < nr; r++)
-                        out[(t0 + i0 + i) * ldo + r0 + r] = fold16_avx512(acc[r * TT + i]);
+                store_tile_avx512(out + (t0 + i0) * ldo + r0, ldo, acc, tc - i0 < tt ? tc - i0 : tt, nr - r0);
             }
         }
     }
 }
 
 /* One build per type shape. Fewer tokens than a tile are padded (matmul sends them to the rows path below). */
-__attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void int8_tile_avx512vnni(
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void int8_tile_avx512vnni(
     float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
     const int8_type *t) {
     if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 1, 1);
@@ -727,7 +740,7 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void int
 /* Few tokens straight from the stored rows: each group of 4 rows is unpacked into L1 just before its dot products
  * (no row buffer), and the same group steps as the tiles above run on its 1-3 tokens. type is a constant: one
  * of the types group_avx512_levels() takes, or 0 for any type through unpack_group_avx512. */
-static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) void rows_avx512(
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) void rows_avx512(
     float *out, int64_t ldo, const act_group *x, const int nt, const void *rows, size_t row_bytes, int nr,
     int64_t k, const int8_type *t, const int type, const int split, const int mins) {
     const int64_t ng = int8_groups(k);
@@ -745,12 +758,11 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"
             for (int r = 0; r < TR; r++) group_avx512_row(t, type, src[r], k, g, &w[r]);
             group_avx512(acc, wg, xg, nt, split, mins);
         }
-        for (int i = 0; i < nt; i++)
-            for (int r = 0; r < TR && r0 + r < nr; r++) out[i * ldo + r0 + r] = fold16_avx512(acc[r * TT + i]);
+        store_tile_avx512(out + r0, ldo, acc, nt, nr - r0);
     }
 }
 
-__attribute__((noinline, target("avx512f,avx512bw,avx512vnni"))) static void int8_rows_avx512vnni(
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void int8_rows_avx512vnni(
     float *out, int64_t ldo, const act_group *x, int64_t nt, const void *rows, size_t row_bytes, int nr,
     int64_t k, const int8_type *t) {
 /* one token (a constant, which keeps the integer sums in registers) or a few */
