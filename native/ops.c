@@ -584,7 +584,7 @@ typedef struct {
     double *acc;                 /* [n, H] */
     float *rows;                 /* shared, float path: the batch's rows (F32: unused, rows are read in place) */
     uint32_t *pairs;             /* shared, bf16 path: the batch's rows in bfloat16 pairs */
-    float **block;               /* per thread, bf16 path: one block of rows dequantized, to be paired */
+    float **block;               /* per thread, bf16 path: two rows dequantized, to be paired */
     const float *batch_rows;     /* float path: the batch's rows, in rows or the mapped F32 tensor */
     int64_t v0;                  /* the batch's first row */
     float **pb;                  /* per thread: probabilities [tokens, SOFT_BLOCK] */
@@ -598,8 +598,7 @@ static void softmax_stats(float *mx, float *sum, const float *logits, int64_t nt
     enum { LANES = 16 };
     for (int64_t t = 0; t < nt; t++) {
         const float *l = logits + t * V;
-        float m = l[0];
-        for (int64_t v = 1; v < V; v++) m = l[v] > m ? l[v] : m;
+        const float m = row_max(l, V);
         double z[LANES] = {0}, total = 0.0;
         int64_t v = 0;
         for (; v + LANES <= V; v += LANES)
@@ -629,17 +628,25 @@ static void soft_rows(void *ctx, int64_t lo, int64_t hi, int thread) {
     char err[8];
     for (int64_t b = lo; b < hi; b++) {
         const int64_t r0 = b * SOFT_BLOCK, nv = min_i64(SOFT_BLOCK, j->V - j->v0 - r0);
-        float *wb = j->bf16 ? j->block[thread] : j->rows + r0 * H;
+        const char *src = (const char *)j->w->data + (size_t)(j->v0 + r0) * j->row_bytes;
         if (j->w->type == DG_TYPE_F32) continue;
-        if (dg_dequantize_rows(j->w->type, (const char *)j->w->data + (size_t)(j->v0 + r0) * j->row_bytes, wb, nv,
-                               H, err, sizeof err) != 0) {
-            j->status[thread] = -1;
-            return;
+        if (!j->bf16) {
+            if (dg_dequantize_rows(j->w->type, src, j->rows + r0 * H, nv, H, err, sizeof err) != 0) {
+                j->status[thread] = -1;
+                return;
+            }
+            continue;
         }
-        if (j->bf16) {
-            uint32_t *ww = j->pairs + r0 / 2 * H;
-            for (int64_t m = 0; m < (nv + 1) / 2; m++)
-                pack_bf16_rows(ww + m * H, wb + 2 * m * H, 2 * m + 1 < nv ? wb + (2 * m + 1) * H : NULL, H);
+        /* two rows at a time, so they are paired while still in L1 */
+        float *wb = j->block[thread];
+        uint32_t *ww = j->pairs + r0 / 2 * H;
+        for (int64_t m = 0; m < (nv + 1) / 2; m++) {
+            const int64_t two = min_i64(2, nv - 2 * m);
+            if (dg_dequantize_rows(j->w->type, src + (size_t)(2 * m) * j->row_bytes, wb, two, H, err, sizeof err)) {
+                j->status[thread] = -1;
+                return;
+            }
+            pack_bf16_rows(ww + m * H, wb, two == 2 ? wb + H : NULL, H);
         }
     }
 }
@@ -701,7 +708,7 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
         j.pairs = pool_shared(p, SHARED_SOFT_ROWS, (size_t)batch / 2 * sizeof(uint32_t));
     else if (w->type != DG_TYPE_F32)
         j.rows = pool_shared(p, SHARED_SOFT_ROWS, (size_t)batch * sizeof(float));
-    j.block = bf16 ? (float **)pool_scratch(p, SCRATCH_SOFT_BLOCK, (size_t)(SOFT_BLOCK * H) * sizeof(float)) : NULL;
+    j.block = bf16 ? (float **)pool_scratch(p, SCRATCH_SOFT_BLOCK, (size_t)(2 * H) * sizeof(float)) : NULL;
     j.pb = (float **)pool_scratch(p, SCRATCH_SOFT_PROBS, (size_t)(per_thread * SOFT_BLOCK) * sizeof(float));
     j.pw = (uint32_t **)pool_scratch(p, SCRATCH_SOFT_PAIRS, (size_t)(per_thread * SOFT_BLOCK / 2) * sizeof(uint32_t));
     if (!j.mx || !j.acc || (w->type != DG_TYPE_F32 && !bf16 && !j.rows) || (bf16 && (!j.pairs || !j.block)) ||

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "dgguf.h"
 
@@ -28,6 +29,29 @@ static inline float exp_nonpositive(float x) {
               r * (1.3888889e-3f + r * 1.9841270e-4f))))));
     union { uint32_t u; float f; } scale = { .u = (uint32_t)(n + 127) << 23 };
     return x < -87.0f ? 0.0f : p * scale.f;
+}
+
+/* The largest of x[0..n) (n >= 1), as the serial m = x[v] > m ? x[v] : m from m = x[0] finds it (a NaN first
+ * value gives NaN, later NaNs are passed over), in 16 running maxima: GCC does not vectorise a float max without
+ * -ffinite-math-only, so the lanes are one vector of GCC's vector extension and the select is spelled out on the
+ * bits. Call it from target clones (DG_CLONES) to get each one's vectors. */
+typedef float max_lanes_f __attribute__((vector_size(64)));
+typedef int32_t max_lanes_i __attribute__((vector_size(64)));
+
+static inline float row_max(const float *x, int64_t n) {
+    max_lanes_f m;
+    for (int j = 0; j < 16; j++) m[j] = x[0];
+    int64_t v = 0;
+    for (; v + 16 <= n; v += 16) {
+        max_lanes_f s;
+        memcpy(&s, x + v, sizeof s);
+        const max_lanes_i larger = s > m;
+        m = (max_lanes_f)(((max_lanes_i)s & larger) | ((max_lanes_i)m & ~larger));
+    }
+    float mx = m[0];
+    for (int j = 1; j < 16; j++) mx = m[j] > mx ? m[j] : mx;
+    for (; v < n; v++) mx = x[v] > mx ? x[v] : mx;
+    return mx;
 }
 
 /* tanh(x), measured within 1.5 ulp: below |x| = 0.625, |x| + |x|^3 P(x^2) with P a degree-4 fit of (tanh x - x) / x^3
