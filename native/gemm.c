@@ -27,6 +27,14 @@ float dot_ref(const float *a, const float *b, int64_t n) {
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+float fold16(const float *a) {
+    float h[8];
+    for (int i = 0; i < 8; i++) h[i] = a[i] + a[i + 8];
+    for (int i = 0; i < 4; i++) h[i] = h[i] + h[i + 4];
+    for (int i = 0; i < 2; i++) h[i] = h[i] + h[i + 2];
+    return h[0] + h[1];
+}
+
 static void tile_ref(float *out, int64_t ldo, const float *x, int64_t nt, const float *const *w, int nr,
                      int64_t k) {
     for (int64_t t = 0; t < nt; t++)
@@ -250,6 +258,56 @@ __attribute__((target("avx512f,avx512bf16"))) static void axpy_bf16_avx512(doubl
 }
 #endif
 
+/* ---- bfloat16 matmul of BF16 weights (gemm.h) ---------------------------------------------------------- */
+
+static void tile_bf16_ref(float *out, int64_t ldo, const uint32_t *x, int64_t nt, const uint32_t *const *w, int nr,
+                          int64_t np) {
+    const int64_t padded = (np + 15) / 16 * 16;
+    for (int64_t t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) {
+            float acc[16] = {0};
+            for (int64_t m = 0; m < padded; m++) {
+                const uint32_t a = m < np ? x[t * np + m] : 0, b = m < np ? w[r][m] : 0;
+                float *s = &acc[m % 16];
+                *s = ftz(*s + ftz(bf16_hi(a)) * ftz(bf16_hi(b)));   /* inputs too: denormals read as zero */
+                *s = ftz(*s + ftz(bf16_lo(a)) * ftz(bf16_lo(b)));
+            }
+            out[t * ldo + r] = fold16(acc);
+        }
+}
+
+#if defined(__x86_64__)
+/* Tiles of 4 rows x 4 tokens, one VDPBF16PS per word vector; tokens in chunks of 48 (their words stay in L2),
+ * each block of 4 rows meeting every token tile of a chunk. Padded rows and tokens repeat the last one. */
+__attribute__((target("avx512f,avx512vl,avx512bf16"))) static void tile_bf16_avx512(
+    float *out, int64_t ldo, const uint32_t *x, int64_t nt, const uint32_t *const *w, int nr, int64_t np) {
+    enum { TC = 48 };
+    for (int64_t t0 = 0; t0 < nt; t0 += TC) {
+        const int64_t tc = nt - t0 < TC ? nt - t0 : TC;
+        for (int r0 = 0; r0 < nr; r0 += 4) {
+            const uint32_t *ws[4];
+            for (int r = 0; r < 4; r++) ws[r] = w[r0 + r < nr ? r0 + r : nr - 1];
+            for (int64_t i0 = 0; i0 < tc; i0 += 4) {
+                const uint32_t *xs[4];
+                for (int i = 0; i < 4; i++) xs[i] = x + (t0 + (i0 + i < tc ? i0 + i : tc - 1)) * np;
+                __m512 acc[16];
+                for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_ps();
+                for (int64_t m = 0; m < np; m += 16) {
+                    const __mmask16 in = np - m >= 16 ? 0xffff : (__mmask16)((1u << (np - m)) - 1);
+                    __m512bh wv[4];
+                    for (int r = 0; r < 4; r++) wv[r] = (__m512bh)_mm512_maskz_loadu_epi32(in, ws[r] + m);
+                    for (int i = 0; i < 4; i++) {
+                        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi32(in, xs[i] + m);
+                        for (int r = 0; r < 4; r++) acc[4 * r + i] = _mm512_dpbf16_ps(acc[4 * r + i], xv, wv[r]);
+                    }
+                }
+                store_tile_avx512(out + (t0 + i0) * ldo + r0, ldo, acc, (int)(tc - i0 < 4 ? tc - i0 : 4), nr - r0);
+            }
+        }
+    }
+}
+#endif
+
 /* ---- y += a * x (attention's weighted sum of values) --------------------------------------------------- */
 
 static void axpy_f32_ref(float *y, float a, const float *x, int64_t n) {
@@ -286,6 +344,7 @@ typedef struct {
     axpy_f32_fn axpy_f32;
     const int8_kernel *int8;    /* NULL: float activations for every weight type */
     axpy_bf16_fn axpy_bf16;     /* non-NULL: quantized embeddings' soft embedding in bfloat16 pairs */
+    bf16_tile_fn bf16;          /* non-NULL: BF16 weights against bfloat16 activations */
     const char *needs;          /* features in dg_cpu_features(), or NULL */
     int automatic;              /* a candidate for the default */
 } kernel;
@@ -293,16 +352,16 @@ typedef struct {
 /* In order of preference for the default (later is better); the int8 kernels take quantized weights with int8
  * activations and F32/F16/BF16 weights through their level's float kernel. */
 static const kernel KERNELS[] = {
-    {"reference", tile_ref, axpy_ref, axpy_f32_ref, NULL, NULL, NULL, 1},
-    {"int8-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, NULL, NULL, 0},
-    {"int8-bf16-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, axpy_bf16_ref, NULL, 0},
+    {"reference", tile_ref, axpy_ref, axpy_f32_ref, NULL, NULL, NULL, NULL, 1},
+    {"int8-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, NULL, NULL, NULL, 0},
+    {"int8-bf16-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, axpy_bf16_ref, tile_bf16_ref, NULL, 0},
 #if defined(__x86_64__)
-    {"avx2", tile_avx2, axpy_ref, axpy_f32_avx2, NULL, NULL, "avx2", 1},
-    {"int8-avx2", tile_avx2, axpy_ref, axpy_f32_avx2, &INT8_AVX2, NULL, "avx2", 1},
-    {"avx512", tile_avx512, axpy_avx512, axpy_f32_avx512, NULL, NULL, "avx512f", 1},
-    {"int8-avx512vnni", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, NULL, "avx512vnni", 1},
-    {"int8-avx512bf16", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, axpy_bf16_avx512, "avx512bf16",
-     1},
+    {"avx2", tile_avx2, axpy_ref, axpy_f32_avx2, NULL, NULL, NULL, "avx2", 1},
+    {"int8-avx2", tile_avx2, axpy_ref, axpy_f32_avx2, &INT8_AVX2, NULL, NULL, "avx2", 1},
+    {"avx512", tile_avx512, axpy_avx512, axpy_f32_avx512, NULL, NULL, NULL, "avx512f", 1},
+    {"int8-avx512vnni", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, NULL, NULL, "avx512vnni", 1},
+    {"int8-avx512bf16", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, axpy_bf16_avx512,
+     tile_bf16_avx512, "avx512bf16", 1},
 #endif
 };
 enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
@@ -341,6 +400,8 @@ axpy_fn soft_embed_axpy(void) { return current()->axpy; }
 axpy_f32_fn attention_axpy(void) { return current()->axpy_f32; }
 
 axpy_bf16_fn soft_embed_bf16(void) { return current()->axpy_bf16; }
+
+bf16_tile_fn matmul_bf16(void) { return current()->bf16; }
 
 const char *dg_matmul_kernel(void) { return current()->name; }
 

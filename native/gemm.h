@@ -83,6 +83,47 @@ extern const int8_kernel INT8_REFERENCE;
 extern const int8_kernel INT8_AVX2, INT8_AVX512VNNI;
 #endif
 
+/* The fixed 16-lane fold the int8 and bfloat16 tiles end with: (a[0..7] + a[8..15]), then halves down to one
+ * float. */
+float fold16(const float *a);
+
+/* ---- bfloat16 activations against BF16 weights (gemm.c) ---------------------------------------------------
+ * A stored BF16 row already is bfloat16 pairs (word m: value 2m low, 2m + 1 high); the activations are rounded
+ * to the same pairs once per matmul (pack_bf16_pairs). Each output sums its words in 16 float lanes as VDPBF16PS
+ * does (lane m % 16 takes word m; denormal inputs read as zero, the odd product added before the even one, each
+ * sum rounded with denormal results flushed to zero; zero words past the row up to a multiple of 16), then
+ * fold16. out[i * ldo + r] = x[i] . w[r] for i < nt tokens, r < nr (<= INT8_ROWS) rows of np words. */
+typedef void (*bf16_tile_fn)(float *out, int64_t ldo, const uint32_t *x, int64_t nt, const uint32_t *const *w,
+                             int nr, int64_t np);
+/* The active kernel's, or NULL: BF16 weights go through the float tile. */
+bf16_tile_fn matmul_bf16(void);
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* fold16 of the 16 accumulators of a 4-row x 4-token tile at once: at each step one pair of shuffles and an add take lanes at distance 8,
+ * then 4, 2, 1 for all 16 accumulators (the reference's pairs, so its bits), and the tile's outputs are stored
+ * as tokens' rows of 4: lane 4 i + r of the folded vector is row r, token i (acc[4 * r + i]); nt, nr <= 4
+ * are stored. One output at a time, the folds and scattered stores took a quarter of a K = 256 int8 matmul. */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) void store_tile_avx512(
+    float *out, int64_t ldo, const __m512 *acc, int nt, int nr) {
+    __m512 s[8], u[4], w[2];
+    for (int p = 0; p < 8; p++)
+        s[p] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0xee));
+    for (int q = 0; q < 4; q++)   /* 128-bit lane c of u[q]: accumulator 4 q + c */
+        u[q] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * q], s[2 * q + 1], 0x88),
+                             _mm512_shuffle_f32x4(s[2 * q], s[2 * q + 1], 0xdd));
+    for (int m = 0; m < 2; m++)
+        w[m] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * m], u[2 * m + 1], 0x44),
+                             _mm512_shuffle_ps(u[2 * m], u[2 * m + 1], 0xee));
+    float f[16] __attribute__((aligned(64)));
+    _mm512_store_ps(f, _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xdd)));
+    const __mmask8 rows = (__mmask8)((1u << (nr < 4 ? nr : 4)) - 1);
+    for (int i = 0; i < nt; i++) _mm_mask_storeu_ps(out + i * ldo, rows, _mm_load_ps(f + 4 * i));
+}
+#endif
+
 /* The active kernels. */
 tile_fn matmul_tile(void);
 /* NULL when the active kernel keeps float activations for every weight type. */

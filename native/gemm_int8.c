@@ -588,15 +588,6 @@ AVX512_BW static void unpack_row_avx512(const int8_type *t, const void *row, int
 
 /* ---- the reference kernel ---------------------------------------------------------------------------------- */
 
-/* The fixed 16-lane fold every variant ends with. */
-static float fold16(const float *a) {
-    float h[8];
-    for (int i = 0; i < 8; i++) h[i] = a[i] + a[i + 8];
-    for (int i = 0; i < 4; i++) h[i] = h[i] + h[i + 4];
-    for (int i = 0; i < 2; i++) h[i] = h[i] + h[i + 2];
-    return h[0] + h[1];
-}
-
 /* Sum over dwords j0..j1-1 of lane l: the integer products of one block (or half block). */
 static int32_t lane_dot(const wgt_group *w, const act_group *x, int l, int j0, int j1) {
     int32_t s = 0;
@@ -641,28 +632,6 @@ static void int8_tile_ref(float *out, int64_t ldo, const act_group *x, int64_t n
  * into accumulators of their own (never stored). */
 
 enum { TR = 4, TT = 4, TC = 48 };
-
-/* fold16 of a whole 4 x 4 tile at once: at each step one pair of shuffles and an add take lanes at distance 8,
- * then 4, 2, 1 for all 16 accumulators (the reference's pairs, so its bits), and the tile's outputs are stored
- * as tokens' rows of 4: lane 4 i + r of the folded vector is row r, token i (acc[r * TT + i]). One at a time,
- * the folds and scattered scalar stores took about a quarter of a K = 256 matmul. */
-static inline __attribute__((always_inline, target("avx512f,avx512vl"))) void store_tile_avx512(
-    float *out, int64_t ldo, const __m512 *acc, int nt, int nr) {
-    __m512 s[8], u[4], w[2];
-    for (int p = 0; p < 8; p++)
-        s[p] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0x44),
-                             _mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0xee));
-    for (int q = 0; q < 4; q++)   /* 128-bit lane c of u[q]: accumulator 4 q + c */
-        u[q] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * q], s[2 * q + 1], 0x88),
-                             _mm512_shuffle_f32x4(s[2 * q], s[2 * q + 1], 0xdd));
-    for (int m = 0; m < 2; m++)
-        w[m] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * m], u[2 * m + 1], 0x44),
-                             _mm512_shuffle_ps(u[2 * m], u[2 * m + 1], 0xee));
-    float f[16] __attribute__((aligned(64)));
-    _mm512_store_ps(f, _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xdd)));
-    const __mmask8 rows = (__mmask8)((1u << (nr < TR ? nr : TR)) - 1);
-    for (int i = 0; i < nt; i++) _mm_mask_storeu_ps(out + i * ldo, rows, _mm_load_ps(f + 4 * i));
-}
 
 /* One group of a 4-row x tt-token tile (tt <= TT); acc[r * TT + i] is row r, token i. split and mins are
  * constants once inlined, and so is tt in the tiles. */

@@ -420,6 +420,8 @@ typedef struct {
     float *out;
     const float *x;
     const act_group *xq;         /* int8 path: x quantized, ng groups per token */
+    const uint32_t *xb;          /* bfloat16 path (BF16 weights): x in bfloat16 pairs, ncols / 2 words a token */
+    bf16_tile_fn bf16;
     const int64_t *off;          /* tokens of matrix e: off[e] .. off[e + 1] - 1 */
     const char *base;            /* first row of the first matrix */
     size_t row_bytes;
@@ -451,6 +453,13 @@ static void matmul_items(void *ctx, int64_t lo, int64_t hi, int thread) {
         float *out = j->out + t0 * j->nrows + r0;
         if (j->k8 && j->k8->rows && nt < INT8_FEW) {
             j->k8->rows(out, j->nrows, j->xq + t0 * j->ng, nt, src, j->row_bytes, nr, j->ncols, j->t8);
+            continue;
+        }
+        if (j->bf16) {                           /* the stored rows are the kernel's words */
+            const int64_t np = j->ncols / 2;
+            const uint32_t *rows[INT8_ROWS];
+            for (int i = 0; i < nr; i++) rows[i] = (const uint32_t *)(const void *)(src + (size_t)i * j->row_bytes);
+            j->bf16(out, j->nrows, j->xb + t0 * np, nt, rows, nr, np);
             continue;
         }
         if (j->k8) {
@@ -492,6 +501,17 @@ static void quantize_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
     for (int64_t t = lo; t < hi; t++) j->k8->quantize(j->t8, j->x + t * j->ncols, j->ncols, j->xq + t * j->ng);
 }
 
+typedef struct {
+    uint32_t *xb;
+    const float *x;
+    int64_t ncols;
+} pack_job;
+
+static void pack_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
+    const pack_job *j = ctx;
+    for (int64_t t = lo; t < hi; t++) pack_bf16_pairs(j->xb + t * (j->ncols / 2), j->x + t * j->ncols, j->ncols);
+}
+
 int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float *out, int n_threads,
               char *err, size_t errlen) {
     if (!w || !w->data || !x || !out || n < 0 || w->ne0 < 1 || w->ne1 < 1 || w->ne2 < 1) {
@@ -524,13 +544,16 @@ int matmul_grouped(dg_pool *p, float *out, const float *x, const dg_tensor *w, c
     const int8_kernel *k8 = matmul_int8();
     const int8_type *t8 = k8 ? int8_type_of(w->type) : NULL;
     if (!t8) k8 = NULL;
-    const int64_t rows = k8 ? INT8_ROWS : TILE_ROWS, per_mat = (R + rows - 1) / rows;
+    /* BF16 rows of an even length are read in place as bfloat16 pairs where the kernel has a bf16 tile */
+    const bf16_tile_fn bf16 = w->type == DG_TYPE_BF16 && K % 2 == 0 ? matmul_bf16() : NULL;
+    const int64_t rows = k8 || bf16 ? INT8_ROWS : TILE_ROWS, per_mat = (R + rows - 1) / rows;
     const int64_t ng = int8_groups(K);
     int64_t *start = malloc((size_t)(E * per_mat + 1) * sizeof *start), *row = malloc((size_t)(E * per_mat) * sizeof *row);
     int32_t *mats = malloc((size_t)(E * per_mat) * sizeof *mats);
     act_group *xq = k8 ? pool_shared(p, SHARED_MATMUL_ACT, (size_t)n * (size_t)ng * sizeof *xq) : NULL;
+    uint32_t *xb = bf16 ? pool_shared(p, SHARED_MATMUL_ACT, (size_t)n * (size_t)(K / 2) * sizeof *xb) : NULL;
     int rc = DG_OK;
-    if (!start || !row || !mats || (k8 && !xq)) {
+    if (!start || !row || !mats || (k8 && !xq) || (bf16 && !xb)) {
         snprintf(err, errlen, "matmul: out of memory");
         rc = DG_E_VALUE;
         goto done;
@@ -548,11 +571,15 @@ int matmul_grouped(dg_pool *p, float *out, const float *x, const dg_tensor *w, c
         quantize_job q = {xq, x, K, ng, k8, t8};
         parallel_for(p, n, quantize_tokens, &q);
     }
-    matmul_job j = {out, x, xq, off, w->data, rb, w->type, K, R, ng, rows, matmul_tile(), k8, t8,
+    if (bf16) {
+        pack_job q = {xb, x, K};
+        parallel_for(p, n, pack_tokens, &q);
+    }
+    matmul_job j = {out, x, xq, xb, bf16, off, w->data, rb, w->type, K, R, ng, rows, matmul_tile(), k8, t8,
                     items, start, mats, row, {0}};
     int64_t most = 0;            /* tokens of the busiest matrix: with few, the int8 rows path needs no buffer */
     for (int64_t e = 0; e < E; e++) most = off[e + 1] - off[e] > most ? off[e + 1] - off[e] : most;
-    const size_t buf = k8 && k8->rows && most < INT8_FEW ? 0
+    const size_t buf = bf16 || (k8 && k8->rows && most < INT8_FEW) ? 0
                        : (size_t)rows * (k8 ? (size_t)ng * sizeof(wgt_group) : (size_t)K * sizeof(float));
     rc = run_with_rows(p, "matmul", w, buf, work, matmul_items, &j, &j.sc, err, errlen);
 done:

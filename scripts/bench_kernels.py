@@ -6,11 +6,13 @@ both against numpy in the same run.
 
 For each type and column count: GOP/s (2 x rows x K x columns per second) of the best float-activation kernel
 (weights dequantized per row block, float tiles) and of the best int8 kernel (activations rounded to int8 per 32
-values, integer dot products; quantized types only), their ratio, the ratio of the int8 figure to numpy's float32
-GEMM (BLAS) on the same shape with the weights already in float32, GB/s of stored weights the int8 kernel streams
-(what bounds one-token passes), and the fractions of the peaks given by --int8-peak / --fp32-peak (defaults: 2
-cores of AMD Zen 4, ~940 GOP/s int8 VNNI and ~235 GFLOP/s FP32 FMA, measured on a quiet machine, so foreign load
-lowers the fractions, not the ratios). Best of N; prints the load average.
+values, integer dot products; for BF16 weights, where the CPU has AVX512_BF16, activations rounded to bfloat16
+against the stored words, VDPBF16PS), their ratio, the ratio of the int8 figure to numpy's float32 GEMM (BLAS) on
+the same shape with the weights already in float32, GB/s of stored weights the int8 kernel streams (what bounds
+one-token passes), and the fractions of the peaks given by --int8-peak / --fp32-peak (defaults: 2 cores of AMD
+Zen 4, ~940 GOP/s int8 VNNI and ~235 GFLOP/s FP32 FMA, measured on a quiet machine, so foreign load lowers the
+fractions, not the ratios; BF16's fraction is of twice the FP32 peak, VDPBF16PS's rate). Best of N; prints the
+load average.
 
 --baseline DIR times the int8 kernel of the dgguf installed in DIR (pip install --target DIR <checkout>) against
 this one's: two child processes of this run, asked in turn for each type and column count (--rounds times, best
@@ -130,9 +132,10 @@ def main() -> None:
                 s8 = best_of(run, a.repeats)
                 i8 = ops / s8
                 blas = ops / best_of(lambda: x @ wf.T, a.repeats)
+                low = name not in FLOAT_TYPES or (name == "BF16" and "bf16" in int8_k)
+                peak = 2 * a.fp32_peak if name == "BF16" else a.int8_peak
                 int8_cells = (f"{i8:>11.1f} {i8 / fl:>11.2f} {i8 / blas:>11.2f} {raw.nbytes / s8 / 1e9:>10.1f} "
-                              f"{i8 / a.int8_peak:>13.3f}" if name not in FLOAT_TYPES
-                              else f"{'-':>11} {'-':>11} {'-':>11} {'-':>10} {'-':>13}")
+                              f"{i8 / peak:>13.3f}" if low else f"{'-':>11} {'-':>11} {'-':>11} {'-':>10} {'-':>13}")
                 print(f"{name:>5} {cols:>5} {fl:>12.1f} {int8_cells} {fl / a.fp32_peak:>19.3f}", flush=True)
     finally:
         native.set_matmul_kernel(before)

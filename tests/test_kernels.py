@@ -13,6 +13,7 @@ KERNELS = native.matmul_kernels()
 INT8_KERNELS = [k for k in KERNELS if k.startswith("int8")]
 FLOAT_KERNELS = [k for k in KERNELS if k not in INT8_KERNELS]
 QUANTIZED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+BF16_KERNELS = [k for k in KERNELS if "bf16" in k]   # BF16 weights against bfloat16 activations
 
 
 @pytest.fixture(params=KERNELS)
@@ -62,6 +63,9 @@ def test_every_kernel_matches_float64_on_the_stored_values(kernel, type_name):
         bound = k * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(wf).astype(np.float64).T)
         if kernel in INT8_KERNELS and type_name in QUANTIZED:
             bound += activation_rounding_bound(x, wf)
+        if kernel in BF16_KERNELS and type_name == "BF16":
+            # activations rounded to bfloat16: each moves by at most 2^-8 of itself (8 significant bits)
+            bound += 2.0**-8 * 1.01 * (np.abs(x).astype(np.float64) @ np.abs(wf).astype(np.float64).T)
         assert np.all(np.abs(got - exact) <= bound), (kernel, type_name, n, rows, k)
 
 
@@ -106,6 +110,27 @@ def test_int8_kernels_equal_the_int8_reference_bit_for_bit_for_any_thread_count(
             for threads in (1, 2, 3):
                 got = _with_kernel(kernel, lambda: native.matmul(raw, t.ggml, (rows, k), x, threads=threads))
                 np.testing.assert_array_equal(got, ref, err_msg=f"{kernel} {type_name} {n}x{rows}x{k} {threads}")
+
+
+def test_bf16_kernels_equal_their_reference_bit_for_bit_for_any_thread_count():
+    """BF16 weights straight from the file (denormal ones included, which VDPBF16PS reads as zero) against
+    activations rounded to bfloat16 (some denormal, some zero): every bf16 kernel gives the reference's bits."""
+    rng = np.random.default_rng(5)
+    t = TENSOR_TYPES["BF16"]
+    for n, rows, k in SHAPES + [(2, 37, 2816), (25, 5, 1536)]:
+        w = rng.standard_normal((rows, k)).astype(np.float32)
+        w[:, 1::5] *= 1e-39                    # denormal in bfloat16 too
+        raw = native.quantize_rows(w, t.ggml)
+        x = (rng.standard_normal((n, k)) * rng.uniform(0.01, 10, (n, 1))).astype(np.float32)
+        x[:, ::7] = 0.0
+        x[:, 3::11] *= 1e-39
+        x[:, 1::5] *= 1e37                     # against the denormal weights: products that would show
+        ref = _with_kernel("int8-bf16-reference", lambda: native.matmul(raw, t.ggml, (rows, k), x))
+        assert np.isfinite(ref).all()
+        for kernel in BF16_KERNELS:
+            for threads in (1, 2, 3):
+                got = _with_kernel(kernel, lambda: native.matmul(raw, t.ggml, (rows, k), x, threads=threads))
+                np.testing.assert_array_equal(got, ref, err_msg=f"{kernel} {n}x{rows}x{k} {threads}")
 
 
 def test_int8_kernels_hold_q8_0_levels_at_the_extremes():
