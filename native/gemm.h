@@ -59,9 +59,10 @@ int64_t int8_groups(int64_t k);
 typedef void (*int8_unpack_fn)(const int8_type *t, const void *row, int64_t k, wgt_group *out);
 /* One token's k floats into int8_groups(k) groups, with the terms type t needs. */
 typedef void (*int8_quantize_fn)(const int8_type *t, const float *x, int64_t k, act_group *out);
-/* out[i * ldo + r] = x[i] . w[r] for i < nt tokens (ng groups each), r < nr (nr <= INT8_ROWS) unpacked rows. */
+/* out[i * ldo + r] = x[i] . w[r] for i < nt tokens, r < nr (nr <= INT8_ROWS) unpacked rows, k values each
+ * (int8_groups(k) groups). */
 typedef void (*int8_tile_fn)(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w,
-                             int nr, int64_t ng, const int8_type *t);
+                             int nr, int64_t k, const int8_type *t);
 
 /* The tile's results for nt < INT8_FEW tokens straight from nr (<= INT8_ROWS) stored rows, row_bytes apart, of
  * k values each: no row buffer. */
@@ -101,26 +102,34 @@ bf16_tile_fn matmul_bf16(void);
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-/* fold16 of the 16 accumulators of a 4-row x 4-token tile at once: at each step one pair of shuffles and an add take lanes at distance 8,
- * then 4, 2, 1 for all 16 accumulators (the reference's pairs, so its bits), and the tile's outputs are stored
- * as tokens' rows of 4: lane 4 i + r of the folded vector is row r, token i (acc[4 * r + i]); nt, nr <= 4
- * are stored. One output at a time, the folds and scattered stores took a quarter of a K = 256 int8 matmul. */
+/* The end of fold16 for a 4-row x 4-token tile at once, from u[q] holding row q's partial sums after the
+ * distance-8 and distance-4 steps in 128-bit lane c for token c: the distance-2 and distance-1 steps for all 16
+ * outputs (the reference's pairs, so its bits), stored as tokens' rows of 4 (nt, nr <= 4 of them). */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) void store_folded_avx512(
+    float *out, int64_t ldo, const __m512 *u, int nt, int nr) {
+    __m512 w[2];
+    for (int m = 0; m < 2; m++)
+        w[m] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * m], u[2 * m + 1], 0x44),
+                             _mm512_shuffle_ps(u[2 * m], u[2 * m + 1], 0xee));
+    float f[16] __attribute__((aligned(64)));   /* lane 4 i + r: row r, token i */
+    _mm512_store_ps(f, _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xdd)));
+    const __mmask8 rows = (__mmask8)((1u << (nr < 4 ? nr : 4)) - 1);
+    for (int i = 0; i < nt; i++) _mm_mask_storeu_ps(out + i * ldo, rows, _mm_load_ps(f + 4 * i));
+}
+
+/* fold16 of the 16 accumulators of a 4-row x 4-token tile (acc[4 * r + i]) at once, each step one pair of
+ * shuffles and an add for all of them, then stored. One output at a time, the folds and scattered stores took a
+ * quarter of a K = 256 int8 matmul. */
 static inline __attribute__((always_inline, target("avx512f,avx512vl"))) void store_tile_avx512(
     float *out, int64_t ldo, const __m512 *acc, int nt, int nr) {
-    __m512 s[8], u[4], w[2];
+    __m512 s[8], u[4];
     for (int p = 0; p < 8; p++)
         s[p] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0x44),
                              _mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0xee));
     for (int q = 0; q < 4; q++)   /* 128-bit lane c of u[q]: accumulator 4 q + c */
         u[q] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * q], s[2 * q + 1], 0x88),
                              _mm512_shuffle_f32x4(s[2 * q], s[2 * q + 1], 0xdd));
-    for (int m = 0; m < 2; m++)
-        w[m] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * m], u[2 * m + 1], 0x44),
-                             _mm512_shuffle_ps(u[2 * m], u[2 * m + 1], 0xee));
-    float f[16] __attribute__((aligned(64)));
-    _mm512_store_ps(f, _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xdd)));
-    const __mmask8 rows = (__mmask8)((1u << (nr < 4 ? nr : 4)) - 1);
-    for (int i = 0; i < nt; i++) _mm_mask_storeu_ps(out + i * ldo, rows, _mm_load_ps(f + 4 * i));
+    store_folded_avx512(out, ldo, u, nt, nr);
 }
 #endif
 

@@ -493,6 +493,19 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
 
 #endif
 
+/* Rows of at most 256 values fill at most 8 lanes of their one group. The AVX-512 kernel then lets two rows share
+ * a group (see "paired rows" below), and for that every such activation group holds its lanes 0-7 again in lanes
+ * 8-15, scales and offset terms included; every other kernel multiplies the copies by the zero levels and scales
+ * of the missing blocks, which adds +0 to lanes that hold +0. */
+static void pair_lanes(act_group *o) {
+    for (int j = 0; j < 8; j++) memcpy(o->qs + 64 * j + 32, o->qs + 64 * j, 32);
+    memcpy(o->d + 8, o->d, 8 * sizeof(float));
+    memcpy(o->ia + 8, o->ia, 8 * sizeof(int32_t));
+    memcpy(o->ib + 8, o->ib, 8 * sizeof(int32_t));
+    memcpy(o->ma + 8, o->ma, 8 * sizeof(float));
+    memcpy(o->mb + 8, o->mb, 8 * sizeof(float));
+}
+
 /* Each instruction set gets its own build of the row functions from the same C (the same integer and float
  * operations, so the same bytes); only the lane permutation has a hand-written AVX-512 form (and the AVX-512 rows
  * of the preset types their own path, below). */
@@ -534,6 +547,7 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
                 o->mb[l] = d * (float)hi;                                                                       \
             }                                                                                                   \
             TO_LANES((uint8_t *)o->qs, (const uint8_t *)q);                                                     \
+            if (k <= INT8_GROUP / 2) pair_lanes(o);                                                             \
         }                                                                                                       \
     }
 
@@ -615,7 +629,8 @@ static float dot_int8_ref(const wgt_group *w, const act_group *x, int64_t ng, co
 }
 
 static void int8_tile_ref(float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr,
-                   int64_t ng, const int8_type *t) {
+                          int64_t k, const int8_type *t) {
+    const int64_t ng = int8_groups(k);
     for (int64_t i = 0; i < nt; i++)
         for (int r = 0; r < nr; r++) out[i * ldo + r] = dot_int8_ref(w[r], x + i * ng, ng, t);
 }
@@ -696,11 +711,98 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,av
     }
 }
 
+/* ---- paired rows: K <= 256 ----------------------------------------------------------------------------------
+ * Such a row fills lanes 0-7 of its one group at most (an expert's down projection of width 256), so the tile
+ * above spends half its multiply-adds and float steps on empty lanes. Here rows 2p and 2p + 1 of a 4-row block
+ * share vectors: row 2p's lanes 0-7 in lanes 0-7, row 2p + 1's in lanes 8-15, against the activations' copy of
+ * their lanes 0-7 in lanes 8-15 (pair_lanes). Each lane takes the reference's float steps (block terms from +0,
+ * then the mins), plus the +0 its empty lanes 8-15 add in fold16's first step; the rest of fold16 runs in each
+ * half. So the bits are the reference's. */
+
+/* Lanes 0-7 of a, then lanes 0-7 of b. */
+INLINE __attribute__((target("avx512f"))) __m512i merge_lo(const void *a, const void *b) {
+    return _mm512_inserti64x4(_mm512_load_si512(a), _mm256_load_si256((const __m256i *)b), 1);
+}
+
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) void pairs_avx512(
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, const int split,
+    const int mins) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t t0 = 0; t0 < nt; t0 += TC) {
+        const int tc = (int)(nt - t0 < TC ? nt - t0 : TC);
+        for (int r0 = 0; r0 < nr; r0 += TR) {
+            const wgt_group *wr[TR];
+            for (int r = 0; r < TR; r++) wr[r] = w[r0 + r < nr ? r0 + r : nr - 1];
+            __m512 sa[2], sb[2], wa[2], wb[2];   /* the pairs' scales and mins, merged the same way */
+            for (int p = 0; p < 2; p++) {
+                const wgt_group *e = wr[2 * p], *o = wr[2 * p + 1];
+                sa[p] = _mm512_castsi512_ps(merge_lo(e->sa, o->sa));
+                sb[p] = _mm512_castsi512_ps(merge_lo(e->sb, o->sb));
+                wa[p] = _mm512_castsi512_ps(merge_lo(e->wa, o->wa));
+                wb[p] = _mm512_castsi512_ps(merge_lo(e->wb, o->wb));
+            }
+            for (int i0 = 0; i0 < tc; i0 += TT) {
+                const act_group *xr[TT];
+                for (int i = 0; i < TT; i++) xr[i] = x + t0 + (i0 + i < tc ? i0 + i : tc - 1);
+                __m512 acc[2][TT];
+                for (int half = 0; half <= split; half++) {
+                    const int j0 = split ? 4 * half : 0, j1 = split ? j0 + 4 : 8;
+                    __m512i c[TT][2];
+                    for (int i = 0; i < TT; i++) c[i][0] = c[i][1] = _mm512_load_si512(half ? xr[i]->ib : xr[i]->ia);
+                    for (int j = j0; j < j1; j++) {
+                        const __m512i wv[2] = {merge_lo(wr[0]->qs + 64 * j, wr[1]->qs + 64 * j),
+                                               merge_lo(wr[2]->qs + 64 * j, wr[3]->qs + 64 * j)};
+                        for (int i = 0; i < TT; i++) {
+                            const __m512i xv = _mm512_load_si512(xr[i]->qs + 64 * j);
+                            for (int p = 0; p < 2; p++) c[i][p] = _mm512_dpbusd_epi32(c[i][p], wv[p], xv);
+                        }
+                    }
+                    for (int i = 0; i < TT; i++) {
+                        const __m512 dx = _mm512_load_ps(xr[i]->d);
+                        for (int p = 0; p < 2; p++)
+                            acc[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c[i][p]),
+                                                        _mm512_mul_ps(half ? sb[p] : sa[p], dx), half ? acc[p][i] : zero);
+                    }
+                }
+                for (int i = 0; i < TT; i++)
+                    for (int p = 0; p < 2; p++) {
+                        if (mins) {
+                            acc[p][i] = _mm512_fmadd_ps(_mm512_load_ps(xr[i]->ma), wa[p], acc[p][i]);
+                            if (split) acc[p][i] = _mm512_fmadd_ps(_mm512_load_ps(xr[i]->mb), wb[p], acc[p][i]);
+                        }
+                        acc[p][i] = _mm512_add_ps(acc[p][i], zero);   /* fold16's + lane 8 + h (+0) */
+                    }
+                /* fold16's distance-4 step, regrouped so that 128-bit lane c of u[q] is row q, token c */
+                __m512 u[TR];
+                for (int q = 0; q < TR; q++) {
+                    const int p = q / 2;
+                    const __m512 t01 = q % 2 ? _mm512_shuffle_f32x4(acc[p][0], acc[p][1], 0xee)
+                                             : _mm512_shuffle_f32x4(acc[p][0], acc[p][1], 0x44);
+                    const __m512 t23 = q % 2 ? _mm512_shuffle_f32x4(acc[p][2], acc[p][3], 0xee)
+                                             : _mm512_shuffle_f32x4(acc[p][2], acc[p][3], 0x44);
+                    u[q] = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xdd));
+                }
+                store_folded_avx512(out + (t0 + i0) * ldo + r0, ldo, u, tc - i0 < TT ? tc - i0 : TT, nr - r0);
+            }
+        }
+    }
+}
+
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void int8_pairs_avx512vnni(
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, const int8_type *t) {
+    if (t->split && t->mins) pairs_avx512(out, ldo, x, nt, w, nr, 1, 1);
+    else if (t->split) pairs_avx512(out, ldo, x, nt, w, nr, 1, 0);
+    else if (t->mins) pairs_avx512(out, ldo, x, nt, w, nr, 0, 1);
+    else pairs_avx512(out, ldo, x, nt, w, nr, 0, 0);
+}
+
 /* One build per type shape. Fewer tokens than a tile are padded (matmul sends them to the rows path below). */
 __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void int8_tile_avx512vnni(
-    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t k,
     const int8_type *t) {
-    if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 1, 1);
+    const int64_t ng = int8_groups(k);
+    if (k <= INT8_GROUP / 2) int8_pairs_avx512vnni(out, ldo, x, nt, w, nr, t);
+    else if (t->split && t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 1, 1);
     else if (t->split) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 1, 0);
     else if (t->mins) tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 0, 1);
     else tile_avx512(out, ldo, x, nt, w, nr, ng, TT, 0, 0);
@@ -774,8 +876,9 @@ __attribute__((target("avx2,fma"))) static float fold16_avx2(__m256 lo, __m256 h
 #define UT 2
 
 __attribute__((target("avx2,fma"))) static void int8_tile_avx2(
-    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t ng,
+    float *out, int64_t ldo, const act_group *x, int64_t nt, const wgt_group *const *w, int nr, int64_t k,
     const int8_type *t) {
+    const int64_t ng = int8_groups(k);
     for (int r0 = 0; r0 < nr; r0 += UR) {
         const wgt_group *ws[UR];
         for (int r = 0; r < UR; r++) ws[r] = w[r0 + r < nr ? r0 + r : nr - 1];

@@ -469,7 +469,7 @@ static void matmul_items(void *ctx, int64_t lo, int64_t hi, int thread) {
                 rows[i] = buf + i * j->ng;
                 j->k8->unpack(j->t8, src + (size_t)i * j->row_bytes, j->ncols, buf + i * j->ng);
             }
-            j->k8->tile(out, j->nrows, j->xq + t0 * j->ng, nt, rows, nr, j->ng, j->t8);
+            j->k8->tile(out, j->nrows, j->xq + t0 * j->ng, nt, rows, nr, j->ncols, j->t8);
             continue;
         }
         const float *rows[TILE_ROWS];
