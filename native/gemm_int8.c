@@ -348,8 +348,9 @@ INLINE __attribute__((target("avx512f,avx512bw"))) void quant_block_avx512(const
 /* ---- groups of the preset types straight from the stored bytes -----------------------------------------------
  * The same levels as levels_*() above, built 64 bytes (two blocks, natural order) per vector with shifts and
  * masks instead of byte loops, then permuted in registers; the scales and mins are the same float products,
- * 16 lanes at a time. Q8_0 / Q4_0 take groups of an even number of blocks, the K-quants whole super-blocks;
- * anything else returns 0 and goes through levels(). */
+ * 16 lanes at a time. Q8_0, Q4_0 and the K-quants' fallbacks for rows not a multiple of 256 long (Q4_1, Q5_0,
+ * Q5_1: the real model's expert down projections, 704 long, are Q5_0 in Q4_K_M) take groups of an even number
+ * of blocks, the K-quants whole super-blocks; anything else returns 0 and goes through levels(). */
 #define AVX512_BW __attribute__((target("avx512f,avx512bw")))
 
 /* Bytes lo (low 32) and hi (high 32) of one vector. */
@@ -425,18 +426,34 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
         _mm512_store_ps(o->sa, f16_scales(src, sizeof *x, lanes));
         return 1;
     }
-    case DG_TYPE_Q4_0: {
+    case DG_TYPE_Q4_0:
+    case DG_TYPE_Q4_1:
+    case DG_TYPE_Q5_0:
+    case DG_TYPE_Q5_1: {
         if (lanes % 2) return 0;
-        const block_q4_0 *x = src;
+        /* the scale first in every block; then the min (Q4_1, Q5_1), the fifth bits (Q5_0, Q5_1), the nibbles */
+        const int mins = type == DG_TYPE_Q4_1 || type == DG_TYPE_Q5_1, five = type == DG_TYPE_Q5_0 || type == DG_TYPE_Q5_1;
+        const size_t stride = type == DG_TYPE_Q4_0 ? sizeof(block_q4_0) : type == DG_TYPE_Q4_1 ? sizeof(block_q4_1)
+                            : type == DG_TYPE_Q5_0 ? sizeof(block_q5_0) : sizeof(block_q5_1);
+        const size_t qh = 2 + 2 * (size_t)mins, qs = qh + 4 * (size_t)five;
+        const uint8_t *x = src;
         for (int k = 0; k < lanes / 2; k++) {
+            const uint8_t *b0 = x + 2 * (size_t)k * stride, *b1 = b0 + stride;
             /* 16 bytes of each block twice: low nibbles are values 0-15, high nibbles 16-31 */
-            const __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x[2 * k].qs));
-            const __m128i b = _mm_loadu_si128((const __m128i *)x[2 * k + 1].qs);
-            const __m512i ab = _mm512_mask_broadcast_i32x4(a, 0xff00, b);
+            const __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(b0 + qs)));
+            const __m512i ab = _mm512_mask_broadcast_i32x4(a, 0xff00, _mm_loadu_si128((const __m128i *)(b1 + qs)));
             v[k] = _mm512_and_si512(_mm512_srlv_epi64(ab, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)),
                                     _mm512_set1_epi8(0x0f));
+            if (five) {   /* bit v of a block's qh word is value v's fifth bit: a byte mask, 16 where set */
+                uint32_t h0, h1;
+                memcpy(&h0, b0 + qh, 4);
+                memcpy(&h1, b1 + qh, 4);
+                v[k] = _mm512_mask_mov_epi8(v[k], (__mmask64)(h0 | (uint64_t)h1 << 32),
+                                            _mm512_or_si512(v[k], _mm512_set1_epi8(0x10)));
+            }
         }
-        _mm512_store_ps(o->sa, f16_scales(src, sizeof *x, lanes));
+        _mm512_store_ps(o->sa, f16_scales(src, (int)stride, lanes));
+        if (mins) _mm512_store_ps(o->wa, f16_scales(x + 2, (int)stride, lanes));
         return 1;
     }
     case DG_TYPE_Q4_K:
@@ -572,7 +589,9 @@ __attribute__((target("avx2,fma"))) static void unpack_row_avx2(const int8_type 
 INLINE AVX512_BW void group_avx512_row(const int8_type *t, const int type, const void *row, int64_t k, int64_t g,
                                        wgt_group *o) {
     const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);
-    const int64_t per_group = type == DG_TYPE_Q8_0 || type == DG_TYPE_Q4_0 ? 16 : type ? 2 : INT8_GROUP / t->block;
+    const int64_t per_group = type == DG_TYPE_Q8_0 || type == DG_TYPE_Q4_0 || type == DG_TYPE_Q4_1 ||
+                              type == DG_TYPE_Q5_0 || type == DG_TYPE_Q5_1 ? 16
+                              : type ? 2 : INT8_GROUP / t->block;
     const uint8_t *src = (const uint8_t *)row + g * per_group * t->block_bytes;   /* no division for known types */
     __m512i v[8];
     if (type && (lanes == 16 ? group_avx512_levels(type, src, 16, v, o) : group_avx512_levels(type, src, lanes, v, o))) {
@@ -584,8 +603,9 @@ INLINE AVX512_BW void group_avx512_row(const int8_type *t, const int type, const
 }
 
 /* The types group_avx512_levels() takes, with their split and mins flags: X(type, split, mins). */
-#define AVX512_LEVEL_TYPES(X) \
-    X(DG_TYPE_Q8_0, 0, 0) X(DG_TYPE_Q4_0, 0, 0) X(DG_TYPE_Q4_K, 0, 1) X(DG_TYPE_Q5_K, 0, 1) X(DG_TYPE_Q6_K, 1, 0)
+#define AVX512_LEVEL_TYPES(X)                                                                               \
+    X(DG_TYPE_Q8_0, 0, 0) X(DG_TYPE_Q4_0, 0, 0) X(DG_TYPE_Q4_1, 0, 1) X(DG_TYPE_Q5_0, 0, 0) X(DG_TYPE_Q5_1, 0, 1) \
+    X(DG_TYPE_Q4_K, 0, 1) X(DG_TYPE_Q5_K, 0, 1) X(DG_TYPE_Q6_K, 1, 0)
 
 INLINE AVX512_BW void unpack_row_typed(const int8_type *t, const int type, const void *row, int64_t k,
                                        wgt_group *out) {
