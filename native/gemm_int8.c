@@ -348,10 +348,11 @@ INLINE __attribute__((target("avx512f,avx512bw"))) void quant_block_avx512(const
 /* ---- groups of the preset types straight from the stored bytes -----------------------------------------------
  * The same levels as levels_*() above, built 64 bytes (two blocks, natural order) per vector with shifts and
  * masks instead of byte loops, then permuted in registers; the scales and mins are the same float products,
- * 16 lanes at a time. Q8_0, Q4_0 and the K-quants' fallbacks for rows not a multiple of 256 long (Q4_1, Q5_0,
- * Q5_1: the real model's expert down projections, 704 long, are Q5_0 in Q4_K_M) take groups of an even number
- * of blocks, the K-quants whole super-blocks; anything else returns 0 and goes through levels(). */
-#define AVX512_BW __attribute__((target("avx512f,avx512bw")))
+ * 16 lanes at a time. Every stored int8 type has this path: Q8_0, Q4_0 and the K-quants' fallbacks for rows
+ * not a multiple of 256 long (Q4_1, Q5_0, Q5_1: the real model's expert down projections, 704 long, are Q5_0 in
+ * Q4_K_M) take groups of an even number of blocks, the K-quants whole super-blocks; other groups (an odd number
+ * of blocks) return 0 and go through levels(). */
+#define AVX512_BW __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 /* Bytes lo (low 32) and hi (high 32) of one vector. */
 INLINE AVX512_BW __m512i halves(const void *lo, const void *hi) {
@@ -408,6 +409,12 @@ INLINE AVX512_BW void scales_k4(const uint8_t *sc0, const uint8_t *sc1, __m512 d
     const __m512i wm = _mm512_castps_si512(_mm512_mul_ps(dm, _mm512_cvtepi32_ps(lm)));   /* -(dm * lm) */
     _mm512_store_ps(o->wa, _mm512_castsi512_ps(_mm512_maskz_xor_epi32(lanes, wm, _mm512_set1_epi32(INT32_MIN))));
 }
+
+/* Q3_K's scale s: low 4 bits from byte s % 8 (shifted by 4 (s / 8)), top 2 from byte 8 + s % 4 (by 2 (s / 4)). */
+static const int32_t Q3_LO[16] = {0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7};
+static const int32_t Q3_LO_SHIFT[16] = {0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4};
+static const int32_t Q3_HI[16] = {8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11};
+static const int32_t Q3_HI_SHIFT[16] = {0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6};
 
 static const int32_t EVEN_ODD[2][16] = {
     {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
@@ -480,6 +487,59 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
         else
             scales_k4(x4[0].scales, x4[last].scales, pair(dg_f16_to_f32(x4[0].d), dg_f16_to_f32(x4[last].d)),
                       pair(dg_f16_to_f32(x4[0].dmin), dg_f16_to_f32(x4[last].dmin)), in, o);
+        return 1;
+    }
+    case DG_TYPE_Q2_K:
+    case DG_TYPE_Q3_K: {
+        if (lanes % 8) return 0;
+        const int three = type == DG_TYPE_Q3_K, last = lanes / 8 - 1;
+        const block_q2_K *x2 = src;
+        const block_q3_K *x3 = src;
+        for (int b = 0; b <= last; b++)
+            /* blocks 2m, 2m + 1 of a super-block (h = m / 2, j = 2 (m % 2) and j + 1): bits 2j.. of
+             * qs[32 h .. 32 h + 31]; Q3_K's third bit is bit 4 h + j of hmask[0 .. 31] */
+            for (int m = 0; m < 4; m++) {
+                const int h = m / 2, j = 2 * (m % 2);
+                const uint8_t *qs = three ? x3[b].qs + 32 * h : x2[b].qs + 32 * h;
+                v[4 * b + m] = shift_mask(halves(qs, qs), 2 * j, 2 * j + 2, 3);
+                if (three) {
+                    const __m512i hb = shift_mask(halves(x3[b].hmask, x3[b].hmask), 4 * h + j, 4 * h + j + 1, 1);
+                    v[4 * b + m] = _mm512_or_si512(v[4 * b + m], _mm512_slli_epi64(hb, 2));
+                }
+            }
+        /* 16 scales per super-block (Q2_K: a byte each, the scale its low nibble, the min its high one; Q3_K:
+         * signed 6-bit, unpacked first); sub-block 2L to lane L of sa and wa, 2L + 1 to sb and wb */
+        __m512i c[2];
+        for (int b = 0; b < 2; b++) {
+            const int sb = b ? last : 0;
+            if (three) {   /* q3_K_scales, 16 lanes: the 12 bytes read masked (the block ends 2 bytes later) */
+                const __m512i in = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(0x0fff, x3[sb].scales));
+                const __m512i lo = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_loadu_si512(Q3_LO), in),
+                                                     _mm512_loadu_si512(Q3_LO_SHIFT));
+                const __m512i hi = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_loadu_si512(Q3_HI), in),
+                                                     _mm512_loadu_si512(Q3_HI_SHIFT));
+                c[b] = _mm512_sub_epi32(_mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)),
+                                                        _mm512_slli_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(3)), 4)),
+                                        _mm512_set1_epi32(32));
+            } else {
+                c[b] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)x2[sb].scales));
+            }
+        }
+        const __m512i even = _mm512_permutex2var_epi32(c[0], _mm512_loadu_si512(EVEN_ODD[0]), c[1]);
+        const __m512i odd = _mm512_permutex2var_epi32(c[0], _mm512_loadu_si512(EVEN_ODD[1]), c[1]);
+        const __m512 d = three ? pair(dg_f16_to_f32(x3[0].d), dg_f16_to_f32(x3[last].d))
+                               : pair(dg_f16_to_f32(x2[0].d), dg_f16_to_f32(x2[last].d));
+        const __m512i low = _mm512_set1_epi32(three ? -1 : 15);
+        _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(in, d, _mm512_cvtepi32_ps(_mm512_and_si512(even, low))));
+        _mm512_store_ps(o->sb, _mm512_maskz_mul_ps(in, d, _mm512_cvtepi32_ps(_mm512_and_si512(odd, low))));
+        if (!three) {   /* -(dmin * m) */
+            const __m512 dm = pair(dg_f16_to_f32(x2[0].dmin), dg_f16_to_f32(x2[last].dmin));
+            const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+            const __m512 ma = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_srli_epi32(even, 4)));
+            const __m512 mb = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_srli_epi32(odd, 4)));
+            _mm512_store_ps(o->wa, _mm512_castsi512_ps(_mm512_maskz_xor_epi32(in, _mm512_castps_si512(ma), sign)));
+            _mm512_store_ps(o->wb, _mm512_castsi512_ps(_mm512_maskz_xor_epi32(in, _mm512_castps_si512(mb), sign)));
+        }
         return 1;
     }
     case DG_TYPE_Q6_K: {
@@ -605,7 +665,7 @@ INLINE AVX512_BW void group_avx512_row(const int8_type *t, const int type, const
 /* The types group_avx512_levels() takes, with their split and mins flags: X(type, split, mins). */
 #define AVX512_LEVEL_TYPES(X)                                                                               \
     X(DG_TYPE_Q8_0, 0, 0) X(DG_TYPE_Q4_0, 0, 0) X(DG_TYPE_Q4_1, 0, 1) X(DG_TYPE_Q5_0, 0, 0) X(DG_TYPE_Q5_1, 0, 1) \
-    X(DG_TYPE_Q4_K, 0, 1) X(DG_TYPE_Q5_K, 0, 1) X(DG_TYPE_Q6_K, 1, 0)
+    X(DG_TYPE_Q2_K, 1, 1) X(DG_TYPE_Q3_K, 1, 0) X(DG_TYPE_Q4_K, 0, 1) X(DG_TYPE_Q5_K, 0, 1) X(DG_TYPE_Q6_K, 1, 0)
 
 INLINE AVX512_BW void unpack_row_typed(const int8_type *t, const int type, const void *row, int64_t k,
                                        wgt_group *out) {
