@@ -371,13 +371,15 @@ static pthread_once_t choose_once = PTHREAD_ONCE_INIT;
 
 static int supported(const kernel *k) { return !k->needs || strstr(dg_cpu_features(), k->needs) != NULL; }
 
-/* The best kernel the CPU has. DGGUF_NO_SIMD=X turns off instruction set X and everything above it ("avx512"
- * leaves AVX2 with int8 activations, "avx2" the float reference); any other non-empty value but "0" forces the
- * reference. */
+/* The best kernel the CPU has. DGGUF_NO_SIMD=X, X a kernel's name, turns off that kernel and everything above it
+ * ("avx512" leaves AVX2 with int8 activations, "avx2" the float reference, "int8-avx512bf16" AVX-512 VNNI without
+ * the bfloat16 paths); any other non-empty value but "0" forces the reference. */
 static void choose_kernel(void) {
     const char *off = getenv("DGGUF_NO_SIMD");
     const kernel *best = &KERNELS[0];
-    if (!off || !*off || strcmp(off, "0") == 0 || strcmp(off, "avx2") == 0 || strcmp(off, "avx512") == 0)
+    int named = !off || !*off || strcmp(off, "0") == 0;
+    for (int i = 1; i < N_KERNELS && !named; i++) named = strcmp(off, KERNELS[i].name) == 0;
+    if (named)
         for (int i = 1; i < N_KERNELS; i++) {
             if (off && strcmp(off, KERNELS[i].name) == 0) break;
             if (KERNELS[i].automatic && supported(&KERNELS[i])) best = &KERNELS[i];

@@ -3,6 +3,10 @@
 The float kernels multiply the stored weights' exact float values; the int8 kernels (int8-*) first round the
 activations to int8 per 32 values, so they are held to that rounding's worst case on top of the float bound, and
 must equal the int8 reference bit for bit (integer sums are exact, the float steps are in a fixed order)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -160,6 +164,22 @@ def test_int8_kernels_turn_every_output_of_a_token_with_a_non_finite_activation_
     for kernel in INT8_KERNELS:
         got = _with_kernel(kernel, lambda: native.matmul(raw, t.ggml, (6, 544), x))
         assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all(), kernel
+
+
+def test_dgguf_no_simd_naming_a_kernel_leaves_the_best_one_below_it():
+    """DGGUF_NO_SIMD=<kernel> (read once per process) turns that kernel and those above it off; an unknown value
+    forces the reference."""
+    def default_with(value):
+        code = "from dgguf.convert import native; print(native.matmul_kernel())"
+        env = {**os.environ, "DGGUF_NO_SIMD": value}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    best = default_with("")
+    assert best in KERNELS
+    if best != "reference":
+        below = default_with(best)
+        assert below in KERNELS and KERNELS.index(below) < KERNELS.index(best)
+    assert default_with("no-such-kernel") == "reference"
 
 
 def test_unknown_or_unsupported_kernel_is_a_clear_error():

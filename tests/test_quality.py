@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from dgguf.convert import native
 from dgguf.convert.quantize import convert_checkpoint
 from dgguf.runtime import Model
 from dgguf.runtime.cli import main
@@ -62,6 +63,24 @@ def test_eval_of_a_model_against_itself_is_exact(tiny_files):
     assert rep.kl_mean == 0.0 and rep.kl_p99 == 0.0
     assert rep.top1 == 1.0 and rep.committed == 1.0 and rep.steps_ratio == 1.0
     assert rep.positions == 4 * rep.tokens               # every position at each of the 4 noise levels
+
+
+def test_eval_runs_the_reference_exact_and_the_quant_on_the_current_kernel(checkpoints, tmp_path):
+    """A BF16 file against itself: under a kernel that rounds BF16 activations to bfloat16 the quant side shows
+    that rounding while the reference side stays on the float path; under the float path both sides agree."""
+    path = convert_checkpoint(checkpoints("tiny"), tmp_path / "tiny-BF16.gguf", "BF16", pure=True)
+    m = Model.load(path, threads=1)
+    before = native.matmul_kernel()
+    try:
+        native.set_matmul_kernel("int8-bf16-reference")
+        rounded = evaluate(m, m, TEXT, prompts=1)
+        assert native.matmul_kernel() == "int8-bf16-reference"   # restored after the reference's passes
+        native.set_matmul_kernel([k for k in native.matmul_kernels() if not k.startswith("int8")][-1])
+        same = evaluate(m, m, TEXT, prompts=1)
+    finally:
+        native.set_matmul_kernel(before)
+    assert rounded.kl_mean > 0 and rounded.top1 < 1.0
+    assert same.kl_mean == 0.0 and same.top1 == 1.0
 
 
 def test_eval_canvas_kl_equals_stateless_recomputation(tiny_files):
