@@ -723,8 +723,9 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
     const int nt = pool_threads(p);
     const int64_t H = w->ne0, V = w->ne1, per_thread = (n + nt - 1) / nt;
     const int64_t batch = SOFT_BATCH * SOFT_BLOCK * H;
-    /* bfloat16 pairs where the kernel has them and the embedding is quantized (F32/F16/BF16 stay exact) */
-    const axpy_bf16_fn bf16 = int8_type_of(w->type) ? soft_embed_bf16() : NULL;
+    /* bfloat16 pairs where the kernel has them and the embedding is quantized or BF16 (whose rows are exact in
+     * bfloat16, so only the probabilities round, as the bf16 matmul rounds its activations); F32/F16 stay exact */
+    const axpy_bf16_fn bf16 = int8_type_of(w->type) || w->type == DG_TYPE_BF16 ? soft_embed_bf16() : NULL;
     int status[nt];
     memset(status, 0, sizeof status);
     soft_job j = {out, logits, w, rb, H, V, scale, bf16, .status = status};

@@ -250,10 +250,10 @@ def test_int8_activations_stay_within_the_stated_bounds_of_the_float_path(quanti
 
 
 # BF16 weights against activations rounded to bfloat16 (the bf16 kernels' tile): (max, mean) bound on |that path -
-# the float path| of the canvas logits, as INT8_BOUNDS. Measured 0.63-0.88 max and 0.06-0.12 mean over the three
-# configs (bound x1.5); transformers in bf16 against itself in fp32 on these checkpoints moves 1.3-3.2 max, 0.15-0.37
-# mean.
-BF16_BOUND = (1.3, 0.18)
+# the float path| of the canvas logits, as INT8_BOUNDS (the soft embedding of a BF16 embedding rounds its
+# probabilities to bfloat16 too). Measured 0.67-0.91 max and 0.06-0.12 mean over the three configs (bound x1.5);
+# transformers in bf16 against itself in fp32 on these checkpoints moves 1.3-3.2 max, 0.15-0.37 mean.
+BF16_BOUND = (1.4, 0.18)
 BF16_KERNELS = [k for k in native.matmul_kernels() if "bf16" in k]
 
 

@@ -3,6 +3,7 @@
 The float kernels multiply the stored weights' exact float values; the int8 kernels (int8-*) first round the
 activations to int8 per 32 values, so they are held to that rounding's worst case on top of the float bound, and
 must equal the int8 reference bit for bit (integer sums are exact, the float steps are in a fixed order)."""
+import itertools
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ KERNELS = native.matmul_kernels()
 INT8_KERNELS = [k for k in KERNELS if k.startswith("int8")]
 FLOAT_KERNELS = [k for k in KERNELS if k not in INT8_KERNELS]
 QUANTIZED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-BF16_KERNELS = [k for k in KERNELS if "bf16" in k]   # BF16 weights against bfloat16 activations
+BF16_KERNELS = [k for k in KERNELS if "bf16" in k]   # bfloat16 matmul of BF16 weights, bfloat16 soft embedding
 
 
 @pytest.fixture(params=KERNELS)
@@ -205,7 +206,6 @@ def test_forward_tanh_is_within_2_1_ulp_of_float64_and_keeps_signs_and_specials(
 # (tokens, vocabulary rows, width): token tails of the 6-token tile, an odd vocabulary (a half pair at the end),
 # blocks of 128 rows plus a tail, widths with 32-column tails.
 SOFT_SHAPES = [(1, 3, 32), (7, 129, 64), (13, 517, 96), (6, 300, 256), (20, 1000, 288)]
-BF16_KERNELS = [k for k in INT8_KERNELS if "bf16" in k]
 
 
 def softmax64(logits):
@@ -218,7 +218,7 @@ def softmax64(logits):
 def test_soft_embedding_matches_float64_under_every_kernel(kernel, type_name):
     """Float accumulation: within the float32 sum bound (plus the exp's and the division's few ulp). The bf16
     kernels round the probabilities and a quantized W to bfloat16 (unit roundoff 2^-8 each), so each product is
-    off by at most 2^-7 of itself; F32/F16/BF16 embeddings stay on the float path."""
+    off by at most 2^-7 of itself; a BF16 W is exact there, so 2^-8; F32/F16 embeddings stay on the float path."""
     rng = np.random.default_rng(2)
     for n, V, H in SOFT_SHAPES:
         if H % TENSOR_TYPES[type_name].block_size:
@@ -228,7 +228,8 @@ def test_soft_embedding_matches_float64_under_every_kernel(kernel, type_name):
         got = native.soft_embed(raw, t.ggml, (V, H), logits, scale=1.5, threads=2)
         p = softmax64(logits)
         exact, mass = 1.5 * p @ wf.astype(np.float64), 1.5 * p @ np.abs(wf).astype(np.float64)
-        rel = 2.0 ** -7 if kernel in BF16_KERNELS and type_name in QUANTIZED else 0.0
+        rel = 0.0 if kernel not in BF16_KERNELS else 2.0**-7 if type_name in QUANTIZED else \
+            2.0**-8 if type_name == "BF16" else 0.0
         bound = (rel + (V + 8) * np.finfo(np.float32).eps) * mass + 1e-30
         assert np.all(np.abs(got - exact) <= bound), (kernel, type_name, n, V, H)
         assert rel == 0 or np.abs(got - exact).max() > 1e-4 * mass.max(), "the bf16 path was not taken"
@@ -240,8 +241,8 @@ def test_bf16_soft_embedding_equals_its_reference_bit_for_bit_for_any_thread_cou
     rng = np.random.default_rng(3)
     before = native.matmul_kernel()
     try:
-        for n, V, H in SOFT_SHAPES:
-            raw, _, t = stored(rng, V, H, "Q8_0")
+        for (n, V, H), type_name in itertools.product(SOFT_SHAPES, ("Q8_0", "BF16")):
+            raw, _, t = stored(rng, V, H, type_name)
             logits = (rng.standard_normal((n, V)) * 4).astype(np.float32)
             native.set_matmul_kernel("int8-bf16-reference")
             want = native.soft_embed(raw, t.ggml, (V, H), logits, threads=1)
