@@ -439,7 +439,8 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
     case DG_TYPE_Q5_1: {
         if (lanes % 2) return 0;
         /* the scale first in every block; then the min (Q4_1, Q5_1), the fifth bits (Q5_0, Q5_1), the nibbles */
-        const int mins = type == DG_TYPE_Q4_1 || type == DG_TYPE_Q5_1, five = type == DG_TYPE_Q5_0 || type == DG_TYPE_Q5_1;
+        const int mins = type == DG_TYPE_Q4_1 || type == DG_TYPE_Q5_1;
+        const int five = type == DG_TYPE_Q5_0 || type == DG_TYPE_Q5_1;
         const size_t stride = type == DG_TYPE_Q4_0 ? sizeof(block_q4_0) : type == DG_TYPE_Q4_1 ? sizeof(block_q4_1)
                             : type == DG_TYPE_Q5_0 ? sizeof(block_q5_0) : sizeof(block_q5_1);
         const size_t qh = 2 + 2 * (size_t)mins, qs = qh + 4 * (size_t)five;
@@ -518,8 +519,8 @@ INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, _
                                                      _mm512_loadu_si512(Q3_LO_SHIFT));
                 const __m512i hi = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_loadu_si512(Q3_HI), in),
                                                      _mm512_loadu_si512(Q3_HI_SHIFT));
-                c[b] = _mm512_sub_epi32(_mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)),
-                                                        _mm512_slli_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(3)), 4)),
+                const __m512i top = _mm512_slli_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(3)), 4);
+                c[b] = _mm512_sub_epi32(_mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)), top),
                                         _mm512_set1_epi32(32));
             } else {
                 c[b] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)x2[sb].scales));
@@ -813,13 +814,13 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,av
         for (int r0 = 0; r0 < nr; r0 += TR) {
             const wgt_group *wr[TR];
             for (int r = 0; r < TR; r++) wr[r] = w[r0 + r < nr ? r0 + r : nr - 1];
-            __m512 sa[2], sb[2], wa[2], wb[2];   /* the pairs' scales and mins, merged the same way */
+            __m512 sa[2], sb[2], wa[2], wb[2];   /* the pairs' scales and mins (those the type has), merged alike */
             for (int p = 0; p < 2; p++) {
                 const wgt_group *e = wr[2 * p], *o = wr[2 * p + 1];
                 sa[p] = _mm512_castsi512_ps(merge_lo(e->sa, o->sa));
-                sb[p] = _mm512_castsi512_ps(merge_lo(e->sb, o->sb));
-                wa[p] = _mm512_castsi512_ps(merge_lo(e->wa, o->wa));
-                wb[p] = _mm512_castsi512_ps(merge_lo(e->wb, o->wb));
+                if (split) sb[p] = _mm512_castsi512_ps(merge_lo(e->sb, o->sb));
+                if (mins) wa[p] = _mm512_castsi512_ps(merge_lo(e->wa, o->wa));
+                if (split && mins) wb[p] = _mm512_castsi512_ps(merge_lo(e->wb, o->wb));
             }
             for (int i0 = 0; i0 < tc; i0 += TT) {
                 const act_group *xr[TT];
@@ -841,7 +842,8 @@ static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,av
                         const __m512 dx = _mm512_load_ps(xr[i]->d);
                         for (int p = 0; p < 2; p++)
                             acc[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c[i][p]),
-                                                        _mm512_mul_ps(half ? sb[p] : sa[p], dx), half ? acc[p][i] : zero);
+                                                        _mm512_mul_ps(half ? sb[p] : sa[p], dx),
+                                                        half ? acc[p][i] : zero);
                     }
                 }
                 for (int i = 0; i < TT; i++)
@@ -923,11 +925,9 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) static
 #define ROWS_CASE(TYPE, SPLIT, MINS) case TYPE: ROWS(TYPE, SPLIT, MINS); return;
     switch (t->type) { AVX512_LEVEL_TYPES(ROWS_CASE) }
 #undef ROWS_CASE
-    if (t->split && t->mins) ROWS(0, 1, 1);
-    else if (t->split) ROWS(0, 1, 0);
-    else if (t->mins) ROWS(0, 0, 1);
-    else ROWS(0, 0, 0);
 #undef ROWS
+    /* every int8 type has a case above; a type without one would still get the right sums, one generic build */
+    rows_avx512(out, ldo, x, (int)nt, rows, row_bytes, nr, k, t, 0, t->split, t->mins);
 }
 
 /* ---- AVX2: 2 rows x 2 tokens, a group as two 8-lane halves (lanes 0-7, 8-15) ---------------------------------
