@@ -206,3 +206,26 @@ def sample_step(logits: np.ndarray, temp: float, uniforms: np.ndarray | None = N
                              ffi.NULL if sampled is ffi.NULL else ffi.from_buffer("int64_t[]", sampled),
                              threads, err, ERRLEN), err)
     return scaled, argmax, entropy, (None if sampled is ffi.NULL else sampled)
+
+
+PEAK_KINDS = ("fp32", "int8", "bf16")
+
+
+def peak(kind: str, rounds: int, threads: int = 1) -> tuple[float, float]:
+    """(operations, check) of native/peak.c's loop of one kind under the active matmul kernel; check equals
+    operations / 2 when every round ran. DggufError where the kernel has no such instruction."""
+    ops, chk = ffi.new("double *"), ffi.new("double *")
+    err = ffi.new("char[]", ERRLEN)
+    check(lib.dg_peak(kind.encode(), rounds, threads, ops, chk, err, ERRLEN), err)
+    return ops[0], chk[0]
+
+
+def read_words(words: np.ndarray, threads: int = 1) -> int:
+    """The sum (mod 2^64) of a C-contiguous uint64 array, read on `threads` threads."""
+    if not (isinstance(words, np.ndarray) and words.dtype == np.uint64 and words.ndim == 1
+            and words.flags.c_contiguous):
+        raise DggufError("read_words: words must be a C-contiguous 1-D uint64 array")
+    total = ffi.new("uint64_t *")
+    err = ffi.new("char[]", ERRLEN)
+    check(lib.dg_read_words(ffi.from_buffer("uint64_t[]", words), words.size, threads, total, err, ERRLEN), err)
+    return int(total[0])

@@ -153,4 +153,14 @@ int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t 
 int dg_sample_step(const float *logits, int64_t n, int64_t V, float temp, const double *uniforms, float *scaled,
                    int64_t *argmax, float *entropy, int64_t *sampled, int n_threads, char *err, size_t errlen);
 
+/* ------------------------------------------------------------------------------------------------------
+ * Peaks (native/peak.c), for the benchmarks' fractions. dg_peak: `rounds` rounds of the active matmul kernel's
+ * instruction of one kind ("fp32" FMA, "int8" dot products, "bf16" VDPBF16PS) on ACC accumulators in each of
+ * n_threads threads, nothing else; *ops is the operations done (2 per multiply-add) and *check the sum of every
+ * accumulator lane, which equals *ops / 2 (each multiply-add adds 1 x 1). DG_E_TYPE where the kernel has no such
+ * instruction. rounds is 1..2^22 (the float counts stay exact). dg_read_words: the sum of n 64-bit words,
+ * read on n_threads threads (a slice each), for read bandwidth. */
+int dg_peak(const char *kind, int64_t rounds, int n_threads, double *ops, double *check, char *err, size_t errlen);
+int dg_read_words(const uint64_t *words, int64_t n, int n_threads, uint64_t *sum, char *err, size_t errlen);
+
 #endif

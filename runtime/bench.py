@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+
 
 def best_of(fn, repeat: int = 3) -> float:
     """Seconds of the fastest of `repeat` calls (the least disturbed by other work on the machine)."""
@@ -46,6 +48,44 @@ def load_note(seconds: float = 0.5) -> str:
     return f"foreign load {load:.2f} cores" + ("  (another process is busy: figures are low)" if load > 0.2 else "")
 
 
+def measured_peaks(threads: int, repeats: int = 10, read_mib: int = 256) -> dict:
+    """This machine's peaks on `threads` threads: GOP/s of the active matmul kernel's fp32, int8 and bf16
+    instructions (None where it has none; native/peak.c) and GB/s of reading `read_mib` MiB (far beyond the
+    caches, so DRAM). Best of `repeats` rounds, each timing every kind once, so that a slow spell of the machine
+    does not land on one kind alone."""
+    from dgguf.convert import native
+    from dgguf.convert.errors import DggufError
+    rounds = 1 << 21
+    words = np.ones(read_mib << 17, dtype=np.uint64)
+    runs = {"read": lambda: native.read_words(words, threads)}
+    ops = {"read": words.nbytes}
+    peaks = {}
+    for kind in native.PEAK_KINDS:
+        try:
+            ops[kind], check = native.peak(kind, rounds, threads)
+        except DggufError:
+            peaks[kind] = None
+            continue
+        if check != ops[kind] / 2:
+            raise RuntimeError(f"the {kind} peak loop summed {check}, not {ops[kind] / 2}: it skipped rounds")
+        runs[kind] = lambda kind=kind: native.peak(kind, rounds, threads)
+    if native.read_words(words, threads) != words.size:
+        raise RuntimeError("the read-bandwidth loop missed words")
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for kind, run in runs.items():
+            best[kind] = min(best[kind], best_of(run, 1))
+    peaks.update({kind: ops[kind] / best[kind] / 1e9 for kind in runs})
+    return peaks
+
+
+def peaks_note(p: dict) -> str:
+    """One line of measured_peaks()."""
+    f = lambda v, unit: "-" if v is None else f"{v:.0f} {unit}"  # noqa: E731
+    return (f"measured peaks: int8 {f(p['int8'], 'GOP/s')}, fp32 {f(p['fp32'], 'GFLOP/s')}, "
+            f"bf16 {f(p['bf16'], 'GFLOP/s')}, DRAM read {p['read']:.1f} GB/s")
+
+
 def denoise_step(model, prompt, steps: int) -> float:
     """Seconds per denoising step of one canvas generated after `prompt` with `steps` forced steps (no early
     stop): the decoder pass plus the sampler, the self-conditioning hand-off and the draws, timed from the first
@@ -74,11 +114,12 @@ def one_token_bytes(gguf, c) -> int:
     return total
 
 
-def step_macs(c, canvas: int, context: int) -> float:
-    """Multiply-adds of one decoder step over a canvas after `context` cached tokens (matmuls and attention)."""
+def step_macs_by_part(c, canvas: int, context: int) -> dict:
+    """Multiply-adds of one decoder step over a canvas after `context` cached tokens, by what runs them: "matmul"
+    (projections, MLPs, experts, router, the tied head), "soft_embed" (softmax(sc) @ E) and "attention" (scores
+    and values, half each)."""
     H, F, I, nh = c.hidden_size, c.dense_ff, c.expert_ff, c.n_heads
-    per_token = 2 * H * F + F * H                      # self-conditioning MLP
-    per_token += 2 * c.vocab_size * H                  # soft embedding + tied head
+    per_token = 2 * H * F + F * H + c.vocab_size * H   # self-conditioning MLP, tied head
     attention = 0.0
     for i in range(c.n_layers):
         d, kv = c.head_dims[i], c.kv_heads[i]
@@ -86,4 +127,9 @@ def step_macs(c, canvas: int, context: int) -> float:
         per_token += 3 * H * F + H * c.n_experts + c.top_k * 3 * H * I                  # dense, router, experts
         keys = canvas + (min(context, c.sliding_window - 1) if c.sliding[i] else context)
         attention += 2 * canvas * nh * keys * d                                        # scores and values
-    return per_token * canvas + attention
+    return {"matmul": per_token * canvas, "soft_embed": c.vocab_size * H * canvas, "attention": attention}
+
+
+def step_macs(c, canvas: int, context: int) -> float:
+    """Multiply-adds of one decoder step over a canvas after `context` cached tokens (matmuls and attention)."""
+    return sum(step_macs_by_part(c, canvas, context).values())

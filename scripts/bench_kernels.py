@@ -9,10 +9,10 @@ For each type and column count: GOP/s (2 x rows x K x columns per second) of the
 values, integer dot products; for BF16 weights, where the CPU has AVX512_BF16, activations rounded to bfloat16
 against the stored words, VDPBF16PS), their ratio, the ratio of the int8 figure to numpy's float32 GEMM (BLAS) on
 the same shape with the weights already in float32, GB/s of stored weights the int8 kernel streams (what bounds
-one-token passes), and the fractions of the peaks given by --int8-peak / --fp32-peak (defaults: 2 cores of AMD
-Zen 4, ~940 GOP/s int8 VNNI and ~235 GFLOP/s FP32 FMA, measured on a quiet machine, so foreign load lowers the
-fractions, not the ratios; BF16's fraction is of twice the FP32 peak, VDPBF16PS's rate). Best of N; prints the
-load average.
+one-token passes), and the fractions of this machine's peaks, measured first in the same run on the same threads
+(runtime/bench.py measured_peaks: the kernels' own instructions in a loop that does nothing else, and a DRAM
+read): the int8 figure of the int8 peak (BF16 rows: of the VDPBF16PS peak), the float figure of the FP32 FMA
+peak. --int8-peak / --bf16-peak / --fp32-peak replace a measured peak. Best of N; prints the foreign load.
 
 --baseline DIR times the int8 kernel of the dgguf installed in DIR (pip install --target DIR <checkout>) against
 this one's: two child processes of this run, asked in turn for each type and column count (--rounds times, best
@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from dgguf.runtime.bench import best_of, load_note
+from dgguf.runtime.bench import best_of, load_note, measured_peaks, peaks_note
 from dgguf.convert import native
 from dgguf.convert.quant_types import TENSOR_TYPES
 
@@ -64,6 +64,7 @@ def ab(a) -> None:
         children[side].stdin.flush()
         return json.loads(children[side].stdout.readline())
 
+    peak = a.int8_peak or measured_peaks(a.threads)["int8"]
     print(f"int8 kernel, this checkout against {a.baseline}; threads {a.threads}; {a.rows}x{a.k}; "
           f"best of {a.rounds} x {a.repeats}")
     print(f"{'type':>5} {'cols':>5} {'base GOP/s':>11} {'this GOP/s':>11} {'this/base':>10} {'base GB/s':>10} "
@@ -78,7 +79,7 @@ def ab(a) -> None:
                         best[side] = min(best[side], r["s"])
                 ops, b, t = 2 * a.rows * a.k * cols / 1e9, best["base"], best["this"]
                 print(f"{name:>5} {cols:>5} {ops / b:>11.1f} {ops / t:>11.1f} {b / t:>10.2f} "
-                      f"{r['bytes'] / b / 1e9:>10.1f} {r['bytes'] / t / 1e9:>10.1f} {ops / t / a.int8_peak:>13.3f}",
+                      f"{r['bytes'] / b / 1e9:>10.1f} {r['bytes'] / t / 1e9:>10.1f} {ops / t / peak:>13.3f}",
                       flush=True)
     finally:
         for c in children.values():
@@ -94,8 +95,9 @@ def main() -> None:
     ap.add_argument("--columns", default="1,16,32,256")
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--int8-peak", type=float, default=940.0, help="GOP/s (default: 2 Zen 4 cores)")
-    ap.add_argument("--fp32-peak", type=float, default=235.0, help="GFLOP/s (default: 2 Zen 4 cores)")
+    ap.add_argument("--int8-peak", type=float, help="GOP/s (default: measured)")
+    ap.add_argument("--bf16-peak", type=float, help="GFLOP/s (default: measured)")
+    ap.add_argument("--fp32-peak", type=float, help="GFLOP/s (default: measured)")
     ap.add_argument("--baseline", help="a directory holding another dgguf build to A/B the int8 kernel against")
     ap.add_argument("--rounds", type=int, default=3, help="alternations of baseline and this build")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -112,11 +114,15 @@ def main() -> None:
     int8_k = [k for k in kernels if k.startswith("int8")][-1]
     print(f"cpu {native.cpu_features()}; float kernel {float_k}, int8 kernel {int8_k}; threads {a.threads}; "
           f"{a.rows}x{a.k}")
+    native.set_matmul_kernel(int8_k)
+    measured = measured_peaks(a.threads)
+    print(peaks_note(measured))
+    peaks = {kind: getattr(a, f"{kind}_peak") or measured[kind] for kind in ("int8", "bf16", "fp32")}
     rng = np.random.default_rng(0)
     w = rng.standard_normal((a.rows, a.k)).astype(np.float32)
     before = native.matmul_kernel()
     print(f"{'type':>5} {'cols':>5} {'float GOP/s':>12} {'int8 GOP/s':>11} {'int8/float':>11} {'int8/numpy':>11} "
-          f"{'int8 GB/s':>10} {'of INT8 peak':>13} {'float of FP32 peak':>19}")
+          f"{'int8 GB/s':>10} {'of its peak':>13} {'float of FP32 peak':>19}")
     try:
         for name in a.types.split(","):
             t = TENSOR_TYPES[name]
@@ -133,10 +139,10 @@ def main() -> None:
                 i8 = ops / s8
                 blas = ops / best_of(lambda: x @ wf.T, a.repeats)
                 low = name not in FLOAT_TYPES or (name == "BF16" and "bf16" in int8_k)
-                peak = 2 * a.fp32_peak if name == "BF16" else a.int8_peak
+                peak = peaks["bf16"] if name == "BF16" else peaks["int8"]
                 int8_cells = (f"{i8:>11.1f} {i8 / fl:>11.2f} {i8 / blas:>11.2f} {raw.nbytes / s8 / 1e9:>10.1f} "
                               f"{i8 / peak:>13.3f}" if low else f"{'-':>11} {'-':>11} {'-':>11} {'-':>10} {'-':>13}")
-                print(f"{name:>5} {cols:>5} {fl:>12.1f} {int8_cells} {fl / a.fp32_peak:>19.3f}", flush=True)
+                print(f"{name:>5} {cols:>5} {fl:>12.1f} {int8_cells} {fl / peaks['fp32']:>19.3f}", flush=True)
     finally:
         native.set_matmul_kernel(before)
     print(f"after: {load_note()}")

@@ -13,6 +13,13 @@ same step (model(input_ids, decoder_input_ids, self_conditioning_logits)) in fp3
 and its backbone alone in fp32 (DiffusionGemmaModel: prompt encode and canvas decoder layers, no
 self-conditioning, no head). Each file is timed under the default matmul kernel (int8 activations where the CPU
 has an int8 kernel) and under the best float-activation kernel, in the same run.
+
+What limits a step: the machine's peaks are measured first, on the same threads (runtime/bench.py
+measured_peaks), and each decoder step is set against its floor, the time its multiply-adds would take at those
+peaks (matmuls at the int8 peak for quantized weights under an int8 kernel, at the bf16 peak for BF16 weights
+under a bf16 one, else at the FP32 FMA peak; the soft embedding at the bf16 peak where it runs in bfloat16;
+attention's scores at half the FP32 peak, as they sum in double, and its values at the FP32 peak). The one-token
+encode's GB/s is set against the DRAM read peak (weights that stay in the last-level cache can pass it).
 """
 from __future__ import annotations
 
@@ -21,11 +28,26 @@ from pathlib import Path
 
 import numpy as np
 
-from dgguf.runtime.bench import best_of, denoise_step, load_note, one_token_bytes, step_macs
+from dgguf.runtime.bench import (best_of, denoise_step, load_note, measured_peaks, one_token_bytes, peaks_note,
+                                 step_macs, step_macs_by_part)
 from synthetic import text_config, write_checkpoint
 
 STEPS = 16
 PROMPT_LEN = 23
+
+
+def step_floor(parts: dict, peaks: dict, kernel: str, file_type: str) -> dict | None:
+    """Seconds of each part of a decoder step at the measured peaks (module docstring); None without them."""
+    quantized, bf16 = file_type not in ("F32", "F16", "BF16"), "bf16" in kernel
+    matmul = ("int8" if kernel.startswith("int8") and quantized else
+              "bf16" if bf16 and file_type == "BF16" else "fp32")
+    soft = "bf16" if bf16 and (quantized or file_type == "BF16") else "fp32"
+    if peaks[matmul] is None or peaks[soft] is None or peaks["fp32"] is None:
+        return None
+    fp32 = peaks["fp32"] * 1e9
+    return {"matmuls": 2 * parts["matmul"] / (peaks[matmul] * 1e9),
+            "soft embedding": 2 * parts["soft_embed"] / (peaks[soft] * 1e9),
+            "attention": parts["attention"] / (fp32 / 2) + parts["attention"] / fp32}
 
 
 def mid_shape() -> dict:
@@ -56,6 +78,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, 512, PROMPT_LEN).astype(np.int32)
     print(f"before timing: {load_note()}")
+    peaks = measured_peaks(a.threads)
+    print(f"{peaks_note(peaks)} ({a.threads} threads, {native.matmul_kernel()} kernel)")
 
     ref = DiffusionGemmaForBlockDiffusion.from_pretrained(src, dtype=torch.float32).eval()
     C, V = ref.config.canvas_length, ref.config.text_config.vocab_size
@@ -110,12 +134,18 @@ def main() -> None:
             token = best_of(one_token, 4 * a.repeats)
             weights = one_token_bytes(read_gguf(path), m.config)
             gops = 2 * step_macs(m.config, C, PROMPT_LEN) / step / 1e9
+            floor = step_floor(step_macs_by_part(m.config, C, PROMPT_LEN), peaks, kernel, t)
+            gbs = weights / token / 1e9
             print(f"dgguf {t:>7} {kernel:>15}: decoder step {step:.3f} s ({gops:.0f} GOP/s effective), denoise step "
                   f"{denoise:.3f} s, prompt encode {enc:.3f} s, canvas encode {canvas_encode:.3f} s, {tok_s:.1f} "
                   f"tok/s at {STEPS} steps; denoise step vs transformers fp32 {ref_times['fp32'] / denoise:.2f}x, "
                   f"bf16 {ref_times['bf16'] / denoise:.2f}x, fp32 backbone {ref_times['backbone'] / denoise:.2f}x "
-                  f"(>1: dgguf faster); one-token encode {token * 1e3:.2f} ms, {weights / token / 1e9:.1f} GB/s "
-                  f"of the {weights / 1e6:.1f} MB of weights it reads")
+                  f"(>1: dgguf faster); one-token encode {token * 1e3:.2f} ms, {gbs:.1f} GB/s of the "
+                  f"{weights / 1e6:.1f} MB of weights it reads ({gbs / peaks['read']:.2f} of the DRAM read peak)")
+            if floor:
+                parts = ", ".join(f"{k} {v:.3f} s" for k, v in floor.items())
+                print(f"    decoder step floor at the measured peaks {sum(floor.values()):.3f} s ({parts}): the "
+                      f"step runs at {sum(floor.values()) / step:.2f} of the peak rate")
             m.close()
             if kernel == default and a.threads > 1:
                 m1 = Model.load(path, threads=1)

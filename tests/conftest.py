@@ -1,11 +1,13 @@
-"""Shared fixtures: tiny checkpoints from scripts/make_checkpoint.py (generated once per session) and the
-PR #24423 fixture files copied into tests/fixtures."""
+"""Shared fixtures: tiny checkpoints from scripts/make_checkpoint.py (generated once per session), the
+PR #24423 fixture files copied into tests/fixtures, and `kernel` (a test run once per matmul kernel)."""
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from dgguf.convert import native
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -58,3 +60,12 @@ class RecordingDraws:
 
         monkeypatch.setattr(torch, "randint", lambda low, high, size, device=None: next_draw(("init", "noise"), size))
         monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: next_draw(("sample",), (-1, 1)))
+
+
+@pytest.fixture(params=native.matmul_kernels())
+def kernel(request):
+    """Run the test with one matmul kernel, then restore the default."""
+    before = native.matmul_kernel()
+    native.set_matmul_kernel(request.param)
+    yield request.param
+    native.set_matmul_kernel(before)

@@ -1,9 +1,20 @@
-"""The benchmarks' foreign-load check sees another process's work and not this process's own."""
+"""What the benchmarks measure with: the foreign-load check (sees another process's work and not this process's
+own), the peak loops of native/peak.c (every round runs: their exact sums), the read-bandwidth sum, and the
+one-token byte count."""
 import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
+
+from dgguf.convert import native
+from dgguf.convert.errors import DggufError
 from dgguf.runtime.bench import foreign_load
+
+# The instruction kinds each kernel has a peak loop for (the kernels' own instructions; none for the references).
+PEAK_KINDS = {"avx2": {"fp32"}, "int8-avx2": {"fp32", "int8"}, "avx512": {"fp32"},
+              "int8-avx512vnni": {"fp32", "int8"}, "int8-avx512bf16": {"fp32", "int8", "bf16"}}
 
 
 def test_foreign_load_counts_a_busy_child_process():
@@ -50,3 +61,36 @@ def test_one_token_bytes_counts_top_k_experts_and_only_the_last_layers_kv(checkp
     got = one_token_bytes(g, c)
     assert abs(got - (layers + experts * c.top_k / c.n_experts + kv + size["token_embd.weight"] / c.vocab_size)) \
         < 2 * c.n_layers
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_peak_loops_run_every_round_on_every_thread(kernel, threads):
+    """Each multiply-add adds 1 x 1 to its lane, so the lanes sum to the multiply-adds done, ops / 2; the kinds a
+    kernel lacks are a clear error."""
+    for kind in native.PEAK_KINDS:
+        if kind in PEAK_KINDS.get(kernel, set()):
+            for rounds in (1, 1000):
+                ops, check = native.peak(kind, rounds, threads)
+                assert check == ops / 2 and ops > 0, (kind, rounds)
+                assert native.peak(kind, 2 * rounds, threads)[0] == 2 * ops   # ops scale with the rounds
+        else:
+            with pytest.raises(DggufError, match=f"no {kind} instruction under the {kernel} kernel"):
+                native.peak(kind, 10, threads)
+
+
+def test_peak_rejects_bad_rounds_threads_and_kinds():
+    for rounds, threads in ((0, 1), ((1 << 22) + 1, 1), (10, 0), (10, 257)):
+        with pytest.raises(DggufError, match="out of range"):
+            native.peak("fp32", rounds, threads)
+    with pytest.raises(DggufError, match="no fp64 instruction"):
+        native.peak("fp64", 10, 1)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_words_sums_every_word_mod_2_64(threads):
+    rng = np.random.default_rng(threads)
+    for n in (0, 1, 7, 1001, 100_003):
+        words = rng.integers(0, 2**64, n, dtype=np.uint64)
+        assert native.read_words(words, threads) == int(sum(int(w) for w in words)) % 2**64, n
+    with pytest.raises(DggufError, match="uint64"):
+        native.read_words(np.ones(8, dtype=np.int64), threads)

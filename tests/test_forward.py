@@ -40,15 +40,6 @@ TOL_FP32 = 2.5e-4   # absolute, against transformers in fp32: two fp32 results, 
 REL_TOL = 2e-5      # against the fp64 truth, relative to the largest |logit|
 
 
-@pytest.fixture(params=native.matmul_kernels())
-def kernel(request):
-    """Run the test with one matmul kernel, then restore the default."""
-    before = native.matmul_kernel()
-    native.set_matmul_kernel(request.param)
-    yield request.param
-    native.set_matmul_kernel(before)
-
-
 FLOAT_KERNEL = [k for k in native.matmul_kernels() if not k.startswith("int8")][-1]
 INT8_KERNELS = [k for k in native.matmul_kernels() if k.startswith("int8")]
 

@@ -21,14 +21,6 @@ QUANTIZED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5
 BF16_KERNELS = [k for k in KERNELS if "bf16" in k]   # bfloat16 matmul of BF16 weights, bfloat16 soft embedding
 
 
-@pytest.fixture(params=KERNELS)
-def kernel(request):
-    before = native.matmul_kernel()
-    native.set_matmul_kernel(request.param)
-    yield request.param
-    native.set_matmul_kernel(before)
-
-
 def stored(rng, rows, k, type_name):
     """A random weight in a stored type, and its exact float values (what the kernel multiplies)."""
     w = rng.standard_normal((rows, k)).astype(np.float32)
