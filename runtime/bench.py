@@ -130,6 +130,39 @@ def step_macs_by_part(c, canvas: int, context: int) -> dict:
     return {"matmul": per_token * canvas, "soft_embed": c.vocab_size * H * canvas, "attention": attention}
 
 
+def step_floor(gguf, parts: dict, peaks: dict) -> dict | None:
+    """Seconds of each part of a decoder step (step_macs_by_part) at measured_peaks(), for this file's weight
+    types under the active matmul kernel: the matmuls at the int8 peak for quantized weights under an int8
+    kernel, at the bf16 peak for BF16 weights under a bf16 one, else at the FP32 FMA peak; the soft embedding at
+    the bf16 peak where it runs in bfloat16, else FP32; attention's scores at half the FP32 peak (they sum in
+    double) and its values at the FP32 peak. None where a peak it needs was not measured."""
+    from dgguf.convert import native
+    kernel = native.matmul_kernel()
+    types = {t.name: t.type.name for t in gguf.tensors}
+    float_types = ("F32", "F16", "BF16")
+    layer, embedding = types.get("blk.0.attn_q.weight", "F32"), types.get("token_embd.weight", "F32")
+    bf16 = "bf16" in kernel
+    matmul = ("int8" if kernel.startswith("int8") and layer not in float_types else
+              "bf16" if bf16 and layer == "BF16" else "fp32")
+    soft = "bf16" if bf16 and embedding not in ("F32", "F16") else "fp32"
+    if peaks.get(matmul) is None or peaks.get(soft) is None or peaks.get("fp32") is None:
+        return None
+    fp32 = peaks["fp32"] * 1e9
+    return {"matmuls": 2 * parts["matmul"] / (peaks[matmul] * 1e9),
+            "soft embedding": 2 * parts["soft_embed"] / (peaks[soft] * 1e9),
+            "attention": parts["attention"] / (fp32 / 2) + parts["attention"] / fp32}
+
+
+def floor_note(floor: dict, step: float) -> str:
+    """One line of a step_floor() against the step's measured seconds."""
+    total = sum(floor.values())
+    parts = ", ".join(f"{k} {v:.4f} s" for k, v in floor.items())
+    note = f"decoder step floor at the measured peaks {total:.4f} s ({parts}): the step runs at {total / step:.2f} " \
+           "of the peak rate"
+    # faster than the peaks allow: the peak loops were slowed (another process, or a core shared for a while)
+    return note + ("  (the peaks read low: run again)" if total > step else "")
+
+
 def step_macs(c, canvas: int, context: int) -> float:
     """Multiply-adds of one decoder step over a canvas after `context` cached tokens (matmuls and attention)."""
     return sum(step_macs_by_part(c, canvas, context).values())

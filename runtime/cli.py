@@ -116,7 +116,8 @@ def cmd_run(a) -> None:
 def cmd_bench(a) -> None:
     import numpy as np
 
-    from dgguf.runtime.bench import best_of, denoise_step, foreign_load, step_macs
+    from dgguf.runtime.bench import (best_of, denoise_step, floor_note, foreign_load, measured_peaks, peaks_note,
+                                     step_floor, step_macs, step_macs_by_part)
     from dgguf.runtime.model import Model
     m = Model.load(a.model, threads=a.threads, ctx=a.prompt + 2 * 4096)
     c = m.config
@@ -135,17 +136,20 @@ def cmd_bench(a) -> None:
     cache = m.native.new_cache(a.prompt + C)
     cache.encode(prompt)
     load = foreign_load()
+    peaks = measured_peaks(m.native.threads)   # before the timing, as scripts/bench_step.py does
     logits = np.empty_like(sc)   # reused, as generation does: no fresh pages in the timing
     step = best(lambda: cache.decode(canvas, sc, out=logits))
     denoise = min(denoise_step(m, prompt, a.steps) for _ in range(a.repeats))
     enc_prompt = best(encode_prompt)
     enc_canvas = best(lambda: m.native.new_cache(C).encode(canvas))
     gops = 2 * step_macs(c, C, a.prompt) / step / 1e9
+    floor = step_floor(m.gguf, step_macs_by_part(c, C, a.prompt), peaks)
     out = {"threads": m.native.threads, "canvas": C, "prompt_tokens": a.prompt, "seconds_per_step": step,
            "seconds_per_denoise_step": denoise, "seconds_prompt_encode": enc_prompt,
            "seconds_canvas_encode": enc_canvas, "step_gops": gops,
            "tokens_per_s": C / (a.steps * denoise + enc_canvas), "steps_per_canvas": a.steps,
-           "foreign_load_cores": load}
+           "foreign_load_cores": load, "peaks": peaks,
+           "step_floor_seconds": sum(floor.values()) if floor else None}
     if a.json:
         json.dump(out, sys.stdout)
         print()
@@ -157,6 +161,9 @@ def cmd_bench(a) -> None:
     print(f"decoder step {step:.4f} s ({gops:.1f} GOP/s effective), denoising step with the sampler "
           f"{denoise:.4f} s ({a.steps} forced steps), prompt encode {enc_prompt:.4f} s, "
           f"canvas encode {enc_canvas:.4f} s; {out['tokens_per_s']:.1f} tok/s at {a.steps} steps per canvas")
+    print(peaks_note(peaks))
+    if floor:
+        print(floor_note(floor, step))
 
 
 def cmd_eval(a) -> None:

@@ -16,9 +16,7 @@ has an int8 kernel) and under the best float-activation kernel, in the same run.
 
 What limits a step: the machine's peaks are measured first, on the same threads (runtime/bench.py
 measured_peaks), and each decoder step is set against its floor, the time its multiply-adds would take at those
-peaks (matmuls at the int8 peak for quantized weights under an int8 kernel, at the bf16 peak for BF16 weights
-under a bf16 one, else at the FP32 FMA peak; the soft embedding at the bf16 peak where it runs in bfloat16;
-attention's scores at half the FP32 peak, as they sum in double, and its values at the FP32 peak). The one-token
+peaks (runtime/bench.py step_floor: each part at the peak of the instructions that run it). The one-token
 encode's GB/s is set against the DRAM read peak (weights that stay in the last-level cache can pass it).
 """
 from __future__ import annotations
@@ -28,26 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dgguf.runtime.bench import (best_of, denoise_step, load_note, measured_peaks, one_token_bytes, peaks_note,
-                                 step_macs, step_macs_by_part)
+from dgguf.runtime.bench import (best_of, denoise_step, floor_note, load_note, measured_peaks, one_token_bytes,
+                                 peaks_note, step_floor, step_macs, step_macs_by_part)
 from synthetic import text_config, write_checkpoint
 
 STEPS = 16
 PROMPT_LEN = 23
-
-
-def step_floor(parts: dict, peaks: dict, kernel: str, file_type: str) -> dict | None:
-    """Seconds of each part of a decoder step at the measured peaks (module docstring); None without them."""
-    quantized, bf16 = file_type not in ("F32", "F16", "BF16"), "bf16" in kernel
-    matmul = ("int8" if kernel.startswith("int8") and quantized else
-              "bf16" if bf16 and file_type == "BF16" else "fp32")
-    soft = "bf16" if bf16 and (quantized or file_type == "BF16") else "fp32"
-    if peaks[matmul] is None or peaks[soft] is None or peaks["fp32"] is None:
-        return None
-    fp32 = peaks["fp32"] * 1e9
-    return {"matmuls": 2 * parts["matmul"] / (peaks[matmul] * 1e9),
-            "soft embedding": 2 * parts["soft_embed"] / (peaks[soft] * 1e9),
-            "attention": parts["attention"] / (fp32 / 2) + parts["attention"] / fp32}
 
 
 def mid_shape() -> dict:
@@ -134,7 +118,7 @@ def main() -> None:
             token = best_of(one_token, 4 * a.repeats)
             weights = one_token_bytes(read_gguf(path), m.config)
             gops = 2 * step_macs(m.config, C, PROMPT_LEN) / step / 1e9
-            floor = step_floor(step_macs_by_part(m.config, C, PROMPT_LEN), peaks, kernel, t)
+            floor = step_floor(m.gguf, step_macs_by_part(m.config, C, PROMPT_LEN), peaks)
             gbs = weights / token / 1e9
             print(f"dgguf {t:>7} {kernel:>15}: decoder step {step:.3f} s ({gops:.0f} GOP/s effective), denoise step "
                   f"{denoise:.3f} s, prompt encode {enc:.3f} s, canvas encode {canvas_encode:.3f} s, {tok_s:.1f} "
@@ -143,9 +127,7 @@ def main() -> None:
                   f"(>1: dgguf faster); one-token encode {token * 1e3:.2f} ms, {gbs:.1f} GB/s of the "
                   f"{weights / 1e6:.1f} MB of weights it reads ({gbs / peaks['read']:.2f} of the DRAM read peak)")
             if floor:
-                parts = ", ".join(f"{k} {v:.3f} s" for k, v in floor.items())
-                print(f"    decoder step floor at the measured peaks {sum(floor.values()):.3f} s ({parts}): the "
-                      f"step runs at {sum(floor.values()) / step:.2f} of the peak rate")
+                print(f"    {floor_note(floor, step)}")
             m.close()
             if kernel == default and a.threads > 1:
                 m1 = Model.load(path, threads=1)

@@ -94,3 +94,22 @@ def test_read_words_sums_every_word_mod_2_64(threads):
         assert native.read_words(words, threads) == int(sum(int(w) for w in words)) % 2**64, n
     with pytest.raises(DggufError, match="uint64"):
         native.read_words(np.ones(8, dtype=np.int64), threads)
+
+
+@pytest.mark.parametrize("file_type", ["Q8_0", "BF16", "F32"])
+def test_step_floor_takes_each_part_at_the_peak_of_the_instructions_that_run_it(checkpoints, tmp_path, kernel,
+                                                                               file_type):
+    """Peaks 1, 2 and 4 GOP/s for int8, bf16 and fp32 tell which one each part was divided by."""
+    from dgguf.convert.gguf_file import read_gguf
+    from dgguf.convert.quantize import convert_checkpoint
+    from dgguf.runtime.bench import step_floor
+    g = read_gguf(convert_checkpoint(checkpoints("tiny"), tmp_path / "t.gguf", file_type, pure=True))
+    parts = {"matmul": 3e9, "soft_embed": 5e9, "attention": 7e9}
+    peaks = {"int8": 1.0, "bf16": 2.0, "fp32": 4.0, "read": 1.0}
+    bf16 = "bf16" in kernel
+    quantized = file_type == "Q8_0"
+    matmul_peak = 1.0 if kernel.startswith("int8") and quantized else 2.0 if bf16 and file_type == "BF16" else 4.0
+    soft_peak = 2.0 if bf16 and file_type != "F32" else 4.0
+    floor = step_floor(g, parts, peaks)
+    assert floor == {"matmuls": 6 / matmul_peak, "soft embedding": 10 / soft_peak, "attention": 7 / 2 + 7 / 4}
+    assert step_floor(g, parts, {**peaks, "fp32": None}) is None
