@@ -1,6 +1,6 @@
 /* peak.c: the machine's arithmetic and read-bandwidth peaks, measured in the benchmarks' own run, so that they
- * report each kernel as a fraction of what this CPU does (scripts/bench_kernels.py, bench_step.py) rather than of
- * constants from another machine.
+ * report each kernel as a fraction of what this CPU does (scripts/bench_kernels.py, bench_step.py, dgguf bench)
+ * rather than of constants from another machine.
  *
  * An arithmetic peak is one instruction of the active matmul kernel's kind, repeated on ACC independent
  * accumulators (more than its latency times its throughput, so the loop runs at throughput) and nothing else:
