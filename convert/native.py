@@ -1,6 +1,8 @@
 """The one Python wrapper around dgguf._native: checks shapes and dtypes once, turns status codes into errors."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from dgguf._native import ffi, lib
@@ -104,6 +106,13 @@ def matmul_kernels() -> list[str]:
             pass
     set_matmul_kernel(current)
     return usable
+
+
+@functools.cache
+def float_kernel() -> str:
+    """The best kernel this CPU has that keeps float activations for every weight type (exact for F32, F16 and
+    BF16 weights)."""
+    return [k for k in matmul_kernels() if not k.startswith("int8")][-1]
 
 
 def _weight(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], x: np.ndarray):

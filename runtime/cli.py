@@ -117,7 +117,7 @@ def cmd_bench(a) -> None:
     import numpy as np
 
     from dgguf.runtime.bench import (best_of, denoise_step, floor_note, foreign_load, measured_peaks, peaks_note,
-                                     step_floor, step_macs, step_macs_by_part)
+                                     step_floor, step_macs_by_part)
     from dgguf.runtime.model import Model
     m = Model.load(a.model, threads=a.threads, ctx=a.prompt + 2 * 4096)
     c = m.config
@@ -142,8 +142,9 @@ def cmd_bench(a) -> None:
     denoise = min(denoise_step(m, prompt, a.steps) for _ in range(a.repeats))
     enc_prompt = best(encode_prompt)
     enc_canvas = best(lambda: m.native.new_cache(C).encode(canvas))
-    gops = 2 * step_macs(c, C, a.prompt) / step / 1e9
-    floor = step_floor(m.gguf, step_macs_by_part(c, C, a.prompt), peaks)
+    parts = step_macs_by_part(c, C, a.prompt)
+    gops = 2 * sum(parts.values()) / step / 1e9
+    floor = step_floor(m.gguf, parts, peaks)
     out = {"threads": m.native.threads, "canvas": C, "prompt_tokens": a.prompt, "seconds_per_step": step,
            "seconds_per_denoise_step": denoise, "seconds_prompt_encode": enc_prompt,
            "seconds_canvas_encode": enc_canvas, "step_gops": gops,

@@ -17,7 +17,6 @@ for a user.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -102,15 +101,10 @@ def _check_pair(ref, quant) -> None:
         raise DggufError(f"{quant.path} and {ref.path} have different vocabularies: not the same model")
 
 
-@functools.cache
-def _float_kernel() -> str:
-    return [k for k in native.matmul_kernels() if not k.startswith("int8")][-1]
-
-
 def exact(fn, *args, **kwargs):
     """fn(*args, **kwargs) on the best float-activation kernel (the reference's passes; see the module docstring)."""
     before = native.matmul_kernel()
-    native.set_matmul_kernel(_float_kernel())
+    native.set_matmul_kernel(native.float_kernel())
     try:
         return fn(*args, **kwargs)
     finally:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dgguf.runtime.bench import (best_of, denoise_step, floor_note, load_note, measured_peaks, one_token_bytes,
-                                 peaks_note, step_floor, step_macs, step_macs_by_part)
+                                 peaks_note, step_floor, step_macs_by_part)
 from synthetic import text_config, write_checkpoint
 
 STEPS = 16
@@ -90,7 +90,7 @@ def main() -> None:
           f"{ref_times['backbone']:.3f} s")
 
     default = native.matmul_kernel()
-    kernels = [default] + [k for k in native.matmul_kernels() if not k.startswith("int8")][-1:]
+    kernels = [default, native.float_kernel()]
     for t in a.types.split(","):
         path = a.dir / f"mid-{t}.gguf"
         if not path.exists():
@@ -117,8 +117,9 @@ def main() -> None:
                 one.encode(prompt[:1])
             token = best_of(one_token, 4 * a.repeats)
             weights = one_token_bytes(read_gguf(path), m.config)
-            gops = 2 * step_macs(m.config, C, PROMPT_LEN) / step / 1e9
-            floor = step_floor(m.gguf, step_macs_by_part(m.config, C, PROMPT_LEN), peaks)
+            parts = step_macs_by_part(m.config, C, PROMPT_LEN)
+            gops = 2 * sum(parts.values()) / step / 1e9
+            floor = step_floor(m.gguf, parts, peaks)
             gbs = weights / token / 1e9
             print(f"dgguf {t:>7} {kernel:>15}: decoder step {step:.3f} s ({gops:.0f} GOP/s effective), denoise step "
                   f"{denoise:.3f} s, prompt encode {enc:.3f} s, canvas encode {canvas_encode:.3f} s, {tok_s:.1f} "

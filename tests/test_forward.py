@@ -40,7 +40,7 @@ TOL_FP32 = 2.5e-4   # absolute, against transformers in fp32: two fp32 results, 
 REL_TOL = 2e-5      # against the fp64 truth, relative to the largest |logit|
 
 
-FLOAT_KERNEL = [k for k in native.matmul_kernels() if not k.startswith("int8")][-1]
+FLOAT_KERNEL = native.float_kernel()
 INT8_KERNELS = [k for k in native.matmul_kernels() if k.startswith("int8")]
 
 
