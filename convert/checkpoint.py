@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DggufError
+from dgguf.core.errors import DggufError
+from dgguf.format.arch import ModelShape
 
 ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 
@@ -54,6 +55,15 @@ class TextConfig:
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
+
+    def shape(self) -> ModelShape:
+        n = self.num_hidden_layers
+        return ModelShape(vocab_size=self.vocab_size, hidden_size=self.hidden_size, n_layers=n,
+                          n_heads=self.num_attention_heads, kv_heads=list(self.kv_heads),
+                          head_dims=list(self.head_dims), sliding=[self.is_sliding(i) for i in range(n)],
+                          sliding_window=self.sliding_window, n_experts=self.num_experts, top_k=self.top_k_experts,
+                          expert_ff=self.moe_intermediate_size, dense_ff=self.intermediate_size,
+                          canvas_length=self.canvas_length, context_length=self.max_position_embeddings)
 
     @property
     def head_dim(self) -> int:

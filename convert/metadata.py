@@ -13,11 +13,12 @@ from pathlib import Path
 from gguf.constants import GGUFValueType as V
 from gguf.utility import size_label
 
-from .checkpoint import TextConfig, load_json, embedding_scale
-from .errors import DggufError
-from .gguf_file import Field
+from dgguf.core.errors import DggufError
+from dgguf.format.arch import ARCH
+from dgguf.format.gguf_file import Field
 
-ARCH = "diffusion-gemma"
+from .checkpoint import TextConfig, embedding_scale, load_json
+
 
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

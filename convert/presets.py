@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from .quant_types import FALLBACK, TENSOR_TYPES, FileType, TensorType
+from dgguf.format.quant_types import FALLBACK, TENSOR_TYPES, FileType, TensorType
 
 
 def _more_bits(i: int, n: int) -> bool:

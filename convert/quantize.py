@@ -6,7 +6,6 @@ so memory stays at a few chunk buffers whatever the tensor size.
 """
 from __future__ import annotations
 
-import os
 import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,20 +17,19 @@ import numpy as np
 from gguf.constants import GGUFValueType as V
 from tqdm import tqdm
 
-from . import native
+from dgguf.core import native
+from dgguf.core.errors import DggufError
+from dgguf.core.native import default_threads, encode
+from dgguf.format.arch import ARCH
+from dgguf.format.gguf_file import Field, GGUFFile, GGUFWriter, TensorInfo, read_gguf
+from dgguf.format.quant_types import TENSOR_TYPES, FileType, file_type
+
 from .checkpoint import SourceTensor, TextConfig, read_config, read_generation_config, read_tensors
-from .errors import DggufError
-from .gguf_file import Field, GGUFFile, GGUFWriter, TensorInfo, read_gguf
-from .metadata import ARCH, model_fields, rope_freqs, tokenizer_fields
+from .metadata import model_fields, rope_freqs, tokenizer_fields
 from .presets import TypeChooser
-from .quant_types import TENSOR_TYPES, FileType, TensorType, file_type
 from .tensor_names import DECODER, ROPE_FREQS, plan_tensors
 
 CHUNK_VALUES = 1 << 21   # 8 MiB of float32 per work item
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass
@@ -42,15 +40,6 @@ class Job:
     read_rows: Callable[[int, int], np.ndarray] | None   # (r0, r1) → float32 [r1-r0, ncols]
     raw_rows: Callable[[int, int], np.ndarray] | None = None   # bytes already in the target type (preferred)
     source_bytes: int = 0
-
-
-def encode(x: np.ndarray, t: TensorType) -> np.ndarray:
-    """float32 rows → bytes of type t."""
-    if t.name == "F32":
-        return x
-    if t.name == "F16":
-        return x.astype(np.float16)
-    return native.quantize_rows(x, t.ggml)
 
 
 def write_jobs(writer: GGUFWriter, jobs: list[Job], threads: int, progress: bool) -> None:
@@ -67,7 +56,7 @@ def write_jobs(writer: GGUFWriter, jobs: list[Job], threads: int, progress: bool
             def work(r0, r1, job=job):
                 if job.raw_rows is not None:
                     return job.raw_rows(r0, r1)
-                return encode(job.read_rows(r0, r1), job.info.type)
+                return encode(job.read_rows(r0, r1), job.info.type.ggml)
 
             pending: deque = deque()
             for r0 in range(0, job.nrows, step):

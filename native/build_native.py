@@ -1,4 +1,4 @@
-"""cffi builder for dgguf._native: compiles every native/*.c against native/dgguf.h.
+"""cffi builder for dgguf.core._native: compiles every native/*.c against native/dgguf.h.
 
 Flags are portable on purpose: fast paths select their instruction sets per
 function (target attributes) and are chosen at run time, so no -march here.
@@ -22,7 +22,7 @@ def _cdef_text() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
-    "dgguf._native",
+    "dgguf.core._native",
     '#include "dgguf.h"',
     # setuptools wants paths relative to setup.py's directory
     sources=sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c")),

@@ -53,8 +53,8 @@ def measured_peaks(threads: int, repeats: int = 10, read_mib: int = 256) -> dict
     instructions (None where it has none; native/peak.c) and GB/s of reading `read_mib` MiB (far beyond the
     caches, so DRAM). Best of `repeats` rounds, each timing every kind once, so that a slow spell of the machine
     does not land on one kind alone."""
-    from dgguf.convert import native
-    from dgguf.convert.errors import DggufError
+    from dgguf.core import native
+    from dgguf.core.errors import DggufError
     rounds = 1 << 21
     words = np.ones(read_mib << 17, dtype=np.uint64)
     runs = {"read": lambda: native.read_words(words, threads)}
@@ -136,7 +136,7 @@ def step_floor(gguf, parts: dict, peaks: dict) -> dict | None:
     kernel, at the bf16 peak for BF16 weights under a bf16 one, else at the FP32 FMA peak; the soft embedding at
     the bf16 peak where it runs in bfloat16, else FP32; attention's scores at half the FP32 peak (they sum in
     double) and its values at the FP32 peak. None where a peak it needs was not measured."""
-    from dgguf.convert import native
+    from dgguf.core import native
     kernel = native.matmul_kernel()
     types = {t.name: t.type.name for t in gguf.tensors}
     float_types = ("F32", "F16", "BF16")

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dgguf.convert.errors import DggufError
+from dgguf.core.errors import DggufError
 
 DEFAULT_LIBRARY = Path("build") / "cuda" / "libdgcuda.so"
 

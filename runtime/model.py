@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from dgguf.convert.errors import DggufError
-from dgguf.convert.gguf_file import read_gguf
-from dgguf.convert.quantize import default_threads
+from dgguf.core.errors import DggufError
+from dgguf.format.gguf_file import read_gguf
+from dgguf.core.native import default_threads
 
 from .model_config import ModelConfig, read_model_config
 from .native_model import NativeModel, token_ids

@@ -13,30 +13,11 @@ import numpy as np
 
 from gguf.constants import GGUFValueType as V
 
-from dgguf.convert.errors import DggufError
-from dgguf.convert.gguf_file import GGUFFile, TensorInfo
-from dgguf.convert.metadata import ARCH
+from dgguf.core.errors import DggufError
+from dgguf.format.gguf_file import GGUFFile, TensorInfo
+from dgguf.format.arch import ARCH, ModelShape, expected_tensors
 
 END_OF_TURN_TOKENS = ("<turn|>", "<end_of_turn>")
-
-
-@dataclass
-class ModelShape:
-    """The hyper-parameters that fix tensor sizes and the work of a pass (all runtime/planner.py needs)."""
-    vocab_size: int
-    hidden_size: int
-    n_layers: int
-    n_heads: int
-    kv_heads: list[int]
-    head_dims: list[int]
-    sliding: list[bool]
-    sliding_window: int
-    n_experts: int
-    top_k: int
-    expert_ff: int
-    dense_ff: int
-    canvas_length: int
-    context_length: int
 
 
 @dataclass
@@ -106,31 +87,6 @@ def _int_list(g: GGUFFile, key: str, n: int, lo: int = 1, hi: int = _INT_MAX, de
     if not all(lo <= x <= hi for x in v):
         raise DggufError(f"{g.path}: key {name} has a value outside {lo}..{hi}")
     return [int(x) for x in v]
-
-
-def expected_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """GGUF name → ggml ne of every tensor the runtime needs."""
-    H, V, F, I, E = c.hidden_size, c.vocab_size, c.dense_ff, c.expert_ff, c.n_experts
-    out = {"token_embd.weight": (H, V), "output_norm.weight": (H,), "self_cond_pre_norm.weight": (H,),
-           "self_cond_gate.weight": (H, F), "self_cond_up.weight": (H, F), "self_cond_down.weight": (F, H)}
-    if not all(c.sliding):
-        out["rope_freqs.weight"] = (c.head_dims[c.sliding.index(False)] // 2,)
-    for i in range(c.n_layers):
-        d, kv, nh = c.head_dims[i], c.kv_heads[i], c.n_heads
-        b = f"blk.{i}."
-        layer = {
-            "attn_norm.weight": (H,), "attn_q.weight": (H, nh * d), "attn_k.weight": (H, kv * d),
-            "attn_output.weight": (nh * d, H), "attn_q_norm.weight": (d,), "attn_k_norm.weight": (d,),
-            "post_attention_norm.weight": (H,), "ffn_norm.weight": (H,), "ffn_gate.weight": (H, F),
-            "ffn_up.weight": (H, F), "ffn_down.weight": (F, H), "post_ffw_norm_1.weight": (H,),
-            "ffn_gate_inp.weight": (H, E), "ffn_gate_inp.scale": (H,), "ffn_down_exps.scale": (E,),
-            "pre_ffw_norm_2.weight": (H,), "ffn_gate_up_exps.weight": (H, 2 * I, E),
-            "ffn_down_exps.weight": (I, H, E), "post_ffw_norm_2.weight": (H,), "post_ffw_norm.weight": (H,),
-            "layer_output_scale.weight": (1,), "enc_layer_output_scale.weight": (1,)}
-        if c.sliding[i]:
-            layer["attn_v.weight"] = (H, kv * d)
-        out.update({b + k: s for k, s in layer.items()})
-    return out
 
 
 def read_model_config(g: GGUFFile) -> ModelConfig:

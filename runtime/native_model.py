@@ -9,32 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from dgguf._native import ffi, lib
-from dgguf.convert.errors import DggufError
-from dgguf.convert.native import ERRLEN, MAX_THREADS, check
-from dgguf.convert.gguf_file import GGUFFile
+from dgguf.core._native import ffi, lib
+from dgguf.core.errors import DggufError
+from dgguf.core.native import ERRLEN, MAX_THREADS, check
+from dgguf.format.arch import GLOBAL_TENSORS, LAYER_TENSORS, has_tensor
+from dgguf.format.gguf_file import GGUFFile
 
 from .model_config import ModelConfig
-
-# dg_layer field → GGUF tensor name under blk.N.
-_LAYER_TENSORS = {
-    "attn_norm": "attn_norm.weight", "attn_q": "attn_q.weight", "attn_k": "attn_k.weight",
-    "attn_v": "attn_v.weight", "attn_output": "attn_output.weight", "attn_q_norm": "attn_q_norm.weight",
-    "attn_k_norm": "attn_k_norm.weight", "post_attention_norm": "post_attention_norm.weight",
-    "ffn_norm": "ffn_norm.weight", "ffn_gate": "ffn_gate.weight", "ffn_up": "ffn_up.weight",
-    "ffn_down": "ffn_down.weight", "post_ffw_norm_1": "post_ffw_norm_1.weight",
-    "ffn_gate_inp": "ffn_gate_inp.weight", "ffn_gate_inp_scale": "ffn_gate_inp.scale",
-    "ffn_down_exps_scale": "ffn_down_exps.scale", "pre_ffw_norm_2": "pre_ffw_norm_2.weight",
-    "ffn_gate_up_exps": "ffn_gate_up_exps.weight", "ffn_down_exps": "ffn_down_exps.weight",
-    "post_ffw_norm_2": "post_ffw_norm_2.weight", "post_ffw_norm": "post_ffw_norm.weight",
-}
-# dg_model field → global GGUF tensor name.
-_MODEL_TENSORS = {
-    "token_embd": "token_embd.weight", "output_norm": "output_norm.weight",
-    "sc_pre_norm": "self_cond_pre_norm.weight", "sc_gate": "self_cond_gate.weight",
-    "sc_up": "self_cond_up.weight", "sc_down": "self_cond_down.weight",
-}
-
 
 def float_rows(a, shape: tuple[int, int], what: str) -> None:
     """DggufError unless a is a C-contiguous float32 array of `shape`."""
@@ -72,10 +53,9 @@ class NativeModel:
             ly.sliding = int(cfg.sliding[i])
             ly.head_dim = cfg.head_dims[i]
             ly.n_kv_heads = cfg.kv_heads[i]
-            for field, name in _LAYER_TENSORS.items():
-                if field == "attn_v" and not cfg.sliding[i]:
-                    continue                # full layers: V is the raw K projection
-                self._fill(getattr(ly, field), f"blk.{i}.{name}")
+            for t in LAYER_TENSORS:
+                if t.field is not None and has_tensor(t, cfg, i):   # full layers have no V: V is K
+                    self._fill(getattr(ly, t.field), f"blk.{i}.{t.gguf}")
             ly.dec_scale = self._scalar(f"blk.{i}.layer_output_scale.weight")
             ly.enc_scale = self._scalar(f"blk.{i}.enc_layer_output_scale.weight")
         m = self._model = ffi.new("dg_model *")
@@ -85,8 +65,9 @@ class NativeModel:
         m.rope_pairs_full = cfg.rope_rotated_pairs_full
         m.eps, m.theta_full, m.theta_sliding = cfg.rms_norm_eps, cfg.rope_theta_full, cfg.rope_theta_sliding
         m.softcap, m.embed_scale = cfg.softcap, cfg.embedding_scale
-        for field, name in _MODEL_TENSORS.items():
-            self._fill(getattr(m, field), name)
+        for t in GLOBAL_TENSORS:
+            if t.field is not None:
+                self._fill(getattr(m, t.field), t.gguf)
         m.layers = self._layers
         m.n_threads = threads
 

@@ -2,7 +2,7 @@
 rest runs, and how long a denoising step takes on a named card.
 
 Sizes are exact: a GGUF's own tensor table (`-m`), or the tensors `dgguf convert` would write for a config and
-a file type (`--config --type`, through the converter's own name table and type presets). Placement: the
+a file type (`--config --type`: the CLI builds that PlannedModel with the converter's own tables). Placement: the
 mandatory groups (reserve, embedding/head, globals, the layers' non-expert weights, KV cache, canvas buffers)
 go to the GPU first, then whole expert layers in layer order while they fit; the remaining expert layers are
 either computed on the CPU or streamed over PCIe every pass, whichever the cost model predicts is faster.
@@ -14,14 +14,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 
 import numpy as np
 
-from dgguf.convert.errors import DggufError
+from dgguf.core.errors import DggufError
+
+from dgguf.format.arch import ModelShape, spec_of
 
 from .bench import best_of
-from .model_config import ModelShape, read_model_config
+from .model_config import read_model_config
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -122,16 +123,6 @@ def shape_of(c) -> ModelShape:
     return ModelShape(**{f.name: getattr(c, f.name) for f in fields(ModelShape)})
 
 
-def shape_from_text_config(c) -> ModelShape:
-    """The ModelShape of a converter TextConfig (config.json)."""
-    return ModelShape(vocab_size=c.vocab_size, hidden_size=c.hidden_size, n_layers=c.num_hidden_layers,
-                      n_heads=c.num_attention_heads, kv_heads=list(c.kv_heads), head_dims=list(c.head_dims),
-                      sliding=[c.is_sliding(i) for i in range(c.num_hidden_layers)],
-                      sliding_window=c.sliding_window, n_experts=c.num_experts, top_k=c.top_k_experts,
-                      expert_ff=c.moe_intermediate_size, dense_ff=c.intermediate_size,
-                      canvas_length=c.canvas_length, context_length=c.max_position_embeddings)
-
-
 @dataclass(frozen=True)
 class Tensor:
     name: str
@@ -150,8 +141,8 @@ class PlannedModel:
 
 def model_from_gguf(path) -> PlannedModel:
     """Shape and tensor table of a GGUF; reads the header only (tensor data stays unread in the mapping)."""
-    from dgguf.convert.gguf_file import read_gguf
-    from dgguf.convert.quant_types import FILE_TYPES
+    from dgguf.format.gguf_file import read_gguf
+    from dgguf.format.quant_types import FILE_TYPES
 
     g = read_gguf(path)
     try:
@@ -165,45 +156,11 @@ def model_from_gguf(path) -> PlannedModel:
     return PlannedModel(str(path), label, shape_of(cfg), tensors)
 
 
-def model_from_config(path, type_name: str) -> PlannedModel:
-    """Shape from an HF config.json (a file or its directory) and the tensors `dgguf convert --type` would
-    write: same names, shapes and per-tensor types (convert/quantize.output_tensors)."""
-    from dgguf.convert.checkpoint import read_config_file
-    from dgguf.convert.quant_types import file_type
-    from dgguf.convert.quantize import output_tensors
-    from dgguf.convert.tensor_names import expected_shapes
-
-    path = Path(path)
-    cfg, _ = read_config_file(path / "config.json" if path.is_dir() else path)
-    ft = file_type(type_name)
-    planned = output_tensors(cfg, expected_shapes(cfg), ft)
-    tensors = [Tensor(t.name, t.nbytes, t.type.name) for _, t in planned]
-    return PlannedModel(str(path), ft.name, shape_from_text_config(cfg), tensors)
-
-
-_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
-_DENSE = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
-_SELF_COND = ("self_cond_gate.weight", "self_cond_up.weight", "self_cond_down.weight")
-
-
 def tensor_part(name: str) -> tuple[int | None, str]:
-    """(layer or None, part) of a GGUF tensor. Parts: experts, attention, dense, router, norms (per layer);
-    embedding, self_conditioning, norms (global)."""
-    m = _LAYER.match(name)
-    if m is None:
-        if name == "token_embd.weight":
-            return None, "embedding"
-        return None, "self_conditioning" if name in _SELF_COND else "norms"
-    layer, rest = int(m.group(1)), m.group(2)
-    if rest.endswith("_exps.weight"):
-        return layer, "experts"
-    if rest.startswith("attn_"):
-        return layer, "attention"
-    if rest in _DENSE:
-        return layer, "dense"
-    if rest.startswith("ffn_gate_inp") or rest == "ffn_down_exps.scale":
-        return layer, "router"
-    return layer, "norms"
+    """(layer or None, part) of a GGUF tensor, from the architecture's table. Parts: experts, attention,
+    dense, router, norms (per layer); embedding, self_conditioning, norms (global)."""
+    layer, spec = spec_of(name)
+    return layer, spec.part if spec is not None else "norms"
 
 
 def part_bytes(model: PlannedModel) -> dict[tuple[int | None, str], int]:
@@ -319,7 +276,7 @@ class CpuSpeed:
 
 def measure_cpu(model: PlannedModel, threads: int, gops: float | None = None, gbs: float | None = None,
                 repeats: int = 5) -> CpuSpeed:
-    """The CPU's speed for this model: the native matmul (convert/native.matmul, the runtime's kernel) on the
+    """The CPU's speed for this model: the native matmul (core/native.matmul, the runtime's kernel) on the
     dense MLP's and one expert's shape and type at their column counts, and a numpy copy for bandwidth.
     Best of `repeats` after a warm-up; ~0.5 s for the real shape. Given figures are used instead of measuring."""
     if gops is not None and gbs is not None:
@@ -349,14 +306,13 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _matmul_gops(rows: int, k: int, type_name: str, columns: int, threads: int, repeats: int) -> float:
-    from dgguf.convert import native
-    from dgguf.convert.quant_types import TENSOR_TYPES
-    from dgguf.convert.quantize import encode
+    from dgguf.core import native
+    from dgguf.format.quant_types import TENSOR_TYPES
 
     rows = min(rows, 1024)        # enough rows for full-speed tiles, quick to quantize
     t = TENSOR_TYPES[type_name]
     rng = np.random.default_rng(0)
-    w = np.ascontiguousarray(encode(rng.standard_normal((rows, k), dtype=np.float32), t)).view(np.uint8)
+    w = np.ascontiguousarray(native.encode(rng.standard_normal((rows, k), dtype=np.float32), t.ggml)).view(np.uint8)
     x = rng.standard_normal((columns, k), dtype=np.float32)
     best = _best(lambda: native.matmul(w, t.ggml, (rows, k), x, threads), repeats)
     return 2 * rows * k * columns / best / 1e9

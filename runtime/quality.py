@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dgguf.convert import native
-from dgguf.convert.errors import DggufError
+from dgguf.core import native
+from dgguf.core.errors import DggufError
 
 NOISE_LEVELS = (0.25, 0.5, 0.75, 1.0)
 
@@ -196,7 +196,7 @@ def evaluate(ref, quant, text: str, seed: int = 0, max_tokens: int | None = None
 
 def file_stats(path) -> dict:
     """Size on disk and bits per weight (tensor data bits over tensor elements) of a GGUF."""
-    from dgguf.convert.gguf_file import read_gguf
+    from dgguf.format.gguf_file import read_gguf
     g = read_gguf(path)
     try:
         bits = sum(t.nbytes for t in g.tensors) * 8

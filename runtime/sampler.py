@@ -25,8 +25,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from dgguf.convert import native
-from dgguf.convert.errors import DggufError
+from dgguf.core import native
+from dgguf.core.errors import DggufError
 
 # Rows are processed in blocks of about this many elements, so the float64 work arrays stay a few MiB even
 # for the real vocabulary (262144) instead of one [C, V] float64 copy.

@@ -4,8 +4,8 @@ from __future__ import annotations
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from dgguf.convert.errors import DggufError
-from dgguf.convert.gguf_file import GGUFFile
+from dgguf.core.errors import DggufError
+from dgguf.format.gguf_file import GGUFFile
 
 
 class Tokenizer:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dgguf.convert import native
+from dgguf.core import native
 from dgguf.runtime.bench import load_note
 
 HEADS, WINDOW, CANVAS, PROMPT = 16, 1024, 256, 23

@@ -49,7 +49,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from dgguf.convert.checkpoint import read_tensors
-    from dgguf.convert.native import cpu_features
+    from dgguf.core.native import cpu_features
     from dgguf.convert.quantize import convert_checkpoint
 
     src = a.dir / f"synthetic-{a.dtype}-{a.layers}L"

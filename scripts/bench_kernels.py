@@ -29,8 +29,8 @@ import sys
 import numpy as np
 
 from dgguf.runtime.bench import best_of, load_note, measured_peaks, peaks_note
-from dgguf.convert import native
-from dgguf.convert.quant_types import TENSOR_TYPES
+from dgguf.core import native
+from dgguf.format.quant_types import TENSOR_TYPES
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
 FLOAT_TYPES = ("F32", "F16", "BF16")

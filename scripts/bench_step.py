@@ -50,8 +50,8 @@ def main() -> None:
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from dgguf.convert import native
-    from dgguf.convert.gguf_file import read_gguf
+    from dgguf.core import native
+    from dgguf.format.gguf_file import read_gguf
     from dgguf.convert.quantize import convert_checkpoint
     from dgguf.runtime import Model
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dgguf.cli.plan import model_from_config
 from dgguf.runtime import planner as P
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=4096)
     a = ap.parse_args()
     cpu = P.CpuSpeed(1, 1, 1, "unused: these plans keep every layer on the GPU")
-    models = {t: P.model_from_config(a.config, t) for t in ("Q4_K_M", "Q8_0", "Q2_K")}
+    models = {t: model_from_config(a.config, t) for t in ("Q4_K_M", "Q8_0", "Q2_K")}
     C = models["Q4_K_M"].shape.canvas_length
     print(f"ctx {a.ctx}; predicted vs reported tokens/s; 'steps' = steps per canvas that equals the report")
     print(f"{'card':<22} {'type':<7} {'gemm':<5} {'offload':<7} {'s/step':>8} {'tok/s@16':>9} {'tok/s@48':>9} "

@@ -20,7 +20,7 @@ TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 
 
 def dgguf(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "dgguf.runtime.cli", *args], check=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dgguf.cli", *args], check=True, text=True,
                           stdout=subprocess.PIPE).stdout
 
 

@@ -49,7 +49,7 @@ sys.path.insert(0, str(SCRIPTS))
 from make_checkpoint import (  # noqa: E402
     BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, TinySpec, build_config, write_json)
 
-from dgguf.convert.errors import DggufError  # noqa: E402
+from dgguf.core.errors import DggufError  # noqa: E402
 
 S, F = "sliding_attention", "full_attention"
 CORPUS_PYTHON = "3.11.7"

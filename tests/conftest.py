@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgguf.convert import native
+from dgguf.core import native
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -12,8 +12,8 @@ sum of nk values adds nk eps sum p_j |v_j|. Exps below ln(FLT_MIN) may be flushe
 import numpy as np
 import pytest
 
-from dgguf.convert import native
-from dgguf.convert.errors import DggufError
+from dgguf.core import native
+from dgguf.core.errors import DggufError
 
 EPS = float(np.finfo(np.float32).eps)
 SIMD_LEVELS = [k for k in native.matmul_kernels() if not k.startswith("int8")]   # reference, avx2, avx512

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from dgguf.convert import native
-from dgguf.convert.errors import DggufError
+from dgguf.core import native
+from dgguf.core.errors import DggufError
 from dgguf.runtime.bench import foreign_load
 
 # The instruction kinds each kernel has a peak loop for (the kernels' own instructions; none for the references).
@@ -45,7 +45,7 @@ def test_foreign_load_excludes_this_process():
 def test_one_token_bytes_counts_top_k_experts_and_only_the_last_layers_kv(checkpoints, tmp_path):
     """Against the file's own tensor sizes: every layer but the last whole (its experts scaled by top_k / E), the
     last layer's K/V projections and norms, one embedding row; nothing from the head or self-conditioning."""
-    from dgguf.convert.gguf_file import read_gguf
+    from dgguf.format.gguf_file import read_gguf
     from dgguf.convert.quantize import convert_checkpoint
     from dgguf.runtime.bench import one_token_bytes
     from dgguf.runtime.model_config import read_model_config
@@ -100,7 +100,7 @@ def test_read_words_sums_every_word_mod_2_64(threads):
 def test_step_floor_takes_each_part_at_the_peak_of_the_instructions_that_run_it(checkpoints, tmp_path, kernel,
                                                                                file_type):
     """Peaks 1, 2 and 4 GOP/s for int8, bf16 and fp32 tell which one each part was divided by."""
-    from dgguf.convert.gguf_file import read_gguf
+    from dgguf.format.gguf_file import read_gguf
     from dgguf.convert.quantize import convert_checkpoint
     from dgguf.runtime.bench import step_floor
     g = read_gguf(convert_checkpoint(checkpoints("tiny"), tmp_path / "t.gguf", file_type, pure=True))

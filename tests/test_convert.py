@@ -8,7 +8,7 @@ from gguf.quants import dequantize
 
 from conftest import PR_TINY
 from dgguf.convert.quantize import convert_checkpoint, requantize
-from dgguf.convert.quant_types import FILE_TYPES
+from dgguf.format.quant_types import FILE_TYPES
 from dgguf.convert.tensor_names import gguf_name
 
 # Keys whose value legitimately differs from PR #24423's files, and the keys we add.
@@ -187,7 +187,7 @@ def test_vision_tower_is_dropped(checkpoints, tmp_path):
 
 
 def test_inspect_shows_keys_and_tensors_as_json_and_text(fixture_f32, capsys):
-    from dgguf.runtime.cli import main
+    from dgguf.cli import main
     assert main(["inspect", str(fixture_f32), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["kv"]["diffusion-gemma.embedding_scale"] == {"type": "FLOAT32", "value": 8.0}
@@ -201,7 +201,7 @@ def test_inspect_shows_keys_and_tensors_as_json_and_text(fixture_f32, capsys):
 
 
 def test_inspect_rejects_a_truncated_gguf_in_one_line(fixture_f32, tmp_path, capsys):
-    from dgguf.runtime.cli import main
+    from dgguf.cli import main
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(fixture_f32.read_bytes()[:-5000])
     assert main(["inspect", str(bad)]) == 2

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from dgguf.convert import gguf_file
-from dgguf.runtime.cli import main
+from dgguf.format import gguf_file
+from dgguf.cli import main
 
 
 def run_cli(capsys, *argv):

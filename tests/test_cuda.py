@@ -1,36 +1,40 @@
 """The CUDA sources (native/cuda) and the GPU gate (runtime/cuda.py).
 
-Without nvcc the compile tests skip, and without a device the GPU tests skip: a skip is not a pass, it says the
-check did not run here. The GPU checks themselves (kernels against their CPU twins, a decoder step against the CPU
-forward, throughput) live in the driver that scripts/gpu_check.sh runs on a lent GPU machine; the GPU tests below run
-the same driver when a device is present.
+The CUDA build is not made inside pytest: `.ci/run` compiles it once (scripts/build_cuda.sh) and names it in
+DGGUF_CUDA_BUILD; without that the build tests skip, and without a device the GPU tests skip: a skip is not a
+pass, it says the check did not run here. The GPU checks themselves (kernels against their CPU twins, a decoder
+step against the CPU forward, throughput) live in the driver that scripts/gpu_check.sh runs on a lent GPU
+machine; the GPU tests below run the same driver when a device is present.
 """
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from dgguf.convert.checkpoint import read_config_file
 from dgguf.convert.presets import TypeChooser
-from dgguf.convert.quant_types import FILE_TYPES
+from dgguf.format.arch import expected_tensors
+from dgguf.format.quant_types import FILE_TYPES
 from dgguf.runtime.cuda import cuda_status, driver_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+BUILD = os.environ.get("DGGUF_CUDA_BUILD")
 HAS_GPU = driver_devices()[0] > 0
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA sources were not compiled here")
+needs_build = pytest.mark.skipif(not BUILD, reason="DGGUF_CUDA_BUILD not set: no CUDA build to check (.ci/run "
+                                                   "makes one with scripts/build_cuda.sh)")
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device here: the GPU checks did not run")
 
 
 @pytest.fixture(scope="module")
-def cuda_build(tmp_path_factory):
-    """scripts/build_cuda.sh for one architecture (sm_80 + PTX, CI's choice) into a temporary directory."""
-    out = tmp_path_factory.mktemp("cuda")
-    subprocess.run(["bash", str(ROOT / "scripts" / "build_cuda.sh"), "80", str(out)], check=True, cwd=ROOT,
-                   env={"PATH": f"{Path(NVCC).parent}:/usr/bin:/bin", "NVCC": NVCC}, timeout=600)
-    return out
+def cuda_build():
+    """The build scripts/build_cuda.sh made (.ci/run: sm_80 + PTX in build/cuda-ci)."""
+    return Path(BUILD).resolve()
 
 
-@needs_nvcc
+@needs_build
 def test_cuda_sources_compile_for_one_architecture(cuda_build):
     assert (cuda_build / "libdgcuda.so").stat().st_size > 0
     assert (cuda_build / "dg_cuda_check").stat().st_size > 0
@@ -43,35 +47,21 @@ def test_build_rejects_a_bad_architecture(tmp_path):
     assert r.returncode == 2 and "bad architecture 'sm_90'" in r.stderr
 
 
-def _real_shape(name):
-    """ggml ne of a tensor of the real model (../shared/fixtures/real-config: hidden 2816, dense 2112, experts
-    128 x 704, 16 heads; sliding layers 8 KV heads of 256, full layers (every 6th) 2 of 512; vocabulary 262144)."""
-    H, F, I, E, V = 2816, 2112, 704, 128, 262144
-    if name == "token_embd.weight":
-        return (H, V)
-    if name.startswith("self_cond_"):
-        return (F, H) if "down" in name else (H, F)
-    layer, tensor = int(name.split(".")[1]), name.split(".", 2)[2]
-    sliding = (layer + 1) % 6 != 0
-    d, kv = (256, 8) if sliding else (512, 2)
-    return {"attn_q.weight": (H, 16 * d), "attn_k.weight": (H, kv * d), "attn_v.weight": (H, kv * d),
-            "attn_output.weight": (16 * d, H), "ffn_gate.weight": (H, F), "ffn_up.weight": (H, F),
-            "ffn_down.weight": (F, H), "ffn_gate_inp.weight": (H, E), "ffn_gate_up_exps.weight": (H, 2 * I, E),
-            "ffn_down_exps.weight": (I, H, E)}[tensor]
-
-
-@needs_nvcc
+@needs_build
 def test_throughput_driver_uses_the_q4_k_m_types_presets_choose(cuda_build):
-    """The throughput run's tensor types (hard-coded in check.cu) are those dgguf convert writes for Q4_K_M."""
+    """The throughput run's tensor types (hard-coded in check.cu) are those dgguf convert writes for Q4_K_M
+    for the real config (tests/fixtures/real-config)."""
+    cfg, _ = read_config_file(ROOT / "tests" / "fixtures" / "real-config" / "config.json")
+    real = expected_tensors(cfg.shape())
     out = subprocess.run([str(cuda_build / "dg_cuda_check"), "types"], capture_output=True, text=True, check=True)
     lines = [line.split() for line in out.stdout.splitlines()]
     chooser = TypeChooser(FILE_TYPES["Q4_K_M"], n_layers=30, n_experts=128, n_attn_v=25, n_gqa=2)
-    expected = [[name, chooser.choose(name, _real_shape(name)).name] for name, _ in lines]
+    expected = [[name, chooser.choose(name, real[name]).name] for name, _ in lines]
     assert len(lines) == 4 + 30 * 9 + 25
     assert lines == expected
 
 
-@needs_nvcc
+@needs_build
 @pytest.mark.skipif(HAS_GPU, reason="a GPU is present: the no-GPU message cannot be checked here")
 def test_check_driver_without_a_gpu_exits_2_naming_the_reason(cuda_build):
     r = subprocess.run([str(cuda_build / "dg_cuda_check"), "kernels"], capture_output=True, text=True, check=False)
@@ -86,7 +76,7 @@ def test_cuda_status_reports_no_gpu_and_loads_nothing():
     assert status.reason.startswith("no GPU: ")
 
 
-@needs_nvcc
+@needs_build
 @needs_gpu
 @pytest.mark.parametrize("what", ["kernels", "decode"])
 def test_gpu_matches_cpu_twins(cuda_build, what):
@@ -95,7 +85,7 @@ def test_gpu_matches_cpu_twins(cuda_build, what):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@needs_nvcc
+@needs_build
 @needs_gpu
 def test_cuda_status_loads_the_built_library(cuda_build):
     status = cuda_status(cuda_build / "libdgcuda.so")

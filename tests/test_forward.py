@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 
 from conftest import PR_TINY
-from dgguf._native import ffi, lib
-from dgguf.convert import native
-from dgguf.convert.errors import DggufError
-from dgguf.convert.gguf_file import read_gguf
+from dgguf.core._native import ffi, lib
+from dgguf.core import native
+from dgguf.core.errors import DggufError
+from dgguf.format.gguf_file import read_gguf
 from dgguf.convert.quantize import convert_checkpoint, requantize
 from dgguf.runtime.model_config import read_model_config
 from dgguf.runtime.native_model import NativeModel

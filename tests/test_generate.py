@@ -7,7 +7,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 from conftest import PR_TINY, RecordingDraws
-from dgguf.convert.errors import DggufError
+from dgguf.core.errors import DggufError
 from dgguf.convert.quantize import convert_checkpoint
 from dgguf.runtime import Model
 from dgguf.runtime.native_model import NativeCache
@@ -130,7 +130,7 @@ def test_bad_input_gives_one_clear_error(tiny, call, message):
 
 def test_cli_run_json_and_errors(tiny, capsys):
     import json
-    from dgguf.runtime.cli import main
+    from dgguf.cli import main
     assert main(["run", "-m", str(tiny[1]), "--prompt-ids", "2,17,42", "-n", "20", "--seed", "5", "--steps", "3",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -152,7 +152,7 @@ def test_cli_run_json_and_errors(tiny, capsys):
 def test_cli_bench_reports_step_and_encoder_times(tiny, capsys):
     import json
     from dgguf.runtime.bench import step_macs
-    from dgguf.runtime.cli import main
+    from dgguf.cli import main
     assert main(["bench", "-m", str(tiny[1]), "--repeats", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("seconds_per_step", "seconds_per_denoise_step", "seconds_prompt_encode", "seconds_canvas_encode",

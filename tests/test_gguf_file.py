@@ -4,9 +4,9 @@ import pytest
 from gguf.constants import GGUFValueType as V
 
 from conftest import PR_TINY
-from dgguf.convert.errors import DggufError
-from dgguf.convert.gguf_file import Field, GGUFWriter, TensorInfo, read_gguf
-from dgguf.convert.quant_types import TENSOR_TYPES
+from dgguf.core.errors import DggufError
+from dgguf.format.gguf_file import Field, GGUFWriter, TensorInfo, read_gguf
+from dgguf.format.quant_types import TENSOR_TYPES
 
 
 def test_reader_parses_pr24423_file_like_gguf_py():

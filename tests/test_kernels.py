@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from dgguf.convert import native
-from dgguf.convert.quant_types import TENSOR_TYPES
+from dgguf.core import native
+from dgguf.format.quant_types import TENSOR_TYPES
 
 KERNELS = native.matmul_kernels()
 INT8_KERNELS = [k for k in KERNELS if k.startswith("int8")]
@@ -163,7 +163,7 @@ def test_dgguf_no_simd_naming_a_kernel_leaves_the_best_one_below_it():
     """DGGUF_NO_SIMD=<kernel> (read once per process) turns that kernel and those above it off; an unknown value
     forces the reference."""
     def default_with(value):
-        code = "from dgguf.convert import native; print(native.matmul_kernel())"
+        code = "from dgguf.core import native; print(native.matmul_kernel())"
         env = {**os.environ, "DGGUF_NO_SIMD": value}
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -261,7 +261,7 @@ def test_many_short_parallel_passes_give_the_same_bits(checkpoints, tmp_path):
     the single-thread bits."""
     import time
 
-    from dgguf.convert.gguf_file import read_gguf
+    from dgguf.format.gguf_file import read_gguf
     from dgguf.convert.quantize import convert_checkpoint
     from dgguf.runtime.model_config import read_model_config
     from dgguf.runtime.native_model import NativeModel

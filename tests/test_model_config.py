@@ -5,9 +5,9 @@ import pytest
 from conftest import PR_TINY
 from gguf.constants import GGUFValueType as V
 
-from dgguf.convert.errors import DggufError
-from dgguf.convert.gguf_file import Field, GGUFWriter, TensorInfo
-from dgguf.convert.gguf_file import read_gguf
+from dgguf.core.errors import DggufError
+from dgguf.format.gguf_file import Field, GGUFWriter, TensorInfo
+from dgguf.format.gguf_file import read_gguf
 from dgguf.convert.quantize import convert_checkpoint
 from dgguf.runtime.model_config import read_model_config
 

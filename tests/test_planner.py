@@ -3,13 +3,12 @@ model whose predictions move the right way and respect physical lower bounds."""
 import json
 
 import pytest
-
-from dgguf.convert.errors import DggufError
+from conftest import FIXTURES
+from dgguf.cli import main
+from dgguf.cli.plan import model_from_config
+from dgguf.core.errors import DggufError
 from dgguf.runtime import cuda
 from dgguf.runtime import planner as P
-from dgguf.runtime.cli import main
-
-from conftest import FIXTURES
 
 REAL = FIXTURES / "real-config" / "config.json"
 GIB = 1 << 30
@@ -20,7 +19,7 @@ CPU = P.CpuSpeed(gops_dense=300, gops_expert=200, gbs=50, source="given")
 
 @pytest.fixture(scope="module")
 def real():
-    return {t: P.model_from_config(REAL, t) for t in ("Q4_K_M", "Q8_0")}
+    return {t: model_from_config(REAL, t) for t in ("Q4_K_M", "Q8_0")}
 
 
 def expert_groups(plan):
@@ -61,7 +60,7 @@ def test_config_and_type_plan_equals_the_converted_file(checkpoints, tmp_path, c
     from dgguf.convert.quantize import convert_checkpoint
     hf = checkpoints(config)
     out = convert_checkpoint(hf, tmp_path / f"{config}.gguf", type_name)
-    from_file, from_config = P.model_from_gguf(out), P.model_from_config(hf / "config.json", type_name)
+    from_file, from_config = P.model_from_gguf(out), model_from_config(hf / "config.json", type_name)
     assert from_file.tensors == from_config.tensors
     assert from_file.shape == from_config.shape
     whole = P.make_plan(from_file, GIB, "rtx4090", ctx=64, cpu=CPU, reserve=0)
@@ -157,7 +156,7 @@ def test_step_work_matches_the_spec_totals(real):
 
 @pytest.mark.parametrize("context", [0, 23, 1500, 8192])
 def test_decoder_work_equals_the_bench_multiply_add_count(real, context):
-    from dgguf.runtime.bench import step_macs    # dgguf bench's own count, written independently
+    from dgguf.runtime.bench import step_macs  # dgguf bench's own count, written independently
     shape = real["Q4_K_M"].shape
     glob, layers = P.pass_work(shape, 256, context, decoder=True)
     flops = sum(w.flops for w in glob.values()) + sum(w.flops for ly in layers for w in ly.values())

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import PR_TINY
 from dgguf.convert.presets import TypeChooser
-from dgguf.convert.quant_types import file_type
+from dgguf.format.quant_types import file_type
 
 
 def read_dump(name):

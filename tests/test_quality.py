@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from dgguf.convert import native
+from dgguf.core import native
 from dgguf.convert.quantize import convert_checkpoint
 from dgguf.runtime import Model
-from dgguf.runtime.cli import main
+from dgguf.cli import main
 from dgguf.runtime.quality import (evaluate, kl_divergence, noise_canvas, position_agreement, segments,
                                    top1_agreement)
 

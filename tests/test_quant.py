@@ -13,8 +13,8 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
-from dgguf.convert import native
-from dgguf.convert.errors import DggufError
+from dgguf.core import native
+from dgguf.core.errors import DggufError
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "ggml_rmse.json").read_text())
 
@@ -209,7 +209,7 @@ def test_k_quants_survive_degenerate_rows(t):
 
 def _quantize_in_subprocess(path, t, no_simd):
     """sha256 of quantize_rows(np.load(path)) in a fresh process with DGGUF_NO_SIMD set (read once per process)."""
-    code = ("import sys, hashlib, numpy as np; from dgguf.convert import native; "
+    code = ("import sys, hashlib, numpy as np; from dgguf.core import native; "
             f"print(hashlib.sha256(native.quantize_rows(np.load({str(path)!r}), {int(t)}).tobytes()).hexdigest())")
     env = {**os.environ, "DGGUF_NO_SIMD": no_simd}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout

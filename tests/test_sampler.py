@@ -15,8 +15,8 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from conftest import RecordingDraws
-from dgguf.convert import native
-from dgguf.convert.errors import DggufError
+from dgguf.core import native
+from dgguf.core.errors import DggufError
 from dgguf.runtime.sampler import (
     SamplerConfig,
     SeededDraws,

@@ -593,7 +593,7 @@ static void check_decode(void) {
 /* llama.cpp's use_more_bits (convert/presets.py _more_bits). */
 static bool more_bits(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
 
-/* A 256-block type on a row that cannot hold whole 256-blocks falls back (convert/quant_types.py FALLBACK). */
+/* A 256-block type on a row that cannot hold whole 256-blocks falls back (format/quant_types.py FALLBACK). */
 static int fit(int type, int64_t cols) {
     if (cols % 256 == 0 || type == DG_TYPE_Q8_0 || type == DG_TYPE_Q5_0 || type == DG_TYPE_F32) return type;
     switch (type) {

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as F
 
-from .errors import DggufError
+from dgguf.core.errors import DggufError
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGUFValueType as V
 
-from .errors import DggufError
+from dgguf.core.errors import DggufError
 from .quant_types import BY_GGML, TensorType
 
 MAGIC = b"GGUF"

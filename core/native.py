@@ -1,16 +1,23 @@
-"""The one Python wrapper around dgguf._native: checks shapes and dtypes once, turns status codes into errors."""
+"""The one Python wrapper around the native library (dgguf.core._native): checks shapes and dtypes once, turns
+status codes into errors."""
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
-from dgguf._native import ffi, lib
+from dgguf.core.errors import DggufError
 
-from .errors import DggufError
+from ._native import ffi, lib
 
 ERRLEN = 512
 MAX_THREADS = 1024
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def check(status: int, err) -> None:
@@ -62,6 +69,15 @@ def dequantize_rows(raw: np.ndarray, ggml_type: int, ncols: int) -> np.ndarray:
     check(lib.dg_dequantize_rows(ggml_type, ffi.from_buffer(raw), ffi.from_buffer("float[]", out),
                                   nrows, ncols, err, ERRLEN), err)
     return out
+
+
+def encode(x: np.ndarray, ggml_type: int) -> np.ndarray:
+    """float32 rows → the stored form of a tensor type: F32 and F16 as numpy arrays, the rest quantized."""
+    if ggml_type == 0:     # F32
+        return x
+    if ggml_type == 1:     # F16
+        return x.astype(np.float16)
+    return quantize_rows(x, ggml_type)
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:

@@ -1,0 +1,40 @@
+"""Argument types shared by the commands: each rejects a bad value with one message naming the option."""
+from __future__ import annotations
+
+import argparse
+
+from dgguf.format.quant_types import FILE_TYPES
+
+
+def type_name(v: str) -> str:
+    if v.upper() not in FILE_TYPES:
+        raise argparse.ArgumentTypeError(f"unknown type {v!r}; choose one of: {', '.join(FILE_TYPES)}")
+    return v.upper()
+
+
+def integer(name: str, lo: int, hi: int):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            n = lo - 1
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer in {lo}..{hi}, not {v!r}")
+        return n
+    return parse
+
+
+def positive(name: str, hi: int = 2**31 - 1):
+    return integer(name, 1, hi)
+
+
+def positive_number(name: str):
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            x = -1.0
+        if not 0 < x < float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a positive number, not {v!r}")
+        return x
+    return parse

@@ -1,0 +1,81 @@
+"""`dgguf plan`: what of a model lives on the GPU at a VRAM budget, and the predicted speed."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dgguf.core.errors import DggufError
+
+from .args import positive, positive_number, type_name
+
+
+def model_from_config(path, type_name: str):
+    """The planner's model for an HF config.json (a file or its directory) at a file type: the tensors
+    `dgguf convert --type` would write, with the same names, shapes and per-tensor types."""
+    from dgguf.convert.checkpoint import read_config_file
+    from dgguf.convert.quantize import output_tensors
+    from dgguf.convert.tensor_names import expected_shapes
+    from dgguf.format.quant_types import file_type
+    from dgguf.runtime.planner import PlannedModel, Tensor
+
+    path = Path(path)
+    cfg, _ = read_config_file(path / "config.json" if path.is_dir() else path)
+    ft = file_type(type_name)
+    planned = output_tensors(cfg, expected_shapes(cfg), ft)
+    tensors = [Tensor(t.name, t.nbytes, t.type.name) for _, t in planned]
+    return PlannedModel(str(path), ft.name, cfg.shape(), tensors)
+
+
+def run(a) -> None:
+    from dgguf.core.native import default_threads
+    from dgguf.runtime import planner as P
+    if a.config is not None and a.type is None:
+        raise DggufError("--config needs --type, the file type to plan for (e.g. --type Q4_K_M)")
+    if a.model is not None and a.type is not None:
+        raise DggufError("--type goes with --config; -m plans the file's own tensor types")
+    card = P.card_key(a.card) if a.card else None
+    budget = None
+    if a.vram == "auto":
+        from dgguf.runtime.cuda import detect_gpu
+        free, total, name = detect_gpu()
+        budget = free
+        if card is None:
+            card = P.card_for_gpu_name(name)
+            if card is None:
+                card = P.card_for_budget(total)
+                print(f"note: no figures for {name}; predicting for the {P.CARDS[card].name} (use --card)",
+                      file=sys.stderr)
+    elif a.vram is not None:
+        budget = P.parse_size(a.vram)
+    elif card != P.CPU_CARD:
+        raise DggufError("--vram is required: a size such as 12GiB, or auto (or --card cpu for no GPU)")
+    model = P.model_from_gguf(a.model) if a.model else model_from_config(a.config, a.type)
+    plan = P.make_plan(model, budget, card or P.card_for_budget(budget), a.ctx, a.steps,
+                       lambda: P.measure_cpu(model, default_threads(), a.cpu_gops, a.cpu_gbs),
+                       a.kv_type, P.parse_size(a.reserve, "--reserve", zero=True), a.gemm)
+    if a.json:
+        json.dump(plan.to_json(), sys.stdout)
+        print()
+    else:
+        print(P.format_plan(plan))
+
+
+def add_parser(sub) -> None:
+    pl = sub.add_parser("plan", help="what lives on the GPU at a VRAM budget, and the predicted speed")
+    src = pl.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="a DiffusionGemma GGUF (only its header is read)")
+    src.add_argument("--config", help="an HF config.json or its directory (with --type)")
+    pl.add_argument("--type", type=type_name, help="the file type `dgguf convert --type` would write")
+    pl.add_argument("--vram", help="budget in binary units (12GiB, 12288MiB, bytes) or auto (GPU 0's free memory)")
+    pl.add_argument("--ctx", type=positive("--ctx"), default=8192, help="KV cache positions (default 8192)")
+    pl.add_argument("--steps", type=positive("--steps"), default=16, help="denoising steps per canvas (default 16)")
+    pl.add_argument("--card", help="GPU to predict for (default: the detected one, else the smallest listed card "
+                                   "holding the budget); cpu = no GPU")
+    pl.add_argument("--kv-type", choices=("f16", "f32"), help="KV cache element (default f16; f32 with --card cpu)")
+    pl.add_argument("--gemm", choices=("fp16", "int8"), default="fp16", help="tensor-core path of the GEMMs")
+    pl.add_argument("--reserve", default="512MiB", help="VRAM kept for the CUDA context and workspaces")
+    pl.add_argument("--cpu-gops", type=positive_number("--cpu-gops"), help="CPU matmul GOP/s (default: measured)")
+    pl.add_argument("--cpu-gbs", type=positive_number("--cpu-gbs"), help="CPU memory GB/s (default: measured)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=run)
