@@ -38,3 +38,15 @@ def positive_number(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be a positive number, not {v!r}")
         return x
     return parse
+
+
+def non_negative_number(name: str):
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            x = -1.0
+        if not 0 <= x < float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, not {v!r}")
+        return x
+    return parse

@@ -30,6 +30,8 @@ def model_from_config(path, type_name: str):
 def run(a) -> None:
     from dgguf.core.native import default_threads
     from dgguf.runtime import planner as P
+    from dgguf.runtime.bench import foreign_load
+    from dgguf.runtime.model import DEFAULT_CTX
     if a.config is not None and a.type is None:
         raise DggufError("--config needs --type, the file type to plan for (e.g. --type Q4_K_M)")
     if a.model is not None and a.type is not None:
@@ -51,8 +53,21 @@ def run(a) -> None:
     elif card != P.CPU_CARD:
         raise DggufError("--vram is required: a size such as 12GiB, or auto (or --card cpu for no GPU)")
     model = P.model_from_gguf(a.model) if a.model else model_from_config(a.config, a.type)
-    plan = P.make_plan(model, budget, card or P.card_for_budget(budget), a.ctx, a.steps,
-                       lambda: P.measure_cpu(model, default_threads(), a.cpu_gops, a.cpu_gbs),
+    limit = model.shape.context_length
+    ctx = min(a.ctx or DEFAULT_CTX, limit)   # as `dgguf run`: the model's context length caps it
+    if a.ctx is not None and a.ctx > limit:
+        print(f"note: --ctx {a.ctx} is beyond the model's context length; planning for {limit}", file=sys.stderr)
+
+    def measure_cpu():
+        if a.cpu_gops is None or a.cpu_gbs is None:
+            load = foreign_load()
+            if load is not None and load > 0.2:
+                print(f"warning: other processes kept {load:.2f} cores busy while the CPU's speed was measured; "
+                      "its figures (and the CPU-side alternatives) are pessimistic: pass --cpu-gops/--cpu-gbs "
+                      "from a quiet run", file=sys.stderr)
+        return P.measure_cpu(model, default_threads(), a.cpu_gops, a.cpu_gbs)
+
+    plan = P.make_plan(model, budget, card or P.card_for_budget(budget), ctx, a.steps, measure_cpu,
                        a.kv_type, P.parse_size(a.reserve, "--reserve", zero=True), a.gemm)
     if a.json:
         json.dump(plan.to_json(), sys.stdout)
@@ -68,7 +83,8 @@ def add_parser(sub) -> None:
     src.add_argument("--config", help="an HF config.json or its directory (with --type)")
     pl.add_argument("--type", type=type_name, help="the file type `dgguf convert --type` would write")
     pl.add_argument("--vram", help="budget in binary units (12GiB, 12288MiB, bytes) or auto (GPU 0's free memory)")
-    pl.add_argument("--ctx", type=positive("--ctx"), default=8192, help="KV cache positions (default 8192)")
+    pl.add_argument("--ctx", type=positive("--ctx"), default=None,
+                    help="KV cache positions (default 8192, capped by the model, as dgguf run)")
     pl.add_argument("--steps", type=positive("--steps"), default=16, help="denoising steps per canvas (default 16)")
     pl.add_argument("--card", help="GPU to predict for (default: the detected one, else the smallest listed card "
                                    "holding the budget); cpu = no GPU")

@@ -7,6 +7,8 @@
 Generation is autoregressive over canvases: the prompt is encoded once into the native KV cache; each canvas
 is denoised by the entropy-bound sampler (runtime/sampler.py) with decoder passes that read the cache, then
 its committed tokens are encoded (one encoder pass) before the next canvas. Nothing is ever re-encoded.
+A Context keeps that cache between calls (a conversation): the next prompt is encoded from where it stops
+agreeing with what the cache holds.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,11 +28,70 @@ from .model_config import ModelConfig, read_model_config
 from .native_model import NativeModel, token_ids
 from .sampler import SamplerConfig, SeededDraws, commit_canvas, denoise_canvas
 
+if TYPE_CHECKING:
+    from .chat import Reply
+
 DEFAULT_CTX = 8192
 
 # transformers' generation-config names → SamplerConfig fields
 _OVERRIDES = {"max_denoising_steps": "steps", "t_min": "t_min", "t_max": "t_max", "entropy_bound": "entropy_bound",
               "stability_threshold": "stability_threshold", "confidence_threshold": "confidence_threshold"}
+
+
+def working_bytes(cfg: ModelConfig, ctx: int) -> dict[str, int]:
+    """What generation allocates beyond the mapped file, by what sizes it: the canvas buffers (logits, the
+    sampler's two scaled copies and the self-conditioning input: 4 x canvas x vocabulary float32) and a KV cache
+    of ctx positions (float32 K and V; sliding layers hold their window)."""
+    kv = sum(2 * 4 * kvh * d * (min(cfg.sliding_window - 1, ctx) if s else ctx)
+             for kvh, d, s in zip(cfg.kv_heads, cfg.head_dims, cfg.sliding))
+    return {"canvas": 4 * 4 * cfg.canvas_length * cfg.vocab_size, "kv_cache": kv}
+
+
+def _check_memory(path, cfg: ModelConfig, ctx: int) -> None:
+    """A clear error, before any allocation, when the file's sizes ask for more memory than this machine has."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # not POSIX: nothing to compare with
+        return
+    need = working_bytes(cfg, ctx)
+    if sum(need.values()) > total:
+        raise DggufError(
+            f"{path}: generation needs {sum(need.values()) / 2**30:.1f} GiB beyond the weights "
+            f"(canvas buffers {need['canvas'] / 2**30:.1f} GiB for diffusion.canvas_length {cfg.canvas_length} x "
+            f"vocabulary {cfg.vocab_size}; KV cache {need['kv_cache'] / 2**30:.1f} GiB for ctx {ctx}) and this "
+            f"machine has {total / 2**30:.1f} GiB" + ("; lower --ctx" if need["kv_cache"] > need["canvas"] else ""))
+
+
+class Context:
+    """A KV cache that outlives one generate call: `ids` are the positions it holds. `sync(prompt)` makes it
+    hold exactly `prompt`, keeping the longest common prefix and encoding only the rest."""
+
+    def __init__(self, model: "Model", capacity: int):
+        self.model, self.capacity = model, capacity
+        self.cache = model.native.new_cache(capacity)
+        self.ids: list[int] = []
+
+    def sync(self, prompt: np.ndarray) -> int:
+        """Hold exactly `prompt`; returns how many positions were encoded for it."""
+        keep = 0
+        for a, b in zip(self.ids, prompt.tolist()):
+            if a != b:
+                break
+            keep += 1
+        if keep < len(self.ids):
+            try:
+                self.cache.truncate(keep)
+            except DggufError:   # a sliding layer no longer holds the window before `keep`: start over
+                self.cache, keep = self.model.native.new_cache(self.capacity), 0
+            del self.ids[keep:]
+        self.append(prompt[keep:])
+        return len(prompt) - keep
+
+    def append(self, ids) -> None:
+        ids = np.asarray(ids, dtype=np.int32)
+        if ids.size:
+            self.cache.encode(ids)
+            self.ids.extend(int(i) for i in ids)
 
 
 @dataclass
@@ -48,6 +110,16 @@ class GenerationResult:
     text: str | None = None
 
 
+@dataclass
+class ChatResult:
+    """A chat turn's reply parsed by the template's conventions (content, reasoning, tool calls), with the
+    generated ids and their raw text (special tokens kept)."""
+    reply: "Reply"
+    ids: list[int]
+    raw: str
+    stats: GenerationStats
+
+
 class Model:
     def __init__(self, path, gguf, cfg: ModelConfig, native: NativeModel, ctx: int):
         self.path, self.gguf, self.config, self.native, self.ctx = path, gguf, cfg, native, ctx
@@ -62,11 +134,18 @@ class Model:
             if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
                 raise DggufError(f"ctx must be a positive integer, got {ctx!r}")
             n_ctx = min(ctx or DEFAULT_CTX, cfg.context_length)
+            _check_memory(g.path, cfg, n_ctx)
             native = NativeModel(g, cfg, threads if threads is not None else default_threads())
         except BaseException:
             g.close()
             raise
         return cls(path, g, cfg, native, n_ctx)
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether the file carries a tokenizer (embedded HF JSON or llama.cpp's vocabulary)."""
+        from .tokenizer import has_tokenizer
+        return has_tokenizer(self.gguf)
 
     @property
     def tokenizer(self):
@@ -101,13 +180,21 @@ class Model:
         values.update({_OVERRIDES[k]: v for k, v in overrides.items() if v is not None})
         return SamplerConfig(**values)
 
+    def new_context(self, capacity: int | None = None) -> Context:
+        """A KV cache for a conversation: pass it to generate() turn after turn (capacity: ctx by default)."""
+        return Context(self, capacity or self.ctx)
+
     def generate(self, prompt_ids, max_new_tokens: int = 256, seed: int | None = None, draws=None,
-                 early_stop: bool = True, on_step=None, **overrides) -> GenerationResult:
+                 early_stop: bool = True, on_step=None, on_canvas=None, context: Context | None = None,
+                 **overrides) -> GenerationResult:
         """Generate whole canvases after the prompt (no BOS added: ids are used verbatim).
 
         draws(kind, canvas_index, step, scaled_logits=None) replaces the seeded random source (see
         sampler.denoise_canvas). early_stop=False runs every canvas for max_denoising_steps steps.
-        on_step(canvas_index, canvas_ids) is called before each decoder pass (the CLI's --visual).
+        on_step(canvas_index, canvas_ids) is called before each decoder pass (the CLI's --visual);
+        on_canvas(canvas_index, ids) with each canvas's committed ids (cut at max_new_tokens and after an EOS,
+        pads dropped) as soon as it is committed. context: a Context to encode the prompt into, keeping what it
+        already holds of it (a conversation); by default a fresh cache.
         """
         prompt = self._ids(prompt_ids, "prompt_ids")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -125,16 +212,21 @@ class Model:
                 raise DggufError(f"seed must be an integer in 0..2^64-1, got {seed!r}")
             draws = SeededDraws(seed if seed is not None else int.from_bytes(os.urandom(8), "little"),
                                 self.config.vocab_size, C)
-        cache = self.native.new_cache(len(prompt) + (n_canvases - 1) * C)
+        if context is None:
+            context = Context(self, len(prompt) + (n_canvases - 1) * C)
+        elif len(prompt) + (n_canvases - 1) * C > context.capacity:
+            raise DggufError(f"prompt ({len(prompt)} tokens) plus {n_canvases} canvas(es) of {C} exceeds the "
+                             f"context's capacity {context.capacity}")
         t0 = time.perf_counter()
-        cache.encode(prompt)
+        context.sync(prompt)
+        cache = context.cache
         stats = GenerationStats(max_steps=sc.steps)
         out: list[int] = []
         decode_time = 0.0
         logits_buf = np.empty((C, self.config.vocab_size), dtype=np.float32)   # reused by every step
         for c in range(n_canvases):
             if c > 0:
-                cache.encode(np.asarray(out[-C:], dtype=np.int32))
+                context.append(out[-C:])
 
             def logits_fn(canvas, sc_logits, c=c):
                 nonlocal decode_time
@@ -149,6 +241,9 @@ class Model:
             ids, stop = commit_canvas(res.tokens, self.config.eos_token_ids, self.config.pad_token_id)
             out.extend(int(i) for i in ids)
             stats.steps_per_canvas.append(res.steps)
+            if on_canvas is not None:
+                budget = max(0, max_new_tokens - c * C)
+                on_canvas(c, [int(i) for i in ids[:budget] if i != self.config.pad_token_id or not stop])
             if stop:
                 break
         elapsed = time.perf_counter() - t0
@@ -158,6 +253,28 @@ class Model:
         stats.seconds_per_step = decode_time / n_steps
         stats.tokens_per_s = min(len(out), max_new_tokens) / elapsed if elapsed > 0 else 0.0
         return GenerationResult(ids=out[:max_new_tokens], stats=stats)
+
+    def chat_prompt(self, messages: list[dict], tools=None, enable_thinking=None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """The ids of `messages` rendered with the file's chat template (as transformers' apply_chat_template)."""
+        from .chat import render
+        tok = self.tokenizer
+        if not tok.template:
+            raise DggufError(f"{self.path}: this model has no chat template (tokenizer.chat_template)")
+        text = render(tok.template, messages, add_generation_prompt=add_generation_prompt, bos_token=tok.bos_text,
+                      eos_token=tok.eos_text, tools=tools, enable_thinking=enable_thinking)
+        return tok.encode(text)
+
+    def chat(self, messages: list[dict], tools=None, enable_thinking=None, context: Context | None = None,
+             max_new_tokens: int = 256, **generate_args) -> ChatResult:
+        """One assistant turn after `messages` (OpenAI-style dicts): rendered with the file's template,
+        generated, and parsed into content, reasoning and tool calls. Pass the same `context` turn after turn to
+        keep the conversation's KV cache (earlier turns are not encoded again)."""
+        from .chat import parse_reply
+        prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking)
+        res = self.generate(prompt, max_new_tokens=max_new_tokens, context=context, **generate_args)
+        raw = self.tokenizer.decode([i for i in res.ids if i != self.config.pad_token_id], special=True)
+        return ChatResult(reply=parse_reply(raw), ids=res.ids, raw=raw, stats=res.stats)
 
     def close(self) -> None:
         self.gguf.close()

@@ -56,7 +56,9 @@ def _value(g: GGUFFile, key: str, kinds, what: str, default=_MISSING):
 
 
 def _int(g: GGUFFile, key: str, lo: int = 1, hi: int = _INT_MAX, default=_MISSING) -> int:
-    v = _value(g, key, _INTEGER, "an integer", default)
+    if _full_key(key) not in g.fields and default is not _MISSING:
+        return default   # a missing optional key: its default, unchecked (it may be None)
+    v = _value(g, key, _INTEGER, "an integer")
     if not lo <= v <= hi:
         raise DggufError(f"{g.path}: key {_full_key(key)} = {v} is outside {lo}..{hi}")
     return int(v)
@@ -119,7 +121,7 @@ def read_model_config(g: GGUFFile) -> ModelConfig:
         rms_norm_eps=_float(g, "attention.layer_norm_rms_epsilon"),
         n_experts=_int(g, "expert_count"), top_k=_int(g, "expert_used_count"),
         expert_ff=_int(g, "expert_feed_forward_length"), dense_ff=_int(g, "feed_forward_length"),
-        canvas_length=_int(g, "diffusion.canvas_length", 1, 1 << 20, default=256),
+        canvas_length=_int(g, "diffusion.canvas_length", 1, 1 << 16, default=256),
         context_length=_int(g, "context_length"),
         softcap=_float(g, "final_logit_softcapping", default=30.0),
         embedding_scale=_float(g, "embedding_scale", default=float(np.float32(math.sqrt(H)))),
@@ -134,6 +136,9 @@ def read_model_config(g: GGUFFile) -> ModelConfig:
                  "confidence_threshold": _float(g, "diffusion.eb_confidence_threshold", positive=False,
                                                 default=0.005)},
     )
+    if c.canvas_length > c.context_length:
+        raise DggufError(f"{g.path}: diffusion.canvas_length {c.canvas_length} is larger than the context length "
+                         f"{c.context_length}")
     if not 1 <= c.top_k <= c.n_experts:
         raise DggufError(f"{g.path}: expert_used_count {c.top_k} is not within 1..{c.n_experts}")
     if c.n_heads % max(min(c.kv_heads), 1) or min(c.kv_heads) < 1:

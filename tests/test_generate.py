@@ -140,7 +140,8 @@ def test_cli_run_json_and_errors(tiny, capsys):
     assert main(["run", "-m", str(tiny[1]), "--prompt-ids", "2,9999"]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "9999" in err and "Traceback" not in err
-    for bad in (["--prompt-ids", "2,x"], ["--prompt-ids", "2", "--seed", "-1"],
+    # -1 is llama.cpp's "random seed" (tests/test_cli_run.py); below it is a usage error
+    for bad in (["--prompt-ids", "2,x"], ["--prompt-ids", "2", "--seed", "-2"],
                 ["--prompt-ids", "2", "--threads", "5000000000"]):
         with pytest.raises(SystemExit) as e:
             main(["run", "-m", str(tiny[1])] + bad)

@@ -81,3 +81,53 @@ def test_rope_factors_other_than_the_supported_pattern_are_refused(tmp_path):
     p = _rewrite(PR_TINY / "tiny-Q8_0.gguf", tmp_path / "r.gguf", tensor_data={"rope_freqs.weight": f})
     with pytest.raises(DggufError, match="rope_freqs"):
         read_model_config(read_gguf(p))
+
+
+def _without_key(tmp_path, key):
+    g = read_gguf(PR_TINY / "tiny-Q8_0.gguf")
+    fields = {k: f for k, f in g.fields.items() if k != key}
+    infos = [TensorInfo(t.name, t.ne, t.type) for t in g.tensors]
+    with GGUFWriter(tmp_path / "k.gguf", fields, infos) as w:
+        for t in g.tensors:
+            w.write(g.tensor_bytes(t))
+    g.close()
+    return tmp_path / "k.gguf"
+
+
+def test_a_file_without_the_optional_mask_id_loads_and_runs(tmp_path, capsys):
+    """Issue 13 item 1: tokenizer.ggml.mask_token_id is optional (the sampler never uses it)."""
+    from dgguf.cli import main
+    p = _without_key(tmp_path, "tokenizer.ggml.mask_token_id")
+    c = read_model_config(read_gguf(p))
+    assert c.mask_token_id is None and c.pad_token_id == 0
+    assert main(["run", "-m", str(p), "-p", "hello", "-n", "16", "-s", "1"]) == 0
+    assert capsys.readouterr().out.startswith("hello")
+
+
+@pytest.mark.parametrize("value, message", [
+    (1 << 20, "canvas_length = 1048576 is outside 1..65536"),
+    (2048, "canvas_length 2048 is larger than the context length 1024"),
+])
+def test_huge_canvas_lengths_are_refused_before_any_allocation(tmp_path, value, message):
+    """Issue 13 item 3: the canvas length sizes canvas x vocabulary float buffers."""
+    p = _rewrite(PR_TINY / "tiny-Q8_0.gguf", tmp_path / "c.gguf",
+                 fields={"diffusion.canvas_length": Field(V.UINT32, value)})
+    with pytest.raises(DggufError, match=message):
+        read_model_config(read_gguf(p))
+
+
+def test_generation_memory_beyond_this_machine_is_a_clear_error(monkeypatch):
+    """The canvas buffers and KV cache are checked against physical memory before they are allocated."""
+    import os
+
+    from dgguf.runtime import Model
+    from dgguf.runtime.model import working_bytes
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda n: 1 if n == "SC_PHYS_PAGES" else real(n))   # one page of RAM
+    with pytest.raises(DggufError, match=r"canvas buffers .* diffusion.canvas_length 16 x vocabulary 512"):
+        Model.load(PR_TINY / "tiny-Q8_0.gguf")
+    c = read_model_config(read_gguf(PR_TINY / "tiny-Q8_0.gguf"))
+    need = working_bytes(c, 100)
+    assert need["canvas"] == 4 * 4 * 16 * 512
+    # sliding layers (window 8) hold 7 positions of 2 x 16; full layers 100 of 1 x 32; K and V, float32
+    assert need["kv_cache"] == 2 * 4 * (2 * (7 * 2 * 16) + 2 * (100 * 1 * 32))
