@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
+import stat
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,39 @@ from .quant_types import BY_GGML, TensorType
 
 MAGIC = b"GGUF"
 ALIGNMENT = 32
+MAX_ALIGNMENT = 1 << 16
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(s, limit: int = 80) -> str:
+    """A name or value read from a file, safe to print in one line of a message or listing.
+
+    Characters that are not printable (NULs, newlines, ESC and other control or format characters, lone
+    surrogates) become Python-style escapes (\\n, \\x1b, \\u202e); bytes are decoded as UTF-8 first, undecodable
+    bytes shown as \\xNN. At most `limit` characters are kept (escapes count at their printed length, never
+    split), then "..." marks the cut; limit None keeps everything."""
+    if isinstance(s, (bytes, bytearray, memoryview)):
+        s = bytes(s).decode("utf-8", "surrogateescape")
+    elif not isinstance(s, str):
+        s = str(s)
+    out, n = [], 0
+    for ch in s:
+        if ch.isprintable():
+            piece = ch
+        elif ch in _ESCAPES:
+            piece = _ESCAPES[ch]
+        else:
+            o = ord(ch)
+            if 0xDC80 <= o <= 0xDCFF:        # an undecodable byte (surrogateescape)
+                o -= 0xDC00
+            piece = f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+        if limit is not None and n + len(piece) > limit:
+            return "".join(out) + "..."
+        out.append(piece)
+        n += len(piece)
+    return "".join(out)
+
 
 _SCALAR = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
            V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
@@ -105,20 +141,26 @@ class GGUFWriter:
     """Writes a GGUF to a hidden temp file beside `path`, renamed into place only when complete.
 
     The magic is written last, so an interrupted run never leaves a file that looks like a GGUF; the temp
-    file is removed on any error. Tensor data is appended in header order, in chunks of whole rows.
+    file is removed on any error, and temp files of writers to the same path that died (SIGKILL, power loss)
+    are removed by the next one. Tensor data is appended in header order, in chunks of whole rows.
+
+    `path` may name only a regular file (or nothing yet): never a directory, device, FIFO or socket, nor a
+    symbolic link to one, and never one of `inputs` (the files the same command reads; compared by device and
+    inode, so through symbolic and hard links too); an existing file is replaced only with `force`.
     """
 
-    def __init__(self, path: Path, fields: dict[str, Field], tensors: list[TensorInfo], force: bool = False):
+    def __init__(self, path: Path, fields: dict[str, Field], tensors: list[TensorInfo], force: bool = False,
+                 inputs=()):
         self.path = Path(path)
-        if self.path.exists() and not force:
-            raise DggufError(f"{self.path}: output file exists (use --force to overwrite)")
-        if self.path.is_dir():
-            raise DggufError(f"{self.path}: output path is a directory")
+        self.force = force
+        self.inputs = [Path(p) for p in inputs]
+        check_output_path(self.path, force, self.inputs)
         self.header = header_bytes(fields, tensors)
         self.tensors = tensors
         self.total = len(self.header) + (_align(tensors[-1].offset + tensors[-1].nbytes) if tensors else 0)
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self._f = None
+        self._created = False
         self._index = 0
         self._written = 0
 
@@ -126,16 +168,26 @@ class GGUFWriter:
         parent = self.path.parent
         if not parent.is_dir():
             raise DggufError(f"{self.path}: directory {parent} does not exist")
+        remove_stale_partials(self.path)
+        try:
+            # "x": never through an existing file or symbolic link planted at the temp name
+            self._f = open(self.tmp, "xb")
+            _ACTIVE.add(str(self.tmp))
+            self._created = True
+        except OSError as e:
+            self._abort()
+            raise DggufError(f"{self.path}: cannot write: {e.strerror or e}") from e
+        # Checked once the directory has proved writable, so that this message means space and nothing else.
         free = _disk_free(parent)
         if free is not None and free < self.total:
+            self._abort()
             raise DggufError(f"{self.path}: not enough disk space ({self.total / 2**20:.1f} MiB needed, "
                              f"{free / 2**20:.1f} MiB free)")
         try:
-            self._f = open(self.tmp, "wb")
             self._f.write(b"\0" * len(MAGIC) + self.header[len(MAGIC):])
         except OSError as e:
             self._abort()
-            raise DggufError(f"{self.path}: cannot write: {e.strerror}") from e
+            raise DggufError(f"{self.path}: cannot write: {e.strerror or e}") from e
         return self
 
     def write(self, data) -> None:
@@ -155,7 +207,7 @@ class GGUFWriter:
         try:
             self._f.write(data)
         except OSError as e:
-            raise DggufError(f"{self.path}: write failed: {e.strerror}") from e
+            raise DggufError(f"{self.path}: write failed: {e.strerror or e}") from e
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
@@ -170,21 +222,117 @@ class GGUFWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
+            check_output_path(self.path, self.force, self.inputs)   # again: the path may have changed meanwhile
             os.replace(self.tmp, self.path)
+            self._created = False
+            _ACTIVE.discard(str(self.tmp))
         except BaseException as e:
             self._abort()
             if isinstance(e, OSError):
-                raise DggufError(f"{self.path}: write failed: {e.strerror}") from e
+                raise DggufError(f"{self.path}: write failed: {e.strerror or e}") from e
             raise
         return False
 
     def _abort(self) -> None:
+        """Close and remove the temp file. Never raises: a failed clean-up (a read-only or vanished file
+        system) must not hide the error that caused it; the next writer to this path removes what is left."""
         if self._f is not None:
             try:
                 self._f.close()
             except OSError:
                 pass
-        self.tmp.unlink(missing_ok=True)
+        if self._created:
+            try:
+                self.tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            self._created = False
+        _ACTIVE.discard(str(self.tmp))
+
+
+# Temp files this process is writing now: the stale-file sweep must not take them for a dead process's.
+_ACTIVE: set[str] = set()
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_output_path(path: Path, force: bool, inputs=()) -> None:
+    """Refuse an output path that is not a regular file, that is one of `inputs`, or that exists without force."""
+    try:
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise DggufError(f"{path}: cannot check the output path: {e.strerror or e}") from e
+    st = lst
+    link = stat.S_ISLNK(lst.st_mode)
+    if link:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None       # a dangling link: replacing the link itself touches nothing else
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
+        via = " (through a symbolic link)" if link else ""
+        raise DggufError(f"{path}: output path is {kind}{via}; only a regular file can be replaced")
+    if st is not None:
+        for p in inputs:
+            try:
+                ist = os.stat(p)
+            except OSError:
+                continue
+            if (ist.st_dev, ist.st_ino) == (st.st_dev, st.st_ino):
+                same = "" if os.path.abspath(p) == os.path.abspath(path) else f" ({p}, through a link)"
+                raise DggufError(f"{path}: output path is an input file of this command{same}; choose another "
+                                 "output path")
+    if not force:
+        raise DggufError(f"{path}: output file exists (use --force to overwrite)")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):   # EPERM: alive, someone else's; nonsense pids: leave alone
+        return True
+    return True
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Remove the temp files of earlier writers to `path` whose process no longer runs (say so on stderr).
+
+    Only names of our own pattern (.NAME.partial-PID) are considered, and only regular files or links are
+    removed (a link itself, never its target). A temp file of this process that no writer holds is stale too
+    (its pid was reused)."""
+    path = Path(path)
+    pattern = re.compile(r"\." + re.escape(path.name) + r"\.partial-([0-9]{1,10})")
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None:
+            continue
+        p = path.parent / name
+        pid = int(m.group(1))
+        if str(p) in _ACTIVE or (pid != os.getpid() and _pid_alive(pid)):
+            continue
+        try:
+            mode = os.lstat(p).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                continue
+            os.unlink(p)
+        except OSError:
+            continue
+        print(f"note: removed {p}, a partial output left by process {pid}, which no longer runs", file=sys.stderr)
+        removed.append(p)
+    return removed
 
 
 def _disk_free(directory: Path) -> int | None:
@@ -249,7 +397,7 @@ class _Cursor:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            self.fail(f"{what} is not UTF-8")
+            self.fail(f"{what} is not UTF-8: {printable(raw)}")
 
     def value(self, t: int, what: str):
         try:
@@ -299,6 +447,23 @@ def read_gguf(path) -> GGUFFile:
         raise
 
 
+_INTEGER_TYPES = (V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64)
+
+
+def _alignment(path: Path, f: Field | None) -> int:
+    """general.alignment: any integer type (llama.cpp and gguf-py insist on UINT32; we are lenient on the type),
+    a power of two from 8 (native code reads F32 data in place, so every float must stay aligned; llama.cpp
+    accepts any power of two) to 2^16."""
+    if f is None:
+        return ALIGNMENT
+    if f.type not in _INTEGER_TYPES:
+        raise DggufError(f"{path}: general.alignment is a {f.type.name}, not an integer")
+    align = int(f.value)
+    if not 8 <= align <= MAX_ALIGNMENT or align & (align - 1):
+        raise DggufError(f"{path}: general.alignment {align} is not a power of two in 8..{MAX_ALIGNMENT}")
+    return align
+
+
 def _parse(path: Path, mm) -> GGUFFile:
     c = _Cursor(path, mm)
     if mm[:4] != MAGIC:
@@ -313,39 +478,35 @@ def _parse(path: Path, mm) -> GGUFFile:
     fields: dict[str, Field] = {}
     for _ in range(n_kv):
         key = c.string("KV key")
-        fields[key] = c.value(c.unpack("<I", f"type of {key}"), key)
+        shown = f"key {printable(key)}"
+        if key in fields:     # llama.cpp's reader refuses these too ("duplicate key")
+            c.fail(f"duplicate metadata {shown}")
+        fields[key] = c.value(c.unpack("<I", f"type of {shown}"), shown)
     tensors = []
     for _ in range(n_tensors):
         name = c.string("tensor name")
-        nd = c.unpack("<I", f"dims of {name}")
+        shown = printable(name)
+        nd = c.unpack("<I", f"dims of {shown}")
         if not 1 <= nd <= 4:
-            c.fail(f"tensor {name} has {nd} dimensions")
-        ne = tuple(c.unpack(f"<{nd}Q", f"shape of {name}")) if nd > 1 else (c.unpack("<Q", f"shape of {name}"),)
-        gt, off = c.unpack("<IQ", f"type of {name}")
+            c.fail(f"tensor {shown} has {nd} dimensions")
+        ne = tuple(c.unpack(f"<{nd}Q", f"shape of {shown}")) if nd > 1 else (c.unpack("<Q", f"shape of {shown}"),)
+        gt, off = c.unpack("<IQ", f"type of {shown}")
         tt = BY_GGML.get(gt)
         if tt is None:
-            raise DggufError(f"{path}: tensor {name} has unsupported type {gt}")
+            raise DggufError(f"{path}: tensor {shown} has unsupported type {gt}")
         if any(d == 0 for d in ne) or ne[0] % tt.block_size:
-            raise DggufError(f"{path}: tensor {name} has invalid shape {list(ne)} for type {tt.name}")
+            raise DggufError(f"{path}: tensor {shown} has invalid shape {list(ne)} for type {tt.name}")
         tensors.append(TensorInfo(name, ne, tt, off))
-    align_field = fields.get("general.alignment")
-    align = ALIGNMENT
-    if align_field is not None:
-        # Native code reads F32 data in place: the spec's multiple of 8 keeps every float aligned.
-        if align_field.type not in (V.UINT8, V.UINT16, V.UINT32, V.UINT64, V.INT32):
-            raise DggufError(f"{path}: general.alignment is a {align_field.type.name}, not an integer")
-        align = int(align_field.value)
-        if align < 8 or align & (align - 1):
-            raise DggufError(f"{path}: general.alignment {align} is not a power of two >= 8")
+    align = _alignment(path, fields.get("general.alignment"))
     data_offset = _align(c.pos, align)
     names = set()
     for t in tensors:
         if t.name in names:
-            raise DggufError(f"{path}: tensor {t.name} appears twice")
+            raise DggufError(f"{path}: tensor {printable(t.name)} appears twice")
         names.add(t.name)
         if t.offset % align:
-            raise DggufError(f"{path}: tensor {t.name} data offset {t.offset} is not aligned to {align}")
+            raise DggufError(f"{path}: tensor {printable(t.name)} data offset {t.offset} is not aligned to {align}")
         end = data_offset + t.offset + t.nbytes
         if end > c.size:
-            raise DggufError(f"{path}: truncated: tensor {t.name} ends at byte {end}, file has {c.size}")
+            raise DggufError(f"{path}: truncated: tensor {printable(t.name)} ends at byte {end}, file has {c.size}")
     return GGUFFile(path, fields, tensors, data_offset, mm)
