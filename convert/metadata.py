@@ -15,7 +15,7 @@ from gguf.utility import size_label
 
 from dgguf.core.errors import DggufError
 from dgguf.format.arch import ARCH
-from dgguf.format.gguf_file import Field
+from dgguf.format.gguf_file import Field, printable
 
 from .checkpoint import TextConfig, embedding_scale, load_json
 
@@ -98,9 +98,14 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
     tok_path = hf_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise DggufError(f"{tok_path}: tokenizer.json not found (dgguf embeds the HF tokenizer)")
-    raw_json = tok_path.read_text(encoding="utf-8")
+    try:
+        raw_json = tok_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DggufError(f"{tok_path}: not UTF-8 ({e})") from e
+    except OSError as e:
+        raise DggufError(f"{tok_path}: cannot read: {e.strerror or e}") from e
     tc_path = hf_dir / "tokenizer_config.json"
-    tcfg = load_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
+    tcfg = load_json(tc_path, "tokenizer_config.json") if tc_path.exists() else {}
     try:
         tok = json.loads(raw_json)
         model = tok["model"]
@@ -110,8 +115,8 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
             tokens[int(added["id"])] = str(added["content"])
             if added.get("special"):
                 special.add(int(added["id"]))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DggufError(f"{tok_path}: not an HF tokenizer.json ({e!r})") from e
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise DggufError(f"{tok_path}: not an HF tokenizer.json ({printable(repr(e), 200)})") from e
     if not tokens or min(tokens) < 0:
         raise DggufError(f"{tok_path}: empty vocabulary or negative token id")
     if max(tokens) >= cfg.vocab_size:
@@ -153,8 +158,8 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
                    ("mask", mask if mask is not None else pad)):
         if v is not None:
             out[f"tokenizer.ggml.{key}_token_id"] = _u32(v)
-    out["tokenizer.ggml.add_bos_token"] = Field(V.BOOL, bool(tcfg.get("add_bos_token", True)))
-    out["tokenizer.ggml.add_eos_token"] = Field(V.BOOL, bool(tcfg.get("add_eos_token", False)))
+    out["tokenizer.ggml.add_bos_token"] = Field(V.BOOL, _flag(tc_path, tcfg, "add_bos_token", True))
+    out["tokenizer.ggml.add_eos_token"] = Field(V.BOOL, _flag(tc_path, tcfg, "add_eos_token", False))
     template = _chat_template(hf_dir, tcfg)
     if template is not None:
         out["tokenizer.chat_template"] = Field(V.STRING, template)
@@ -163,12 +168,31 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
     return out
 
 
+def _flag(path: Path, tcfg: dict, key: str, default: bool) -> bool:
+    v = tcfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise DggufError(f"{path}: {key} must be true or false, not {printable(json.dumps(v))}")
+    return v
+
+
 def _chat_template(hf_dir: Path, tcfg: dict) -> str | None:
     """The template from chat_template.jinja (transformers >= 4.47 saves it there) or tokenizer_config.json."""
     jinja = hf_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+    if jinja.exists():
+        if not jinja.is_file():
+            raise DggufError(f"{jinja}: not a regular file")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DggufError(f"{jinja}: not UTF-8 ({e})") from e
+        except OSError as e:
+            raise DggufError(f"{jinja}: cannot read: {e.strerror or e}") from e
     t = tcfg.get("chat_template")
     if isinstance(t, list):   # named templates: take the default one
+        if not all(isinstance(x, dict) for x in t):
+            raise DggufError(f"{hf_dir / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                             "{name, template} objects")
         t = next((x.get("template") for x in t if x.get("name") == "default"), None)
     return t if isinstance(t, str) else None

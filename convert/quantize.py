@@ -21,10 +21,11 @@ from dgguf.core import native
 from dgguf.core.errors import DggufError
 from dgguf.core.native import default_threads, encode
 from dgguf.format.arch import ARCH
-from dgguf.format.gguf_file import Field, GGUFFile, GGUFWriter, TensorInfo, read_gguf
+from dgguf.format.gguf_file import Field, GGUFFile, GGUFWriter, TensorInfo, check_output_path, printable, read_gguf
 from dgguf.format.quant_types import TENSOR_TYPES, FileType, file_type
 
-from .checkpoint import SourceTensor, TextConfig, read_config, read_generation_config, read_tensors
+from .checkpoint import (SourceTensor, TextConfig, input_files, read_config, read_generation_config,
+                         read_tensors)
 from .metadata import model_fields, rope_freqs, tokenizer_fields
 from .presets import TypeChooser
 from .tensor_names import DECODER, ROPE_FREQS, plan_tensors
@@ -108,9 +109,10 @@ def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = F
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
         raise DggufError(f"{hf_dir}: not a directory")
-    cfg, _ = read_config(hf_dir)
-    gen = read_generation_config(hf_dir)
+    check_output_path(out, force, input_files(hf_dir))   # before any work; GGUFWriter checks again
     sources = read_tensors(hf_dir)
+    cfg, _ = read_config(hf_dir, {n: t.shape for n, t in sources.items()})   # head dims the config omits: tensors
+    gen = read_generation_config(hf_dir, cfg.vocab_size)
     embed = sources.get(DECODER + "embed_tokens.weight")   # missing: output_tensors names it
     ft = file_type(type_name or (embed.dtype if embed else "F32"))   # default: the checkpoint's own dtype
     planned = output_tensors(cfg, {n: t.shape for n, t in sources.items()}, ft, pure)
@@ -133,7 +135,7 @@ def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = F
     fields = model_fields(cfg, gen, _model_name(hf_dir), ft.ftype,
                           (n_total, n_total - n_expert, n_expert // cfg.num_experts))
     fields.update(tokenizer_fields(hf_dir, cfg, gen))
-    with GGUFWriter(out, fields, [j.info for j in jobs], force) as w:
+    with GGUFWriter(out, fields, [j.info for j in jobs], force, input_files(hf_dir)) as w:
         write_jobs(w, jobs, threads or default_threads(), progress)
     return out
 
@@ -152,22 +154,35 @@ def _dequantizer(g: GGUFFile, t: TensorInfo, nrows: int) -> Callable[[int, int],
     return lambda r0, r1: native.dequantize_rows(raw[r0:r1], t.type.ggml, ncols)
 
 
+_MISSING = object()
+
+
+def _meta_int(g: GGUFFile, key: str, default: int, value=_MISSING) -> int:
+    """An integer metadata value the type choice reads (the loader checks the rest): a clear error, not a
+    traceback, when a file stores something else there."""
+    v = g.get(key, default) if value is _MISSING else value
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 2**31 - 1:
+        raise DggufError(f"{g.path}: key {key} is {printable(repr(v))}, expected an integer in 0..{2**31 - 1}")
+    return v
+
+
 def requantize(src, out, type_name: str, pure: bool = False, force: bool = False, threads: int | None = None,
                progress: bool = False) -> Path:
     """Re-encode a DiffusionGemma GGUF to another file type. Tensors already in their target type are copied."""
     src, out = Path(src), Path(out)
     ft: FileType = file_type(type_name)
+    check_output_path(out, force, [src])
     g = read_gguf(src)
     try:
         arch = g.get("general.architecture")
         if arch != ARCH:
-            raise DggufError(f"{src}: architecture {arch!r} is not {ARCH}")
-        n_layers = int(g.get(f"{ARCH}.block_count", 0))
+            raise DggufError(f"{src}: architecture {printable(repr(arch))} is not {ARCH}")
+        n_layers = _meta_int(g, f"{ARCH}.block_count", 0)
         kv = g.get(f"{ARCH}.attention.head_count_kv", [1])
-        kv0 = kv[0] if isinstance(kv, list) else kv
+        kv0 = _meta_int(g, f"{ARCH}.attention.head_count_kv", 1, kv[0] if isinstance(kv, list) and kv else kv)
         n_attn_v = sum(1 for t in g.tensors if t.name.endswith("attn_v.weight"))
-        chooser = TypeChooser(ft, n_layers, int(g.get(f"{ARCH}.expert_count", 0)), n_attn_v,
-                              int(g.get(f"{ARCH}.attention.head_count", 1)) // max(int(kv0), 1), pure)
+        chooser = TypeChooser(ft, n_layers, _meta_int(g, f"{ARCH}.expert_count", 0), n_attn_v,
+                              _meta_int(g, f"{ARCH}.attention.head_count", 1) // max(kv0, 1), pure)
         jobs = []
         for t in g.tensors:
             nrows = t.nvalues // t.ne[0]
@@ -181,7 +196,7 @@ def requantize(src, out, type_name: str, pure: bool = False, force: bool = False
         fields["general.file_type"] = Field(V.UINT32, ft.ftype)
         fields["general.quantization_version"] = Field(V.UINT32, 2)
         fields.pop("general.alignment", None)
-        with GGUFWriter(out, fields, [j.info for j in jobs], force) as w:
+        with GGUFWriter(out, fields, [j.info for j in jobs], force, [src]) as w:
             write_jobs(w, jobs, threads or default_threads(), progress)
     finally:
         g.close()

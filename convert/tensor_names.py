@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from dgguf.core.errors import DggufError
+from dgguf.format.gguf_file import printable
 from dgguf.format.arch import BY_GGUF, GLOBAL_TENSORS, LAYER_TENSORS, expected_tensors, has_tensor
 
 from .checkpoint import TextConfig
@@ -40,7 +41,7 @@ def gguf_name(hf_name: str) -> str | None:
     for pattern, t in _LAYER_PATTERNS:
         if m := pattern.match(hf_name):
             return f"blk.{m.group(1)}.{t.gguf}"
-    raise DggufError(f"unexpected tensor {hf_name} (not part of DiffusionGemma)")
+    raise DggufError(f"unexpected tensor {printable(hf_name)} (not part of DiffusionGemma)")
 
 
 def _natural_key(name: str):
@@ -61,7 +62,7 @@ def plan_tensors(cfg: TextConfig, source_shapes: dict[str, tuple[int, ...]]) -> 
         raise DggufError(f"checkpoint lacks tensor {', '.join(missing[:3])}{more}")
     extra = sorted(set(present) - set(expected), key=_natural_key)
     if extra:
-        raise DggufError(f"unexpected tensor {extra[0]} (not part of DiffusionGemma with this config)")
+        raise DggufError(f"unexpected tensor {printable(extra[0])} (not part of DiffusionGemma with this config)")
     for n, s in present.items():
         if tuple(s) != expected[n]:
             raise DggufError(f"tensor {n} has shape {list(s)}, config implies {list(expected[n])}")
