@@ -2,8 +2,10 @@
 CUDA driver (libcuda.so.1) loads and reports at least one device. Otherwise the reason is reported ("no GPU: ...")
 and the CPU path is used; nothing here is needed to install or run dgguf on the CPU.
 
-The library is found through DGGUF_CUDA_LIB (a path to libdgcuda.so) or at build/cuda/libdgcuda.so under the
-current directory. Its C contract is native/cuda/dg_cuda.h.
+The library is the path cuda_status() is given, else DGGUF_CUDA_LIB (a path to libdgcuda.so), else
+build/cuda/libdgcuda.so under the repository root (where scripts/build_cuda.sh puts it; the package's root, since
+the repository's top-level folders are the package's subpackages), never a path under the current directory
+that nobody named. Its C contract is native/cuda/dg_cuda.h.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from pathlib import Path
 
 from dgguf.core.errors import DggufError
 
-DEFAULT_LIBRARY = Path("build") / "cuda" / "libdgcuda.so"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LIBRARY = ROOT / "build" / "cuda" / "libdgcuda.so"
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ def cuda_status(library: str | os.PathLike | None = None) -> CudaStatus:
     devices, reason = driver_devices()
     if devices < 1:
         return CudaStatus(False, reason)
-    path = Path(library or os.environ.get("DGGUF_CUDA_LIB") or DEFAULT_LIBRARY)
+    # absolute, so that dlopen loads this file rather than searching the library path for its name
+    path = Path(library or os.environ.get("DGGUF_CUDA_LIB") or DEFAULT_LIBRARY).absolute()
     if not path.is_file():
         return CudaStatus(False, f"{reason}, but no CUDA library at {path} (run scripts/build_cuda.sh)", devices)
     try:
