@@ -63,6 +63,21 @@ def test_fifo_output_is_refused(capsys, tmp_path, hf, force):
     assert no_partials(tmp_path)
 
 
+def test_device_node_output_is_refused(capsys, tmp_path, hf, small_gguf):
+    """The issue's reproducer: mknod x c 1 3 (a /dev/null twin); convert and quantize with --force."""
+    out = tmp_path / "x"
+    try:
+        os.mknod(out, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    except OSError as e:
+        pytest.skip(f"cannot make a device node here: {e}")
+    line = one_error(capsys, "convert", str(hf), "-o", str(out), "--type", "Q8_0", "-q", "--force")
+    assert "a character device" in line
+    line = one_error(capsys, "quantize", str(small_gguf), str(out), "Q4_0", "-q", "--force")
+    assert "a character device" in line
+    assert stat.S_ISCHR(os.lstat(out).st_mode)
+    assert no_partials(tmp_path)
+
+
 def test_directory_output_is_refused(capsys, tmp_path, hf):
     out = tmp_path / "dir"
     out.mkdir()
