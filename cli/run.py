@@ -177,7 +177,7 @@ def _interactive(m, a) -> None:
             line = line.rstrip("\n")
         if use_template:
             messages.append({"role": "user", "content": line})
-            prompt = m.chat_prompt(messages, enable_thinking=a.think)
+            prompt = m.chat_prompt(messages, enable_thinking=a.think, context=context)
         else:
             prompt = history + m.tokenizer.encode(line, bos=not history)
         try:

@@ -1,10 +1,11 @@
 """`dgguf run --visual`: the canvas being denoised, redrawn in place on a terminal.
 
 Each decoder step redraws the canvas wrapped to the terminal's width: positions whose token settled since the
-previous step in green, positions still changing dimmed, the tail of the committed text above them. The view
+previous step in green, positions still changing dimmed, the tail of the committed text before them. The view
 erases its own rows before each redraw (cursor up, clear to the end of the screen), so nothing else is touched;
-it never draws more rows than the terminal has. Control characters in tokens are shown escaped (↵, →, \\xNN),
-so a token cannot move the cursor. Off a terminal, one plain line per step is written instead.
+it never draws more rows than the terminal has, and draws with autowrap off so that each row is one line.
+Control characters in tokens are shown escaped (↵, →, \\xNN), so a token cannot move the cursor.
+Off a terminal, one plain line per step is written instead.
 """
 from __future__ import annotations
 
@@ -87,7 +88,10 @@ class CanvasView:
         cells += [(DIM if c else GREEN, self._piece(i)) for i, c in zip(canvas, changed)]
         rows = wrap(cells, max(columns - 1, 8))[-max(lines - 1, 1):]
         self._erase()
-        self.out.write("\n".join("".join(f"{s}{t}{RESET}" if s else t for s, t in row) for row in rows))
+        # autowrap off while drawing: a row the terminal measures wider than we do (its locale, its width
+        # tables) is cut at the edge instead of wrapping, so the view is always exactly len(rows) lines
+        self.out.write("\x1b[?7l" + "\n".join("".join(f"{s}{t}{RESET}" if s else t for s, t in row) for row in rows)
+                       + "\x1b[?7h")
         self.out.flush()
         self.rows = len(rows)
 

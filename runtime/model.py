@@ -87,6 +87,26 @@ class Context:
         self.append(prompt[keep:])
         return len(prompt) - keep
 
+    def prompt_for(self, text: str) -> list[int]:
+        """Ids for `text` that reuse the longest run of held ids whose text begins it, then the rest tokenized.
+
+        A chat template renders the model's earlier replies as text, and tokenizing that text need not give back
+        the ids the model generated; matching on text instead keeps those ids, so a conversation's earlier turns
+        are never encoded again (unless the template rewrites them, e.g. drops their reasoning)."""
+        tok = self.model.tokenizer
+        if tok.add_bos and tok.bos_text and not text.startswith(tok.bos_text):
+            text = tok.bos_text + text   # what encode(text) holds: BOS, then the text
+        lo, hi = 0, len(self.ids)        # the longest held prefix whose decoded text is a prefix of `text`
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if text.startswith(tok.decode(self.ids[:mid], special=True)):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
+            return tok.encode(text)
+        return self.ids[:lo] + tok.encode(text[len(tok.decode(self.ids[:lo], special=True)):], bos=False)
+
     def append(self, ids) -> None:
         ids = np.asarray(ids, dtype=np.int32)
         if ids.size:
@@ -255,15 +275,16 @@ class Model:
         return GenerationResult(ids=out[:max_new_tokens], stats=stats)
 
     def chat_prompt(self, messages: list[dict], tools=None, enable_thinking=None,
-                    add_generation_prompt: bool = True) -> list[int]:
-        """The ids of `messages` rendered with the file's chat template (as transformers' apply_chat_template)."""
+                    add_generation_prompt: bool = True, context: Context | None = None) -> list[int]:
+        """The ids of `messages` rendered with the file's chat template (as transformers' apply_chat_template).
+        With a context, the ids it already holds for the rendered text are reused (Context.prompt_for)."""
         from .chat import render
         tok = self.tokenizer
         if not tok.template:
             raise DggufError(f"{self.path}: this model has no chat template (tokenizer.chat_template)")
         text = render(tok.template, messages, add_generation_prompt=add_generation_prompt, bos_token=tok.bos_text,
                       eos_token=tok.eos_text, tools=tools, enable_thinking=enable_thinking)
-        return tok.encode(text)
+        return context.prompt_for(text) if context is not None else tok.encode(text)
 
     def chat(self, messages: list[dict], tools=None, enable_thinking=None, context: Context | None = None,
              max_new_tokens: int = 256, **generate_args) -> ChatResult:
@@ -271,7 +292,7 @@ class Model:
         generated, and parsed into content, reasoning and tool calls. Pass the same `context` turn after turn to
         keep the conversation's KV cache (earlier turns are not encoded again)."""
         from .chat import parse_reply
-        prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking)
+        prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking, context=context)
         res = self.generate(prompt, max_new_tokens=max_new_tokens, context=context, **generate_args)
         raw = self.tokenizer.decode([i for i in res.ids if i != self.config.pad_token_id], special=True)
         return ChatResult(reply=parse_reply(raw), ids=res.ids, raw=raw, stats=res.stats)

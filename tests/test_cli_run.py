@@ -188,3 +188,50 @@ def test_ctrl_c_in_json_mode_prints_what_was_committed():
     assert p.returncode == 130, err
     d = json.loads(out)
     assert d["interrupted"] and len(d["ids"]) % 16 == 0 and d["seed"] == 1
+
+
+def test_chat_prompt_is_the_templates_and_a_conversation_reuses_its_cache(monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    from dgguf.runtime.model import Context
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(PR_TINY / "hf" / "tokenizer.json"), bos_token="<bos>",
+                                 eos_token="<eos>")
+    hf.chat_template = json.loads((PR_TINY / "hf" / "tokenizer_config.json").read_text())["chat_template"]
+    m = Model.load(Q4)
+    try:
+        messages = [{"role": "user", "content": "hello there"}]
+        expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert m.chat_prompt(messages) == [2] + hf.encode(expected, add_special_tokens=False)
+        encoded = []
+        sync = Context.sync
+        monkeypatch.setattr(Context, "sync", lambda self, p: encoded.append(sync(self, p)) or encoded[-1])
+        ctx = m.new_context()
+        first = m.chat(messages, context=ctx, max_new_tokens=16, seed=1)
+        assert isinstance(first.reply.content, str) and first.ids
+        # (this template writes the role as given, and its generation prompt says "model")
+        turn2 = messages + [{"role": "model", "content": first.reply.content},
+                            {"role": "user", "content": "and again"}]
+        second = m.chat(turn2, context=ctx, max_new_tokens=16, seed=2)
+        assert encoded[0] == len(m.chat_prompt(messages))
+        # nothing held is encoded again: the first prompt and the reply's first canvases keep their ids, and only
+        # the reply's last canvas and the new turn are encoded
+        prompt2 = m.chat_prompt(turn2, context=ctx)
+        held = len(m.chat_prompt(messages)) + 16 * (len(first.stats.steps_per_canvas) - 1)
+        assert ctx.ids[:len(prompt2)] == prompt2 and encoded[1] == len(prompt2) - held
+        assert m.tokenizer.decode(prompt2, special=True) == m.tokenizer.decode(m.chat_prompt(turn2), special=True)
+        assert second.ids
+    finally:
+        m.close()
+
+
+def test_interactive_mode_answers_each_line():
+    r = subprocess.run(CMD + ["run", "-m", Q4, "-i", "-n", "16", "-s", "1"], input="hello\nand again\n\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("16 tokens") == 2 and "chat template" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_flag_renders_the_template(capsys):
+    code, out, err = run_cli(capsys, "run", "-m", Q4, "--chat", "-p", "hello", "-n", "16", "-s", "1",
+                             "--system", "be brief")
+    assert code == 0 and "16 tokens" in err and not out.startswith("<|turn>")   # the template is not echoed
