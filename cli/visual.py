@@ -12,21 +12,15 @@ from __future__ import annotations
 import shutil
 import unicodedata
 
+from dgguf.format.gguf_file import printable
+
 GREEN, DIM, BOLD, RESET = "\x1b[32m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 _SHOWN = {"\n": "\u21b5", "\t": "\u2192", "\r": "\u240d"}
 
 
-def printable(text: str) -> str:
-    """Text with every control, format or unassigned character shown as an escape."""
-    out = []
-    for ch in text:
-        if ch in _SHOWN:
-            out.append(_SHOWN[ch])
-        elif unicodedata.category(ch)[0] == "C":
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+def shown(text: str) -> str:
+    """A token's text for the view: newlines and tabs as arrows, every other control escaped (printable)."""
+    return printable("".join(_SHOWN.get(ch, ch) for ch in text), None)
 
 
 def width(text: str) -> int:
@@ -64,7 +58,7 @@ class CanvasView:
     def _piece(self, i: int) -> str:
         if i not in self.pieces:
             text = self.model.tokenizer.decode([i], special=True) if self.model.has_tokenizer else f"[{i}]"
-            self.pieces[i] = printable(text) or "\u00b7"
+            self.pieces[i] = shown(text) or "\u00b7"
         return self.pieces[i]
 
     def _erase(self) -> None:
@@ -83,7 +77,7 @@ class CanvasView:
             self.out.flush()
             return
         columns, lines = shutil.get_terminal_size((80, 24))
-        tail = printable(self.model.tokenizer.decode(self.committed[-64:]) if self.model.has_tokenizer else "")
+        tail = shown(self.model.tokenizer.decode(self.committed[-64:]) if self.model.has_tokenizer else "")
         cells = [(BOLD, head)] + [("", ch) for ch in tail[-columns:]] + ([("", " | ")] if tail else [])
         cells += [(DIM if c else GREEN, self._piece(i)) for i, c in zip(canvas, changed)]
         rows = wrap(cells, max(columns - 1, 8))[-max(lines - 1, 1):]

@@ -15,6 +15,15 @@ def has_tokenizer(g: GGUFFile) -> bool:
     return HF_JSON in g.fields or "tokenizer.ggml.tokens" in g.fields
 
 
+def tokenizer_source(g: GGUFFile) -> str:
+    """Where the file's tokenizer comes from, in a few words (dgguf inspect)."""
+    if HF_JSON in g.fields:
+        return "embedded HF tokenizer.json"
+    if "tokenizer.ggml.tokens" in g.fields:
+        return ggml_vocab.describe_source({k: g.get(k) for k in g.fields if k.startswith("tokenizer.ggml.")})
+    return "none (only --prompt-ids can be used)"
+
+
 class Tokenizer:
     def __init__(self, g: GGUFFile):
         from tokenizers import Tokenizer as HFTokenizer
@@ -24,7 +33,7 @@ class Tokenizer:
                 self._tok = HFTokenizer.from_str(raw)
             except Exception as e:   # the tokenizers library raises plain Exception on malformed JSON
                 raise DggufError(f"{g.path}: embedded {HF_JSON} is invalid ({e})") from e
-            self.source = f"embedded HF tokenizer.json ({self._tok.get_vocab_size()} tokens)"
+            self.source = tokenizer_source(g)
         else:
             kv = {k: g.get(k) for k in g.fields if k.startswith("tokenizer.ggml.")}
             if "tokenizer.ggml.tokens" not in kv:
@@ -34,7 +43,7 @@ class Tokenizer:
                 self._tok = ggml_vocab.build_tokenizer(kv)
             except ValueError as e:
                 raise DggufError(f"{g.path}: cannot build the tokenizer: {e}") from e
-            self.source = ggml_vocab.describe_source(kv)
+            self.source = tokenizer_source(g)
         tokens = g.get("tokenizer.ggml.tokens") or []
         self.bos_id = g.get("tokenizer.ggml.bos_token_id")
         self.bos_text = tokens[self.bos_id] if self.bos_id is not None and self.bos_id < len(tokens) else ""

@@ -8,15 +8,15 @@ import time
 
 import pytest
 
-from dgguf.cli.visual import printable, width, wrap
+from dgguf.cli.visual import shown, width, wrap
 
 from conftest import PR_TINY
 
 TMUX = shutil.which("tmux")
 
 
-def test_printable_escapes_every_control():
-    assert printable("a\nb\tc\x1b[2J\x00\u200b") == "a\u21b5b\u2192c\\x1b[2J\\x00\\u200b"
+def test_tokens_are_shown_with_every_control_escaped():
+    assert shown("a\nb\tc\x1b[2J\x00\u200b") == "a\u21b5b\u2192c\\x1b[2J\\x00\\u200b"
     assert width("ab\u4e2d\u0301") == 4            # a wide CJK character takes two columns, a combining mark none
     rows = wrap([("", "abc"), ("", "de"), ("", "\u4e2d\u4e2d"), ("", "x" * 30)], 6)
     assert [sum(width(t) for _, t in r) for r in rows] == [5, 4, 6]
