@@ -404,6 +404,109 @@ def _layer_groups(model: PlannedModel, ctx: int, kv: KVLayout, reserve: int) -> 
             ("buffers", buffer_bytes(model.shape))]
 
 
+class Predictor:
+    """The cost model bound to one model, context and GEMM path: seconds of a decoder step and an encoder pass
+    for a placement. The CPU's speed is measured (or looked up) only when some work lands on the CPU."""
+
+    def __init__(self, model: PlannedModel, ctx: int, gemm: str, cpu: CpuSpeed | Callable[[], CpuSpeed] | None):
+        self.model, self.ctx, self.gemm = model, ctx, gemm
+        self._cpu, self.speed = cpu, (cpu if not callable(cpu) else None)
+        self.part_bytes = part_bytes(model)
+
+    def cpu_speed(self) -> CpuSpeed:
+        if self.speed is None:
+            if self._cpu is None:
+                raise DggufError("the plan computes on the CPU but no CPU speed was given")
+            self.speed = self._cpu()
+        return self.speed
+
+    def times(self, placement: list[str], card: Card | None, kv: KVLayout) -> tuple[float, float]:
+        """(decoder step, encoder pass) seconds."""
+        s = self.model.shape
+        c = self.cpu_speed() if card is None or "cpu" in placement else None
+        step = pass_seconds(pass_work(s, s.canvas_length, self.ctx, True, self.part_bytes, kv), placement, card, c,
+                            self.gemm)
+        enc = pass_seconds(pass_work(s, s.canvas_length, self.ctx, False, self.part_bytes, kv), placement, card, c,
+                           self.gemm)
+        return step, enc
+
+
+@dataclass
+class Placement:
+    """Where every group lives: the search's result, before its speed is predicted."""
+    card: str
+    vram_bytes: int
+    groups: list[Group]
+    layers: list[str]        # where each layer's experts run: gpu, cpu or stream
+    offload: str
+    reason: str
+    alternatives: dict
+    kv: KVLayout
+
+
+def _expert_bytes(model: PlannedModel) -> list[int]:
+    pb = part_bytes(model)
+    return [pb.get((i, "experts"), 0) for i in range(model.shape.n_layers)]
+
+
+def place_on_cpu(model: PlannedModel, ctx: int, kv: KVLayout) -> Placement:
+    experts = _expert_bytes(model)
+    groups = [Group(n, b, "cpu") for n, b in _layer_groups(model, ctx, kv, 0)[1:]]
+    groups += [Group(f"blk.{i}.experts", b, "cpu") for i, b in enumerate(experts)]
+    return Placement(card="CPU", vram_bytes=0, groups=groups, layers=["cpu"] * model.shape.n_layers, offload="cpu",
+                     reason="no GPU: every group runs on the CPU", alternatives={}, kv=kv)
+
+
+def place_on_gpu(model: PlannedModel, budget: int, card: Card, ctx: int, kv: KVLayout, reserve: int,
+                 predictor: Predictor) -> Placement:
+    """The mandatory groups first, then whole expert layers in order while they fit; the rest computed on the CPU
+    or streamed (double-buffered), whichever the predictor says is faster."""
+    n = model.shape.n_layers
+    experts = _expert_bytes(model)
+    mandatory = _layer_groups(model, ctx, kv, reserve)
+    base = sum(b for _, b in mandatory)
+    if base > budget:
+        detail = ", ".join(f"{name} {fmt_size(b)}" for name, b in mandatory)
+        raise DggufError(f"--vram {fmt_size(budget)} is too small: the GPU needs at least {fmt_size(base)} "
+                         f"before any expert layer ({detail}) at --ctx {ctx}")
+
+    def resident(extra: Callable[[int], int]) -> int:
+        """The most leading expert layers that fit beside the mandatory groups and extra(k) bytes."""
+        return next((k for k in range(n, -1, -1) if base + sum(experts[:k]) + extra(k) <= budget), -1)
+
+    def staging(k: int) -> int:
+        """Streaming's double buffer: room for two streamed layers (one if only one is streamed)."""
+        return min(2, n - k) * max(experts[k:], default=0)
+
+    k_cpu, k_stream = resident(lambda k: 0), resident(staging)
+    options = {}
+    for mode, k in (("cpu", k_cpu), ("stream", k_stream)):
+        if k >= 0:
+            layers = ["gpu"] * k + [mode] * (n - k)
+            options[mode] = (k, layers, predictor.times(layers, card, kv)[0])
+    alternatives = {m: (o[2] if o[0] < n else None) for m, o in options.items()}
+    if k_cpu == n:
+        mode, reason = "none", f"all {n} expert layers fit on the GPU"
+    else:
+        mode = min(options, key=lambda m: options[m][2])
+        other = "stream" if mode == "cpu" else "cpu"
+        off = n - options[mode][0]
+        how = {"cpu": "computing them on the CPU", "stream": f"streaming them over PCIe {card.pcie}"}
+        if other in options:
+            reason = (f"{off} of {n} expert layers do not fit; {how[mode]} ({options[mode][2]:.3f} s/step) beats "
+                      f"{how[other]} ({options[other][2]:.3f} s/step)")
+        else:
+            reason = (f"{off} of {n} expert layers do not fit; {how[mode]}: streaming's two staging buffers "
+                      f"({fmt_size(staging(k_cpu))}) do not fit")
+    k, layers = (n, ["gpu"] * n) if mode == "none" else options[mode][:2]
+    groups = [Group(name, b, "gpu") for name, b in mandatory]
+    if mode == "stream":
+        groups.append(Group("staging", staging(k), "gpu"))
+    groups += [Group(f"blk.{i}.experts", b, layers[i]) for i, b in enumerate(experts)]
+    return Placement(card=card.name, vram_bytes=sum(g.bytes for g in groups if g.placement == "gpu"), groups=groups,
+                     layers=layers, offload=mode, reason=reason, alternatives=alternatives, kv=kv)
+
+
 def make_plan(model: PlannedModel, budget: int | None, card: str, ctx: int = DEFAULT_CTX,
               steps: int = DEFAULT_STEPS, cpu: CpuSpeed | Callable[[], CpuSpeed] | None = None,
               kv_type: str | None = None, reserve: int = DEFAULT_RESERVE, gemm: str = "fp16") -> Plan:
@@ -418,96 +521,28 @@ def make_plan(model: PlannedModel, budget: int | None, card: str, ctx: int = DEF
         raise DggufError(f"--steps {steps} must be positive")
     if gemm not in ("fp16", "int8"):
         raise DggufError(f"gemm {gemm!r} must be fp16 or int8")
-    speed = cpu if not callable(cpu) else None
-
-    def cpu_speed() -> CpuSpeed:
-        nonlocal speed
-        if speed is None:
-            if cpu is None:
-                raise DggufError("the plan computes on the CPU but no CPU speed was given")
-            speed = cpu()
-        return speed
-
-    pb = part_bytes(model)
-    experts = [pb.get((i, "experts"), 0) for i in range(s.n_layers)]
-    C = s.canvas_length
-
-    def times(placement: list[str], card_: Card | None, kv_: KVLayout) -> tuple[float, float]:
-        need_cpu = card_ is None or "cpu" in placement
-        c = cpu_speed() if need_cpu else None
-        step = pass_seconds(pass_work(s, C, ctx, True, pb, kv_), placement, card_, c, gemm)
-        enc = pass_seconds(pass_work(s, C, ctx, False, pb, kv_), placement, card_, c, gemm)
-        return step, enc
-
-    def finish(card_name, used, groups, placement, offload, reason, alternatives, kv_, card_) -> Plan:
-        step, enc = times(placement, card_, kv_)
-        return Plan(model.source, model.file_type, card_name, budget or 0, used, ctx, steps, step, enc,
-                    C / (steps * step + enc), offload, reason, alternatives,
-                    placement.count("gpu") if card_ else 0, kv_.type, gemm,
-                    speed, groups)
-
     if kv_type not in (None, "f16", "f32"):
         raise DggufError(f"KV cache type {kv_type!r} must be f16 or f32")
+    predictor = Predictor(model, ctx, gemm, cpu)
     if card == CPU_CARD:
-        kv = KVLayout(kv_type or CPU_KV.type, CPU_KV.shared_full)
-        groups = [Group(n, b, "cpu") for n, b in _layer_groups(model, ctx, kv, 0)[1:]]
-        groups += [Group(f"blk.{i}.experts", b, "cpu") for i, b in enumerate(experts)]
-        return finish("CPU", 0, groups, ["cpu"] * s.n_layers, "cpu", "no GPU: every group runs on the CPU",
-                      {}, kv, None)
-
-    gpu_card = CARDS[card]
-    kv = KVLayout(kv_type or GPU_KV.type, GPU_KV.shared_full)
-    if budget is None:
-        raise DggufError("a VRAM budget is needed (--vram SIZE or --vram auto)")
-    if budget > gpu_card.vram_gib * GIB:
-        raise DggufError(f"--vram {fmt_size(budget)} is more than the {gpu_card.name}'s {gpu_card.vram_gib:g} GiB")
-    mandatory = _layer_groups(model, ctx, kv, reserve)
-    base = sum(b for _, b in mandatory)
-    if base > budget:
-        detail = ", ".join(f"{n} {fmt_size(b)}" for n, b in mandatory)
-        raise DggufError(f"--vram {fmt_size(budget)} is too small: the GPU needs at least {fmt_size(base)} "
-                         f"before any expert layer ({detail}) at --ctx {ctx}")
-
-    def resident(extra: Callable[[int], int]) -> int:
-        """The most leading expert layers that fit beside the mandatory groups and extra(k) bytes."""
-        for k in range(s.n_layers, -1, -1):
-            if base + sum(experts[:k]) + extra(k) <= budget:
-                return k
-        return -1
-
-    n = s.n_layers
-
-    def staging(k: int) -> int:
-        """Streaming's double buffer: room for two streamed layers (one if only one is streamed)."""
-        return min(2, n - k) * max(experts[k:], default=0)
-
-    k_cpu, k_stream = resident(lambda k: 0), resident(staging)
-    options = {}
-    for mode, k in (("cpu", k_cpu), ("stream", k_stream)):
-        if k >= 0:
-            placement = ["gpu"] * k + [mode] * (n - k)
-            options[mode] = (k, placement, times(placement, gpu_card, kv)[0])
-    alternatives = {m: (o[2] if o[0] < n else None) for m, o in options.items()}
-    if k_cpu == n:
-        mode, reason = "none", f"all {n} expert layers fit on the GPU"
+        gpu_card = None
+        where = place_on_cpu(model, ctx, KVLayout(kv_type or CPU_KV.type, CPU_KV.shared_full))
     else:
-        mode = min(options, key=lambda m: options[m][2])
-        other = "stream" if mode == "cpu" else "cpu"
-        off = n - options[mode][0]
-        how = {"cpu": "computing them on the CPU", "stream": f"streaming them over PCIe {gpu_card.pcie}"}
-        if other in options:
-            reason = (f"{off} of {n} expert layers do not fit; {how[mode]} ({options[mode][2]:.3f} s/step) beats "
-                      f"{how[other]} ({options[other][2]:.3f} s/step)")
-        else:
-            reason = (f"{off} of {n} expert layers do not fit; {how[mode]}: streaming's two staging buffers "
-                      f"({fmt_size(staging(k_cpu))}) do not fit")
-    k, placement = (n, ["gpu"] * n) if mode == "none" else options[mode][:2]
-    groups = [Group(name, b, "gpu") for name, b in mandatory]
-    if mode == "stream":
-        groups.append(Group("staging", staging(k), "gpu"))
-    groups += [Group(f"blk.{i}.experts", b, placement[i]) for i, b in enumerate(experts)]
-    used = sum(g.bytes for g in groups if g.placement == "gpu")
-    return finish(gpu_card.name, used, groups, placement, mode, reason, alternatives, kv, gpu_card)
+        gpu_card = CARDS[card]
+        if budget is None:
+            raise DggufError("a VRAM budget is needed (--vram SIZE or --vram auto)")
+        if budget > gpu_card.vram_gib * GIB:
+            raise DggufError(f"--vram {fmt_size(budget)} is more than the {gpu_card.name}'s "
+                             f"{gpu_card.vram_gib:g} GiB")
+        where = place_on_gpu(model, budget, gpu_card, ctx, KVLayout(kv_type or GPU_KV.type, GPU_KV.shared_full),
+                             reserve, predictor)
+    step, enc = predictor.times(where.layers, gpu_card, where.kv)
+    return Plan(model=model.source, file_type=model.file_type, card=where.card, budget_bytes=budget or 0,
+                vram_bytes=where.vram_bytes, ctx=ctx, steps_per_canvas=steps, seconds_per_step=step,
+                seconds_per_encoder_pass=enc, tokens_per_s=s.canvas_length / (steps * step + enc),
+                offload=where.offload, reason=where.reason, alternatives=where.alternatives,
+                gpu_expert_layers=where.layers.count("gpu") if gpu_card else 0, kv_cache=where.kv.type, gemm=gemm,
+                cpu=predictor.speed, groups=where.groups)
 
 
 # ------------------------------------------------------------------------------------ sizes and the GPU
