@@ -28,25 +28,15 @@ def positive(name: str, hi: int = 2**31 - 1):
     return integer(name, 1, hi)
 
 
-def positive_number(name: str):
+def number(name: str, zero: bool = False):
+    """A finite number > 0 (>= 0 with zero)."""
     def parse(v: str) -> float:
         try:
             x = float(v)
         except ValueError:
             x = -1.0
-        if not 0 < x < float("inf"):
-            raise argparse.ArgumentTypeError(f"{name} must be a positive number, not {v!r}")
-        return x
-    return parse
-
-
-def non_negative_number(name: str):
-    def parse(v: str) -> float:
-        try:
-            x = float(v)
-        except ValueError:
-            x = -1.0
-        if not 0 <= x < float("inf"):
-            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, not {v!r}")
+        if not (0 <= x if zero else 0 < x) or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a {'number >= 0' if zero else 'positive number'}, "
+                                             f"not {v!r}")
         return x
     return parse

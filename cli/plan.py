@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dgguf.core.errors import DggufError
 
-from .args import positive, positive_number, type_name
+from .args import number, positive, type_name
 
 
 def model_from_config(path, type_name: str):
@@ -91,7 +91,7 @@ def add_parser(sub) -> None:
     pl.add_argument("--kv-type", choices=("f16", "f32"), help="KV cache element (default f16; f32 with --card cpu)")
     pl.add_argument("--gemm", choices=("fp16", "int8"), default="fp16", help="tensor-core path of the GEMMs")
     pl.add_argument("--reserve", default="512MiB", help="VRAM kept for the CUDA context and workspaces")
-    pl.add_argument("--cpu-gops", type=positive_number("--cpu-gops"), help="CPU matmul GOP/s (default: measured)")
-    pl.add_argument("--cpu-gbs", type=positive_number("--cpu-gbs"), help="CPU memory GB/s (default: measured)")
+    pl.add_argument("--cpu-gops", type=number("--cpu-gops"), help="CPU matmul GOP/s (default: measured)")
+    pl.add_argument("--cpu-gbs", type=number("--cpu-gbs"), help="CPU memory GB/s (default: measured)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=run)

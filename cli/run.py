@@ -13,7 +13,7 @@ import sys
 from dgguf.core.errors import DggufError
 from dgguf.core.native import MAX_THREADS, default_threads
 
-from .args import integer, non_negative_number, positive
+from .args import integer, number, positive
 from .visual import CanvasView
 
 # --temp T sets the schedule's first-step temperature (t_max) to T and scales t_min with it; 0 (llama.cpp's
@@ -243,7 +243,7 @@ def add_parser(sub) -> None:
                    help="context limit in tokens (default 8192, capped by the model)")
     r.add_argument("--steps", type=positive("--steps"), default=None,
                    help="max denoising steps per canvas (default: the file's, 48 for the released model)")
-    r.add_argument("--temp", type=non_negative_number("--temp"), default=None,
+    r.add_argument("--temp", type=number("--temp", zero=True), default=None,
                    help="first-step temperature (the schedule's t_max; t_min scales with it; 0 means "
                         f"{NEAR_GREEDY}, near greedy); default: the file's schedule (0.8 to 0.4)")
     r.add_argument("--no-early-stop", action="store_true", help="always run --steps steps per canvas")

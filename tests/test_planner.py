@@ -287,3 +287,25 @@ def test_cli_plan_needs_type_with_config_and_not_with_a_file(capsys, tmp_path):
     assert "--config needs --type" in capsys.readouterr().err
     assert main(["plan", "-m", str(tmp_path / "x.gguf"), "--type", "Q8_0", "--vram", "12GiB"]) == 2
     assert "--type goes with --config" in capsys.readouterr().err
+
+
+def test_cli_plan_caps_ctx_at_the_models_limit_as_run_does(capsys):
+    """The tiny published file's context is 1024: plan's default 8192 is capped, as `dgguf run` caps it, and an
+    explicit --ctx beyond it is capped with a note instead of refused."""
+    f = str(FIXTURES / "pr24423-tiny" / "tiny-Q8_0.gguf")
+    assert main(["plan", "-m", f, "--vram", "8GiB", "--card", "rtx4060-laptop", "--cpu-gops", "100", "--cpu-gbs", "20",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ctx"] == 1024
+    assert main(["plan", "-m", f, "--vram", "8GiB", "--card", "rtx4060-laptop", "--cpu-gops", "100", "--cpu-gbs", "20",
+                 "--ctx", "100000", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["ctx"] == 1024 and "note: --ctx 100000 is beyond the model's context length" in err
+
+
+def test_cli_plan_warns_when_foreign_load_skews_the_cpu_measurement(capsys, monkeypatch):
+    from dgguf.runtime import bench
+    monkeypatch.setattr(bench, "foreign_load", lambda seconds=0.5: 1.3)
+    monkeypatch.setattr(P, "measure_cpu", lambda *a, **k: P.CpuSpeed(100.0, 100.0, 20.0, "stub"))
+    f = str(FIXTURES / "pr24423-tiny" / "tiny-Q8_0.gguf")
+    assert main(["plan", "-m", f, "--card", "cpu"]) == 0
+    assert "other processes kept 1.30 cores busy" in capsys.readouterr().err
