@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from dgguf.core.native import MAX_THREADS
 
@@ -12,9 +13,24 @@ from .args import positive
 def run(a) -> None:
     import numpy as np
 
-    from dgguf.runtime.bench import (best_of, denoise_step, floor_note, foreign_load, measured_peaks, peaks_note,
-                                     step_floor, step_macs_by_part)
+    from dgguf.runtime.bench import (best_of, denoise_step, drop_file_cache, floor_note, foreign_load,
+                                     measured_peaks, part_seconds, peaks_note, rss_anon, step_floor,
+                                     step_macs_by_part)
     from dgguf.runtime.model import Model
+
+    def first_step() -> float:
+        """Load the file and run one decoder step: what a user waits for before the first step is done."""
+        t = time.perf_counter()
+        m = Model.load(a.model, threads=a.threads, ctx=a.prompt + 2 * 4096)
+        c = m.config
+        cache = m.native.new_cache(a.prompt + c.canvas_length)
+        cache.encode(np.zeros(a.prompt, np.int32))
+        cache.decode(np.zeros(c.canvas_length, np.int32))
+        m.close()
+        return time.perf_counter() - t
+
+    cold = first_step() if drop_file_cache(a.model) else None
+    warm = first_step()
     m = Model.load(a.model, threads=a.threads, ctx=a.prompt + 2 * 4096)
     c = m.config
     C = c.canvas_length
@@ -41,12 +57,16 @@ def run(a) -> None:
     parts = step_macs_by_part(c, C, a.prompt)
     gops = 2 * sum(parts.values()) / step / 1e9
     floor = step_floor(m.gguf, parts, peaks)
+    timed = part_seconds(m, a.repeats)
+    rss = rss_anon()
     out = {"threads": m.native.threads, "canvas": C, "prompt_tokens": a.prompt, "seconds_per_step": step,
            "seconds_per_denoise_step": denoise, "seconds_prompt_encode": enc_prompt,
            "seconds_canvas_encode": enc_canvas, "step_gops": gops,
            "tokens_per_s": C / (a.steps * denoise + enc_canvas), "steps_per_canvas": a.steps,
            "foreign_load_cores": load, "peaks": peaks,
-           "step_floor_seconds": sum(floor.values()) if floor else None}
+           "step_floor_seconds": sum(floor.values()) if floor else None, "step_floor_parts": floor,
+           "part_seconds": timed, "seconds_first_step_cold": cold, "seconds_first_step_warm": warm,
+           "rss_anon_bytes": rss}
     if a.json:
         json.dump(out, sys.stdout)
         print()
@@ -61,6 +81,13 @@ def run(a) -> None:
     print(peaks_note(peaks))
     if floor:
         print(floor_note(floor, step))
+    head = 2 * c.vocab_size * c.hidden_size * C
+    print("over the vocabulary, each timed alone: " + ", ".join(f"{k} {v:.4f} s" for k, v in timed.items())
+          + f" (the head is {head / 2 / parts['matmul']:.0%} of the matmuls' multiply-adds; the sampler runs "
+          "after each decoder step)")
+    print(f"first step after loading: {'-' if cold is None else f'{cold:.2f} s'} from disk (file cache dropped), "
+          f"{warm:.2f} s from the page cache; anonymous memory (RssAnon, beyond the mapped file) "
+          f"{'-' if rss is None else f'{rss / 2**20:.0f} MiB'}")
 
 
 def add_parser(sub) -> None:

@@ -116,8 +116,8 @@ def one_token_bytes(gguf, c) -> int:
 
 def step_macs_by_part(c, canvas: int, context: int) -> dict:
     """Multiply-adds of one decoder step over a canvas after `context` cached tokens, by what runs them: "matmul"
-    (projections, MLPs, experts, router, the tied head), "soft_embed" (softmax(sc) @ E) and "attention" (scores
-    and values, half each)."""
+    (projections, MLPs, experts, router, the tied head: vocab x hidden x canvas of it), "soft_embed"
+    (softmax(sc) @ E) and "attention" (scores and values, half each)."""
     H, F, I, nh = c.hidden_size, c.dense_ff, c.expert_ff, c.n_heads
     per_token = 2 * H * F + F * H + c.vocab_size * H   # self-conditioning MLP, tied head
     attention = 0.0
@@ -166,3 +166,48 @@ def floor_note(floor: dict, step: float) -> str:
 def step_macs(c, canvas: int, context: int) -> float:
     """Multiply-adds of one decoder step over a canvas after `context` cached tokens (matmuls and attention)."""
     return sum(step_macs_by_part(c, canvas, context).values())
+
+
+def rss_anon() -> int | None:
+    """Bytes of this process's anonymous resident memory (what is not a mapped file); None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def drop_file_cache(path) -> bool:
+    """Ask the kernel to forget the file's cached pages (so the next read comes from disk); False where it
+    cannot be asked (no posix_fadvise)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
+
+
+def part_seconds(model, repeats: int) -> dict:
+    """Seconds of the parts of a decoder step that run over the vocabulary, each timed alone with the step's own
+    kernels on the model's threads: the tied head (the embedding times the canvas), the soft embedding
+    (softmax(sc) @ E) and the sampler's per-step reductions (scale, argmax, entropy, sampling)."""
+    from dgguf.core import native
+    c, threads = model.config, model.native.threads
+    C, V, H = c.canvas_length, c.vocab_size, c.hidden_size
+    emb = next(t for t in model.gguf.tensors if t.name == "token_embd.weight")
+    raw = model.gguf.tensor_bytes(emb)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((C, H), dtype=np.float32)
+    logits = rng.standard_normal((C, V), dtype=np.float32)
+    scaled = np.empty_like(logits)
+    uniforms = rng.random(C)
+    return {"head": best_of(lambda: native.matmul(raw, emb.type.ggml, (V, H), x, threads), repeats),
+            "soft embedding": best_of(lambda: native.soft_embed(raw, emb.type.ggml, (V, H), logits, 1.0, threads),
+                                      repeats),
+            "sampler": best_of(lambda: native.sample_step(logits, 0.8, uniforms, threads, out=scaled), repeats)}

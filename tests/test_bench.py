@@ -113,3 +113,17 @@ def test_step_floor_takes_each_part_at_the_peak_of_the_instructions_that_run_it(
     floor = step_floor(g, parts, peaks)
     assert floor == {"matmuls": 6 / matmul_peak, "soft embedding": 10 / soft_peak, "attention": 7 / 2 + 7 / 4}
     assert step_floor(g, parts, {**peaks, "fp32": None}) is None
+
+
+def test_dgguf_bench_reports_the_vocabulary_parts_first_steps_and_anonymous_memory(capsys):
+    import json
+
+    from dgguf.cli import main
+    from conftest import PR_TINY
+    assert main(["bench", "-m", str(PR_TINY / "tiny-Q8_0.gguf"), "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["part_seconds"]) == {"head", "soft embedding", "sampler"}
+    assert all(v > 0 for v in out["part_seconds"].values())
+    assert out["seconds_first_step_warm"] > 0 and out["seconds_first_step_cold"] > 0
+    # the canvas buffers and the cache are anonymous; the weights stay in the mapping and are not counted
+    assert 0 < out["rss_anon_bytes"] < 2**31
