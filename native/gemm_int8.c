@@ -421,150 +421,182 @@ static const int32_t EVEN_ODD[2][16] = {
     {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31},
 };
 
-INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, __m512i v[8], wgt_group *o) {
-    const __mmask16 in = (__mmask16)((1u << lanes) - 1);
-    for (int k = 0; k < 8; k++) v[k] = _mm512_setzero_si512();   /* missing blocks: level 0, scale 0 */
-    switch (type) {
-    case DG_TYPE_Q8_0: {
-        if (lanes % 2) return 0;
-        const block_q8_0 *x = src;
-        for (int k = 0; k < lanes / 2; k++)
-            v[k] = _mm512_xor_si512(halves(x[2 * k].qs, x[2 * k + 1].qs), _mm512_set1_epi8((char)0x80));
-        _mm512_store_ps(o->sa, f16_scales(src, sizeof *x, lanes));
-        return 1;
+/* One function per layout family, chosen by group_avx512_levels() at the end: each fills v[0 .. lanes / 2) (two
+ * blocks of 32 values a vector; the caller has zeroed v, so missing blocks are level 0, scale 0) and the group's
+ * scales and mins for the first `lanes` blocks, or returns 0, having written nothing, when the group is not whole
+ * for its layout. */
+
+/* ---- the 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): groups of an even number of blocks ---- */
+
+INLINE int legacy_type(int type) {
+    return type == DG_TYPE_Q8_0 || type == DG_TYPE_Q4_0 || type == DG_TYPE_Q4_1 || type == DG_TYPE_Q5_0 ||
+           type == DG_TYPE_Q5_1;
+}
+
+INLINE AVX512_BW int levels_q8_0_avx512(const void *src, int lanes, __m512i v[8], wgt_group *o) {
+    if (lanes % 2) return 0;
+    const block_q8_0 *x = src;
+    for (int k = 0; k < lanes / 2; k++)
+        v[k] = _mm512_xor_si512(halves(x[2 * k].qs, x[2 * k + 1].qs), _mm512_set1_epi8((char)0x80));
+    _mm512_store_ps(o->sa, f16_scales(src, sizeof *x, lanes));
+    return 1;
+}
+
+/* Q4_0, Q4_1, Q5_0, Q5_1: the scale first in every block; then the min (Q4_1, Q5_1), the fifth bits (Q5_0,
+ * Q5_1), the nibbles. */
+INLINE AVX512_BW int levels_nibbles_avx512(int type, const void *src, int lanes, __m512i v[8], wgt_group *o) {
+    if (lanes % 2) return 0;
+    const int mins = type == DG_TYPE_Q4_1 || type == DG_TYPE_Q5_1;
+    const int five = type == DG_TYPE_Q5_0 || type == DG_TYPE_Q5_1;
+    const size_t stride = type == DG_TYPE_Q4_0 ? sizeof(block_q4_0) : type == DG_TYPE_Q4_1 ? sizeof(block_q4_1)
+                        : type == DG_TYPE_Q5_0 ? sizeof(block_q5_0) : sizeof(block_q5_1);
+    const size_t qh = 2 + 2 * (size_t)mins, qs = qh + 4 * (size_t)five;
+    const uint8_t *x = src;
+    for (int k = 0; k < lanes / 2; k++) {
+        const uint8_t *b0 = x + 2 * (size_t)k * stride, *b1 = b0 + stride;
+        /* 16 bytes of each block twice: low nibbles are values 0-15, high nibbles 16-31 */
+        const __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(b0 + qs)));
+        const __m512i ab = _mm512_mask_broadcast_i32x4(a, 0xff00, _mm_loadu_si128((const __m128i *)(b1 + qs)));
+        v[k] = _mm512_and_si512(_mm512_srlv_epi64(ab, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)),
+                                _mm512_set1_epi8(0x0f));
+        if (five) {   /* bit v of a block's qh word is value v's fifth bit: a byte mask, 16 where set */
+            uint32_t h0, h1;
+            memcpy(&h0, b0 + qh, 4);
+            memcpy(&h1, b1 + qh, 4);
+            v[k] = _mm512_mask_mov_epi8(v[k], (__mmask64)(h0 | (uint64_t)h1 << 32),
+                                        _mm512_or_si512(v[k], _mm512_set1_epi8(0x10)));
+        }
     }
+    _mm512_store_ps(o->sa, f16_scales(src, (int)stride, lanes));
+    if (mins) _mm512_store_ps(o->wa, f16_scales(x + 2, (int)stride, lanes));
+    return 1;
+}
+
+/* ---- the K-quants (Q2_K .. Q6_K): whole super-blocks of 256 values (8 lanes), one or two to a group ---- */
+
+/* Q4_K / Q5_K. */
+INLINE AVX512_BW int levels_k4_avx512(int type, const void *src, int lanes, __m512i v[8], wgt_group *o) {
+    if (lanes % 8) return 0;
+    const __mmask16 in = (__mmask16)((1u << lanes) - 1);
+    const int five = type == DG_TYPE_Q5_K, last = lanes / 8 - 1;   /* the super-blocks present: 0..last */
+    const block_q4_K *x4 = src;
+    const block_q5_K *x5 = src;
+    for (int b = 0; b <= last; b++) {
+        const uint8_t *qs = five ? x5[b].qs : x4[b].qs;
+        /* sub-blocks 2p and 2p + 1 are the low and high nibbles of the same 32 bytes */
+        for (int p = 0; p < 4; p++) {
+            __m512i lv = shift_mask(halves(qs + 32 * p, qs + 32 * p), 0, 4, 0x0f);
+            if (five) {
+                const __m512i h = shift_mask(halves(x5[b].qh, x5[b].qh), 2 * p, 2 * p + 1, 1);
+                lv = _mm512_or_si512(lv, _mm512_slli_epi64(h, 4));
+            }
+            v[4 * b + p] = lv;
+        }
+    }
+    if (five)
+        scales_k4(x5[0].scales, x5[last].scales, pair(dg_f16_to_f32(x5[0].d), dg_f16_to_f32(x5[last].d)),
+                  pair(dg_f16_to_f32(x5[0].dmin), dg_f16_to_f32(x5[last].dmin)), in, o);
+    else
+        scales_k4(x4[0].scales, x4[last].scales, pair(dg_f16_to_f32(x4[0].d), dg_f16_to_f32(x4[last].d)),
+                  pair(dg_f16_to_f32(x4[0].dmin), dg_f16_to_f32(x4[last].dmin)), in, o);
+    return 1;
+}
+
+/* Q2_K / Q3_K. */
+INLINE AVX512_BW int levels_q2_q3_K_avx512(int type, const void *src, int lanes, __m512i v[8], wgt_group *o) {
+    if (lanes % 8) return 0;
+    const __mmask16 in = (__mmask16)((1u << lanes) - 1);
+    const int three = type == DG_TYPE_Q3_K, last = lanes / 8 - 1;
+    const block_q2_K *x2 = src;
+    const block_q3_K *x3 = src;
+    for (int b = 0; b <= last; b++)
+        /* blocks 2m, 2m + 1 of a super-block (h = m / 2, j = 2 (m % 2) and j + 1): bits 2j.. of
+         * qs[32 h .. 32 h + 31]; Q3_K's third bit is bit 4 h + j of hmask[0 .. 31] */
+        for (int m = 0; m < 4; m++) {
+            const int h = m / 2, j = 2 * (m % 2);
+            const uint8_t *qs = three ? x3[b].qs + 32 * h : x2[b].qs + 32 * h;
+            v[4 * b + m] = shift_mask(halves(qs, qs), 2 * j, 2 * j + 2, 3);
+            if (three) {
+                const __m512i hb = shift_mask(halves(x3[b].hmask, x3[b].hmask), 4 * h + j, 4 * h + j + 1, 1);
+                v[4 * b + m] = _mm512_or_si512(v[4 * b + m], _mm512_slli_epi64(hb, 2));
+            }
+        }
+    /* 16 scales per super-block (Q2_K: a byte each, the scale its low nibble, the min its high one; Q3_K:
+     * signed 6-bit, unpacked first); sub-block 2L to lane L of sa and wa, 2L + 1 to sb and wb */
+    __m512i c[2];
+    for (int b = 0; b < 2; b++) {
+        const int sb = b ? last : 0;
+        if (three) {   /* q3_K_scales, 16 lanes: the 12 bytes read masked (the block ends 2 bytes later) */
+            const __m512i in = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(0x0fff, x3[sb].scales));
+            const __m512i lo = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_loadu_si512(Q3_LO), in),
+                                                 _mm512_loadu_si512(Q3_LO_SHIFT));
+            const __m512i hi = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_loadu_si512(Q3_HI), in),
+                                                 _mm512_loadu_si512(Q3_HI_SHIFT));
+            const __m512i top = _mm512_slli_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(3)), 4);
+            c[b] = _mm512_sub_epi32(_mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)), top),
+                                    _mm512_set1_epi32(32));
+        } else {
+            c[b] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)x2[sb].scales));
+        }
+    }
+    const __m512i even = _mm512_permutex2var_epi32(c[0], _mm512_loadu_si512(EVEN_ODD[0]), c[1]);
+    const __m512i odd = _mm512_permutex2var_epi32(c[0], _mm512_loadu_si512(EVEN_ODD[1]), c[1]);
+    const __m512 d = three ? pair(dg_f16_to_f32(x3[0].d), dg_f16_to_f32(x3[last].d))
+                           : pair(dg_f16_to_f32(x2[0].d), dg_f16_to_f32(x2[last].d));
+    const __m512i low = _mm512_set1_epi32(three ? -1 : 15);
+    _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(in, d, _mm512_cvtepi32_ps(_mm512_and_si512(even, low))));
+    _mm512_store_ps(o->sb, _mm512_maskz_mul_ps(in, d, _mm512_cvtepi32_ps(_mm512_and_si512(odd, low))));
+    if (!three) {   /* -(dmin * m) */
+        const __m512 dm = pair(dg_f16_to_f32(x2[0].dmin), dg_f16_to_f32(x2[last].dmin));
+        const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+        const __m512 ma = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_srli_epi32(even, 4)));
+        const __m512 mb = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_srli_epi32(odd, 4)));
+        _mm512_store_ps(o->wa, _mm512_castsi512_ps(_mm512_maskz_xor_epi32(in, _mm512_castps_si512(ma), sign)));
+        _mm512_store_ps(o->wb, _mm512_castsi512_ps(_mm512_maskz_xor_epi32(in, _mm512_castps_si512(mb), sign)));
+    }
+    return 1;
+}
+
+/* Q6_K. */
+INLINE AVX512_BW int levels_q6_K_avx512(const void *src, int lanes, __m512i v[8], wgt_group *o) {
+    if (lanes % 8) return 0;
+    const __mmask16 in = (__mmask16)((1u << lanes) - 1);
+    const block_q6_K *x = src;
+    const int last = lanes / 8 - 1;
+    for (int b = 0; b <= last; b++)
+        /* sub-blocks 2m, 2m + 1 (h = m / 2): one nibble of ql[64 h .. 64 h + 63], two bits of qh[32 h ..] */
+        for (int m = 0; m < 4; m++) {
+            const int h = m / 2, k0 = 2 * (m % 2);
+            const __m512i lo = shift_mask(_mm512_loadu_si512(x[b].ql + 64 * h), 4 * (m % 2), 4 * (m % 2), 0x0f);
+            const __m512i hi = shift_mask(halves(x[b].qh + 32 * h, x[b].qh + 32 * h), 2 * k0, 2 * k0 + 2, 3);
+            v[4 * b + m] = _mm512_or_si512(lo, _mm512_slli_epi64(hi, 4));
+        }
+    /* the 16 signed scales of each super-block, read 16 bytes wide; sa takes the even ones, sb the odd */
+    const __m512 s0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x[0].scales)));
+    const __m512 s1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x[last].scales)));
+    const __m512 d = pair(dg_f16_to_f32(x[0].d), dg_f16_to_f32(x[last].d));
+    const __m512 even = _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[0]), s1);
+    const __m512 odd = _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[1]), s1);
+    _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(in, d, even));
+    _mm512_store_ps(o->sb, _mm512_maskz_mul_ps(in, d, odd));
+    return 1;
+}
+
+/* The levels, scales and mins of `lanes` blocks of a type (a constant once inlined) through its family above; 0
+ * for a type or group length it does not take. */
+INLINE AVX512_BW int group_avx512_levels(int type, const void *src, int lanes, __m512i v[8], wgt_group *o) {
+    for (int k = 0; k < 8; k++) v[k] = _mm512_setzero_si512();
+    switch (type) {
+    case DG_TYPE_Q8_0: return levels_q8_0_avx512(src, lanes, v, o);
     case DG_TYPE_Q4_0:
     case DG_TYPE_Q4_1:
     case DG_TYPE_Q5_0:
-    case DG_TYPE_Q5_1: {
-        if (lanes % 2) return 0;
-        /* the scale first in every block; then the min (Q4_1, Q5_1), the fifth bits (Q5_0, Q5_1), the nibbles */
-        const int mins = type == DG_TYPE_Q4_1 || type == DG_TYPE_Q5_1;
-        const int five = type == DG_TYPE_Q5_0 || type == DG_TYPE_Q5_1;
-        const size_t stride = type == DG_TYPE_Q4_0 ? sizeof(block_q4_0) : type == DG_TYPE_Q4_1 ? sizeof(block_q4_1)
-                            : type == DG_TYPE_Q5_0 ? sizeof(block_q5_0) : sizeof(block_q5_1);
-        const size_t qh = 2 + 2 * (size_t)mins, qs = qh + 4 * (size_t)five;
-        const uint8_t *x = src;
-        for (int k = 0; k < lanes / 2; k++) {
-            const uint8_t *b0 = x + 2 * (size_t)k * stride, *b1 = b0 + stride;
-            /* 16 bytes of each block twice: low nibbles are values 0-15, high nibbles 16-31 */
-            const __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(b0 + qs)));
-            const __m512i ab = _mm512_mask_broadcast_i32x4(a, 0xff00, _mm_loadu_si128((const __m128i *)(b1 + qs)));
-            v[k] = _mm512_and_si512(_mm512_srlv_epi64(ab, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)),
-                                    _mm512_set1_epi8(0x0f));
-            if (five) {   /* bit v of a block's qh word is value v's fifth bit: a byte mask, 16 where set */
-                uint32_t h0, h1;
-                memcpy(&h0, b0 + qh, 4);
-                memcpy(&h1, b1 + qh, 4);
-                v[k] = _mm512_mask_mov_epi8(v[k], (__mmask64)(h0 | (uint64_t)h1 << 32),
-                                            _mm512_or_si512(v[k], _mm512_set1_epi8(0x10)));
-            }
-        }
-        _mm512_store_ps(o->sa, f16_scales(src, (int)stride, lanes));
-        if (mins) _mm512_store_ps(o->wa, f16_scales(x + 2, (int)stride, lanes));
-        return 1;
-    }
-    case DG_TYPE_Q4_K:
-    case DG_TYPE_Q5_K: {
-        if (lanes % 8) return 0;
-        const int five = type == DG_TYPE_Q5_K, last = lanes / 8 - 1;   /* the super-blocks present: 0..last */
-        const block_q4_K *x4 = src;
-        const block_q5_K *x5 = src;
-        for (int b = 0; b <= last; b++) {
-            const uint8_t *qs = five ? x5[b].qs : x4[b].qs;
-            /* sub-blocks 2p and 2p + 1 are the low and high nibbles of the same 32 bytes */
-            for (int p = 0; p < 4; p++) {
-                __m512i lv = shift_mask(halves(qs + 32 * p, qs + 32 * p), 0, 4, 0x0f);
-                if (five) {
-                    const __m512i h = shift_mask(halves(x5[b].qh, x5[b].qh), 2 * p, 2 * p + 1, 1);
-                    lv = _mm512_or_si512(lv, _mm512_slli_epi64(h, 4));
-                }
-                v[4 * b + p] = lv;
-            }
-        }
-        if (five)
-            scales_k4(x5[0].scales, x5[last].scales, pair(dg_f16_to_f32(x5[0].d), dg_f16_to_f32(x5[last].d)),
-                      pair(dg_f16_to_f32(x5[0].dmin), dg_f16_to_f32(x5[last].dmin)), in, o);
-        else
-            scales_k4(x4[0].scales, x4[last].scales, pair(dg_f16_to_f32(x4[0].d), dg_f16_to_f32(x4[last].d)),
-                      pair(dg_f16_to_f32(x4[0].dmin), dg_f16_to_f32(x4[last].dmin)), in, o);
-        return 1;
-    }
+    case DG_TYPE_Q5_1: return levels_nibbles_avx512(type, src, lanes, v, o);
     case DG_TYPE_Q2_K:
-    case DG_TYPE_Q3_K: {
-        if (lanes % 8) return 0;
-        const int three = type == DG_TYPE_Q3_K, last = lanes / 8 - 1;
-        const block_q2_K *x2 = src;
-        const block_q3_K *x3 = src;
-        for (int b = 0; b <= last; b++)
-            /* blocks 2m, 2m + 1 of a super-block (h = m / 2, j = 2 (m % 2) and j + 1): bits 2j.. of
-             * qs[32 h .. 32 h + 31]; Q3_K's third bit is bit 4 h + j of hmask[0 .. 31] */
-            for (int m = 0; m < 4; m++) {
-                const int h = m / 2, j = 2 * (m % 2);
-                const uint8_t *qs = three ? x3[b].qs + 32 * h : x2[b].qs + 32 * h;
-                v[4 * b + m] = shift_mask(halves(qs, qs), 2 * j, 2 * j + 2, 3);
-                if (three) {
-                    const __m512i hb = shift_mask(halves(x3[b].hmask, x3[b].hmask), 4 * h + j, 4 * h + j + 1, 1);
-                    v[4 * b + m] = _mm512_or_si512(v[4 * b + m], _mm512_slli_epi64(hb, 2));
-                }
-            }
-        /* 16 scales per super-block (Q2_K: a byte each, the scale its low nibble, the min its high one; Q3_K:
-         * signed 6-bit, unpacked first); sub-block 2L to lane L of sa and wa, 2L + 1 to sb and wb */
-        __m512i c[2];
-        for (int b = 0; b < 2; b++) {
-            const int sb = b ? last : 0;
-            if (three) {   /* q3_K_scales, 16 lanes: the 12 bytes read masked (the block ends 2 bytes later) */
-                const __m512i in = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(0x0fff, x3[sb].scales));
-                const __m512i lo = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_loadu_si512(Q3_LO), in),
-                                                     _mm512_loadu_si512(Q3_LO_SHIFT));
-                const __m512i hi = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_loadu_si512(Q3_HI), in),
-                                                     _mm512_loadu_si512(Q3_HI_SHIFT));
-                const __m512i top = _mm512_slli_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(3)), 4);
-                c[b] = _mm512_sub_epi32(_mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)), top),
-                                        _mm512_set1_epi32(32));
-            } else {
-                c[b] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)x2[sb].scales));
-            }
-        }
-        const __m512i even = _mm512_permutex2var_epi32(c[0], _mm512_loadu_si512(EVEN_ODD[0]), c[1]);
-        const __m512i odd = _mm512_permutex2var_epi32(c[0], _mm512_loadu_si512(EVEN_ODD[1]), c[1]);
-        const __m512 d = three ? pair(dg_f16_to_f32(x3[0].d), dg_f16_to_f32(x3[last].d))
-                               : pair(dg_f16_to_f32(x2[0].d), dg_f16_to_f32(x2[last].d));
-        const __m512i low = _mm512_set1_epi32(three ? -1 : 15);
-        _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(in, d, _mm512_cvtepi32_ps(_mm512_and_si512(even, low))));
-        _mm512_store_ps(o->sb, _mm512_maskz_mul_ps(in, d, _mm512_cvtepi32_ps(_mm512_and_si512(odd, low))));
-        if (!three) {   /* -(dmin * m) */
-            const __m512 dm = pair(dg_f16_to_f32(x2[0].dmin), dg_f16_to_f32(x2[last].dmin));
-            const __m512i sign = _mm512_set1_epi32(INT32_MIN);
-            const __m512 ma = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_srli_epi32(even, 4)));
-            const __m512 mb = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_srli_epi32(odd, 4)));
-            _mm512_store_ps(o->wa, _mm512_castsi512_ps(_mm512_maskz_xor_epi32(in, _mm512_castps_si512(ma), sign)));
-            _mm512_store_ps(o->wb, _mm512_castsi512_ps(_mm512_maskz_xor_epi32(in, _mm512_castps_si512(mb), sign)));
-        }
-        return 1;
-    }
-    case DG_TYPE_Q6_K: {
-        if (lanes % 8) return 0;
-        const block_q6_K *x = src;
-        const int last = lanes / 8 - 1;
-        for (int b = 0; b <= last; b++)
-            /* sub-blocks 2m, 2m + 1 (h = m / 2): one nibble of ql[64 h .. 64 h + 63], two bits of qh[32 h ..] */
-            for (int m = 0; m < 4; m++) {
-                const int h = m / 2, k0 = 2 * (m % 2);
-                const __m512i lo = shift_mask(_mm512_loadu_si512(x[b].ql + 64 * h), 4 * (m % 2), 4 * (m % 2), 0x0f);
-                const __m512i hi = shift_mask(halves(x[b].qh + 32 * h, x[b].qh + 32 * h), 2 * k0, 2 * k0 + 2, 3);
-                v[4 * b + m] = _mm512_or_si512(lo, _mm512_slli_epi64(hi, 4));
-            }
-        /* the 16 signed scales of each super-block, read 16 bytes wide; sa takes the even ones, sb the odd */
-        const __m512 s0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x[0].scales)));
-        const __m512 s1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x[last].scales)));
-        const __m512 d = pair(dg_f16_to_f32(x[0].d), dg_f16_to_f32(x[last].d));
-        const __m512 even = _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[0]), s1);
-        const __m512 odd = _mm512_permutex2var_ps(s0, _mm512_loadu_si512(EVEN_ODD[1]), s1);
-        _mm512_store_ps(o->sa, _mm512_maskz_mul_ps(in, d, even));
-        _mm512_store_ps(o->sb, _mm512_maskz_mul_ps(in, d, odd));
-        return 1;
-    }
+    case DG_TYPE_Q3_K: return levels_q2_q3_K_avx512(type, src, lanes, v, o);
+    case DG_TYPE_Q4_K:
+    case DG_TYPE_Q5_K: return levels_k4_avx512(type, src, lanes, v, o);
+    case DG_TYPE_Q6_K: return levels_q6_K_avx512(src, lanes, v, o);
     }
     return 0;
 }
@@ -650,9 +682,7 @@ __attribute__((target("avx2,fma"))) static void unpack_row_avx2(const int8_type 
 INLINE AVX512_BW void group_avx512_row(const int8_type *t, const int type, const void *row, int64_t k, int64_t g,
                                        wgt_group *o) {
     const int lanes = (int)(k - g * INT8_GROUP >= INT8_GROUP ? 16 : (k - g * INT8_GROUP) / 32);
-    const int64_t per_group = type == DG_TYPE_Q8_0 || type == DG_TYPE_Q4_0 || type == DG_TYPE_Q4_1 ||
-                              type == DG_TYPE_Q5_0 || type == DG_TYPE_Q5_1 ? 16
-                              : type ? 2 : INT8_GROUP / t->block;
+    const int64_t per_group = legacy_type(type) ? 16 : type ? 2 : INT8_GROUP / t->block;
     const uint8_t *src = (const uint8_t *)row + g * per_group * t->block_bytes;   /* no division for known types */
     __m512i v[8];
     if (type && (lanes == 16 ? group_avx512_levels(type, src, 16, v, o) : group_avx512_levels(type, src, lanes, v, o))) {
