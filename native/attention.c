@@ -1,7 +1,7 @@
-/* attention.c: one layer's attention over a pass's queries, the cached keys and the pass's own keys (ops.h,
- * attention_layer), in two kernels chosen process-wide (dg_set_attention_kernel):
+/* attention.c: one layer's attention over a pass's queries, the cached keys and the pass's own keys
+ * (attention.h, attention_layer), in two kernels chosen process-wide (dg_set_attention_kernel):
  *
- * - "per-query", the reference: one (token, head) at a time through ops.c's attention (scores through the
+ * - "per-query", the reference: one (token, head) at a time through attention() (scores through the
  *   matmul tile kernel, softmax, one axpy per key).
  * - "blocked", the default: work items are (kv head, 64 query rows), the rows being the (token, head) pairs of
  *   the query heads that share the kv head, so every key and value row loaded serves up to 64 queries. Per item:
@@ -25,7 +25,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ops.h"
+#include "attention.h"
+#include "gemm.h"             /* the per-query reference's tile and axpy */
+#include "ops.h"              /* exp_nonpositive, softmax */
 #include "quant_internal.h"   /* DG_CLONES */
 
 enum { ROWS = 64 };          /* query rows per item: a multiple of 16 (AVX-512 lanes) */
@@ -44,6 +46,29 @@ static int64_t first_own(const attn_layer *a, int64_t t) { return a->window ? ma
 static int64_t end_own(const attn_layer *a, int64_t t) { return a->causal ? t + 1 : a->n; }
 
 /* ---- per-query reference ------------------------------------------------------------------------------- */
+
+/* Scores of one query against n key rows (stride floats apart), four keys at a time through the matmul kernel. */
+static void scores_of(float *scores, const float *q, const float *k, int64_t n, int64_t stride, int d,
+                      tile_fn tile) {
+    for (int64_t j = 0; j < n; j += 4) {
+        const int nr = (int)(n - j < 4 ? n - j : 4);
+        const float *rows[4];
+        for (int r = 0; r < nr; r++) rows[r] = k + (j + r) * stride;
+        tile(scores + j, 0, q, 1, rows, nr, d);
+    }
+}
+
+void attention(float *out, const float *q, const float *ka, const float *va, int64_t na,
+               const float *kb, const float *vb, int64_t nb, int64_t stride, int d, float *scores) {
+    const tile_fn tile = matmul_tile();
+    const axpy_f32_fn axpy = attention_axpy();
+    scores_of(scores, q, ka, na, stride, d, tile);
+    scores_of(scores + na, q, kb, nb, stride, d, tile);
+    softmax(scores, na + nb);
+    for (int i = 0; i < d; i++) out[i] = 0.0f;
+    for (int64_t j = 0; j < na; j++) axpy(out, scores[j], va + j * stride, d);
+    for (int64_t j = 0; j < nb; j++) axpy(out, scores[na + j], vb + j * stride, d);
+}
 
 typedef struct {
     const attn_layer *a;

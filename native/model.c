@@ -3,7 +3,7 @@
  * Read top to bottom: the cache, the scratch buffers of one call, then one function per stage
  * (embed, decoder input with self-conditioning, attention block, dense MLP, MoE, head) and the two
  * passes that string them together, dg_encode and dg_decode. The math is docs/diffusiongemma.md
- * sections 4 and 5, in fp32; the ops live in ops.c.
+ * sections 4 and 5, in fp32; the ops live in ops.c, matmul.c and attention.c, on the threads of pool.c.
  */
 #include <math.h>
 #include <pthread.h>
@@ -12,7 +12,10 @@
 #include <string.h>
 
 #include "dgguf.h"
+#include "attention.h"
+#include "matmul.h"
 #include "ops.h"
+#include "pool.h"
 
 #define FAIL(code, ...) do { snprintf(err, errlen, __VA_ARGS__); return (code); } while (0)
 

@@ -1,5 +1,6 @@
-/* ops.h: the forward pass's ops (native/ops.c), one function per op, arguments in the order
- * out, in, weights, sizes. Internal to the native library; Python never calls these.
+/* ops.h: the forward pass's elementwise and per-row ops (native/ops.c), one function per op, arguments in the
+ * order out, in, weights, sizes, and the float exp and tanh they (and the matmul, attention and sampler code)
+ * share. Internal to the native library; Python never calls these.
  *
  * Every op computes each output element in one thread with a fixed summation order, so results are
  * bit-identical for any thread count.
@@ -13,6 +14,7 @@
 #include <string.h>
 
 #include "dgguf.h"
+#include "pool.h"
 
 /* ---- float exp and tanh as plain C polynomials ------------------------------------------------------------
  * Selects instead of branches, so the loops that call them vectorise; evaluated with unfused operations
@@ -67,26 +69,6 @@ static inline float tanh_poly(float x) {
     return a == a ? copysignf(y, x) : x;
 }
 
-/* ---- threads: a pool of workers (a cache keeps one for all its passes) ------------------------------ */
-
-typedef struct dg_pool dg_pool;
-
-/* n_threads <= 1 (or a failed start) gives a pool that runs everything on the caller. */
-dg_pool *pool_new(int n_threads);
-void pool_free(dg_pool *p);
-int pool_threads(const dg_pool *p);
-/* Buffers the pool keeps from call to call (a pass's buffers would otherwise fault in fresh pages every pass):
- * pool_scratch gives one of at least `bytes` per thread, pool_shared one in all, per slot, 64-byte aligned; a
- * slot's buffers are replaced when they are too small or over 4x the request. NULL when out of memory. A slot's
- * contents are only valid until its next request, so each user has its own slot. */
-enum { SCRATCH_ROWS, SCRATCH_SOFT_PROBS, SCRATCH_SOFT_PAIRS, SCRATCH_SOFT_BLOCK };                /* pool_scratch */
-enum { SHARED_PASS, SHARED_SOFT_STATS, SHARED_SOFT_ACC, SHARED_SOFT_ROWS, SHARED_MATMUL_ACT };   /* pool_shared */
-enum { POOL_SLOTS = 5 };
-void **pool_scratch(dg_pool *p, int slot, size_t bytes);
-void *pool_shared(dg_pool *p, int slot, size_t bytes);
-/* Calls fn(ctx, lo, hi, thread) over contiguous chunks of [0, n), one per thread, and waits for all. */
-void parallel_for(dg_pool *p, int64_t n, void (*fn)(void *ctx, int64_t lo, int64_t hi, int thread), void *ctx);
-
 /* ---- elementwise and per-row ops -------------------------------------------------------------------- */
 
 /* out = x / sqrt(mean(x^2) + eps) * w, with w == NULL for the weightless norm. out may alias x. */
@@ -114,54 +96,5 @@ void gelu_mul(dg_pool *p, float *g, const float *u, int64_t n, int64_t width);
 void softcap(dg_pool *p, float *x, int64_t n, int64_t width, float cap);
 /* Indices of the k largest of x[n] (ties: the lower index first), largest first. */
 void topk(int *idx, const float *x, int n, int k);
-
-/* ---- matmul against a stored weight ------------------------------------------------------------------ */
-
-/* Bytes of one row of w (ne0 values in w->type); 0 when the type is unknown or ne0 is not whole blocks. */
-size_t tensor_row_bytes(const dg_tensor *w);
-
-/* out[t, r] = sum_i x[t, i] * W[mat][r, i] for t < n, r < w->ne1, i < w->ne0: out is [n, ne1], x [n, ne0].
- * Each block of weight rows is dequantized (float kernels) or unpacked to integer levels (int8 kernels, which
- * quantize x once per call) and reused across the n tokens; rows are split across threads. */
-int matmul(dg_pool *p, float *out, const float *x, const dg_tensor *w, int64_t mat, int64_t n,
-           char *err, size_t errlen);
-/* The same for every matrix e of w (ne2 of them) against its own tokens, rows off[e] .. off[e + 1] - 1 of x and
- * out (off has ne2 + 1 entries, non-decreasing, off[0] = 0): the MoE's experts in one pass. Work is cut into
- * blocks of rows of one matrix, weighted by the matrix's token count, and the threads share the total evenly
- * (whole experts or expert x row blocks); each output comes from one block, so any thread count gives the same
- * bits. */
-int matmul_grouped(dg_pool *p, float *out, const float *x, const dg_tensor *w, const int64_t *off,
-                   char *err, size_t errlen);
-
-/* out[t, :] = sum_v p[t, v] * W[v, :] * scale, p = softmax(logits[t, :]) (computed on the fly, logits [n, ne1]):
- * the soft embedding of a distribution over W's rows; out is [n, ne0]. */
-int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, float scale, int64_t n,
-               char *err, size_t errlen);
-
-/* ---- attention --------------------------------------------------------------------------------------- */
-
-/* One query head: out[d] = sum_j softmax_j(q . k_j) v_j over the keys of two segments, first na rows of
- * (ka, va) then nb rows of (kb, vb); rows are stride floats apart. scores holds na + nb floats. */
-void attention(float *out, const float *q, const float *ka, const float *va, int64_t na,
-               const float *kb, const float *vb, int64_t nb, int64_t stride, int d, float *scores);
-
-/* One layer's attention over a pass's n queries: query token t sees the held cached key rows (the positions just
- * before the pass) and then the pass's own rows, and with window > 0 only keys p - window < k <= p (p its
- * position), with causal only own rows up to its own. Query head h uses kv head h / (n_heads / n_kv); rows of
- * q and out are n_heads * d floats, of keys and values n_kv * d. Scores are q . k (scale 1). */
-typedef struct {
-    const float *q;             /* [n, n_heads, d] */
-    const float *ck, *cv;       /* [held, n_kv, d] */
-    const float *k, *v;         /* [n, n_kv, d] */
-    float *out;                 /* [n, n_heads, d] */
-    int64_t n, held, window;
-    int causal, n_heads, n_kv, d;
-} attn_layer;
-
-/* Scratch floats per thread that attention_layer needs for up to max_keys keys of up to d_max values. */
-int64_t attention_scratch(int64_t max_keys, int d_max);
-/* The active attention kernel (attention.c) on the pool; scratch holds pool_threads(p) * attention_scratch(held
- * + n, d) floats. */
-void attention_layer(dg_pool *p, const attn_layer *a, float *scratch);
 
 #endif

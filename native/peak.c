@@ -14,7 +14,7 @@
 #include <string.h>
 
 #include "dgguf.h"
-#include "ops.h"
+#include "pool.h"
 #include "quant_internal.h"   /* DG_CLONES */
 
 enum { ACC = 12, PEAK_MAX_ROUNDS = 1 << 22 };   /* bf16 lanes reach 2^23: exact in float */

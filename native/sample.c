@@ -11,6 +11,7 @@
 
 #include "dgguf.h"
 #include "ops.h"
+#include "pool.h"
 #include "quant_internal.h"   /* DG_CLONES */
 
 enum { LANES = 16 };           /* partial sums per row: a fixed order the compiler can keep in vector registers */

@@ -22,6 +22,8 @@
 
 #include "dg_cuda.h"
 extern "C" {
+#include "../attention.h"
+#include "../matmul.h"
 #include "../ops.h"
 }
 
@@ -230,7 +232,7 @@ static void check_elementwise(void) {
     }
 }
 
-/* The CPU twin of one attention call: model.c's key ranges, ops.c's attention per (query, head). */
+/* The CPU twin of one attention call: model.c's key ranges, attention.c's attention per (query, head). */
 static std::vector<float> attention_cpu(const std::vector<float> &q, const std::vector<float> &ck,
                                         const std::vector<float> &cv, int64_t held, const std::vector<float> &k,
                                         const std::vector<float> &v, int64_t n, int nh, int nkv, int d, int64_t pos0,

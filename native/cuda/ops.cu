@@ -1,5 +1,5 @@
-/* ops.cu: the forward's other ops on the device (twins in native/ops.c, native/model.c and
- * runtime/sampler.py), the scratch arena and the device / memory helpers.
+/* ops.cu: the forward's other ops on the device (twins in native/ops.c, native/attention.c,
+ * native/model.c and runtime/sampler.py), the scratch arena and the device / memory helpers.
  *
  * Numerics: sums of squares and softmax denominators in double as the CPU does (so rmsnorm and the router
  * weights come out with the CPU's bits unless a double sum rounds differently); tanh, cos and sin in double,
