@@ -22,7 +22,9 @@ from dgguf.core.errors import DggufError
 from dgguf.core.native import default_threads, encode
 from dgguf.format.arch import ARCH
 from dgguf.format.gguf_file import Field, GGUFFile, GGUFWriter, TensorInfo, check_output_path, printable, read_gguf
-from dgguf.format.quant_types import TENSOR_TYPES, FileType, file_type
+from dgguf.format.manifest import manifest_path, write_manifest
+from dgguf.format.quant_types import TENSOR_TYPES, FileType, file_type, is_quantized
+from dgguf.format.split import SPLIT_KEYS, open_writer
 
 from .checkpoint import (SourceTensor, TextConfig, input_files, read_config, read_generation_config,
                          read_tensors)
@@ -103,19 +105,66 @@ def output_tensors(cfg: TextConfig, shapes: dict[str, tuple[int, ...]], ft: File
     return out
 
 
-def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = False, force: bool = False,
-                       threads: int | None = None, progress: bool = False) -> Path:
-    """Convert an HF DiffusionGemma checkpoint directory to GGUF. Returns the output path."""
-    hf_dir, out = Path(hf_dir), Path(out)
-    if not hf_dir.is_dir():
-        raise DggufError(f"{hf_dir}: not a directory")
-    check_output_path(out, force, input_files(hf_dir))   # before any work; GGUFWriter checks again
+@dataclass
+class Output:
+    """Where and how the result is written: split into a set (split_max_bytes / split_max_tensors, as gguf-split's
+    --split-max-size / --split-max-tensors) and with a manifest of sha256 hashes beside it."""
+    split_max_bytes: int | None = None
+    split_max_tensors: int | None = None
+    manifest: bool = False
+
+    @property
+    def split(self) -> bool:
+        return self.split_max_bytes is not None or self.split_max_tensors is not None
+
+
+def _check_outputs(out: Path, force: bool, inputs, output: Output) -> None:
+    """Refuse bad output paths before any work (the writers check again). A split set's part names depend on the
+    plan, so its writer checks them."""
+    if not output.split:
+        check_output_path(out, force, inputs)
+    if output.manifest:
+        check_output_path(manifest_path(out), force, inputs)
+
+
+def _write(out: Path, fields, jobs: list[Job], force: bool, inputs, threads, progress, output: Output) -> Path:
+    """Write the jobs to `out` (or the split set named from it), then the manifest if asked; returns the path
+    written, a split set's first part."""
+    with open_writer(out, fields, [j.info for j in jobs], force, inputs, output.split_max_bytes,
+                     output.split_max_tensors) as w:
+        write_jobs(w, jobs, threads or default_threads(), progress)
+    first = w.paths[0] if output.split else out
+    if output.manifest:
+        write_manifest(first, manifest_path(out), force, threads, inputs)
+    return first
+
+
+def _checkpoint_plan(hf_dir: Path, type_name: str | None, pure: bool):
     sources = read_tensors(hf_dir)
     cfg, _ = read_config(hf_dir, {n: t.shape for n, t in sources.items()})   # head dims the config omits: tensors
     gen = read_generation_config(hf_dir, cfg.vocab_size)
     embed = sources.get(DECODER + "embed_tokens.weight")   # missing: output_tensors names it
     ft = file_type(type_name or (embed.dtype if embed else "F32"))   # default: the checkpoint's own dtype
-    planned = output_tensors(cfg, {n: t.shape for n, t in sources.items()}, ft, pure)
+    return sources, cfg, gen, ft, output_tensors(cfg, {n: t.shape for n, t in sources.items()}, ft, pure)
+
+
+def convert_plan(hf_dir, type_name: str | None = None, pure: bool = False) -> list[TensorInfo]:
+    """The tensors `convert_checkpoint` would write, with their types and sizes; writes nothing."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise DggufError(f"{hf_dir}: not a directory")
+    return [info for _, info in _checkpoint_plan(hf_dir, type_name, pure)[4]]
+
+
+def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = False, force: bool = False,
+                       threads: int | None = None, progress: bool = False, output: Output | None = None) -> Path:
+    """Convert an HF DiffusionGemma checkpoint directory to GGUF. Returns the output path (a split set's first
+    part)."""
+    hf_dir, out, output = Path(hf_dir), Path(out), output or Output()
+    if not hf_dir.is_dir():
+        raise DggufError(f"{hf_dir}: not a directory")
+    _check_outputs(out, force, input_files(hf_dir), output)   # before any work
+    sources, cfg, gen, ft, planned = _checkpoint_plan(hf_dir, type_name, pure)
 
     freqs = np.asarray(rope_freqs(cfg), dtype=np.float32)
     jobs = [Job(planned[0][1], 1, lambda r0, r1: freqs[None, :], source_bytes=freqs.nbytes)]
@@ -135,9 +184,7 @@ def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = F
     fields = model_fields(cfg, gen, _model_name(hf_dir), ft.ftype,
                           (n_total, n_total - n_expert, n_expert // cfg.num_experts))
     fields.update(tokenizer_fields(hf_dir, cfg, gen))
-    with GGUFWriter(out, fields, [j.info for j in jobs], force, input_files(hf_dir)) as w:
-        write_jobs(w, jobs, threads or default_threads(), progress)
-    return out
+    return _write(out, fields, jobs, force, input_files(hf_dir), threads, progress, output)
 
 
 # ------------------------------------------------------------------------------------------ GGUF → GGUF
@@ -166,40 +213,62 @@ def _meta_int(g: GGUFFile, key: str, default: int, value=_MISSING) -> int:
     return v
 
 
-def requantize(src, out, type_name: str, pure: bool = False, force: bool = False, threads: int | None = None,
-               progress: bool = False) -> Path:
-    """Re-encode a DiffusionGemma GGUF to another file type. Tensors already in their target type are copied."""
-    src, out = Path(src), Path(out)
-    ft: FileType = file_type(type_name)
-    check_output_path(out, force, [src])
+def _requantize_jobs(g: GGUFFile, src: Path, ft: FileType, pure: bool, allow_requantize: bool) -> list[Job]:
+    arch = g.get("general.architecture")
+    if arch != ARCH:
+        raise DggufError(f"{src}: architecture {printable(repr(arch))} is not {ARCH}")
+    n_layers = _meta_int(g, f"{ARCH}.block_count", 0)
+    kv = g.get(f"{ARCH}.attention.head_count_kv", [1])
+    kv0 = _meta_int(g, f"{ARCH}.attention.head_count_kv", 1, kv[0] if isinstance(kv, list) and kv else kv)
+    n_attn_v = sum(1 for t in g.tensors if t.name.endswith("attn_v.weight"))
+    chooser = TypeChooser(ft, n_layers, _meta_int(g, f"{ARCH}.expert_count", 0), n_attn_v,
+                          _meta_int(g, f"{ARCH}.attention.head_count", 1) // max(kv0, 1), pure)
+    jobs = []
+    for t in g.tensors:
+        nrows = t.nvalues // t.ne[0]
+        new = chooser.choose(t.name, t.ne)
+        raw = None
+        if new.ggml == t.type.ggml:
+            data = g.tensor_bytes(t).reshape(nrows, -1)
+            raw = lambda r0, r1, data=data: data[r0:r1]
+        elif is_quantized(t.type) and is_quantized(new) and not allow_requantize:
+            # as llama-quantize: quantizing quantized weights again compounds both errors
+            raise DggufError(f"{src}: tensor {printable(t.name)} is already quantized ({t.type.name}); requantizing "
+                             f"it to {new.name} adds the second quantization's error to the first. Convert from the "
+                             "F32/F16/BF16 weights, or pass --allow-requantize to do it anyway")
+        jobs.append(Job(TensorInfo(t.name, t.ne, new), nrows, _dequantizer(g, t, nrows), raw, t.nbytes))
+    return jobs
+
+
+def requantize_plan(src, type_name: str, pure: bool = False, allow_requantize: bool = False) -> list[TensorInfo]:
+    """The tensors `requantize` would write, with their types and sizes; writes nothing."""
+    src = Path(src)
     g = read_gguf(src)
     try:
-        arch = g.get("general.architecture")
-        if arch != ARCH:
-            raise DggufError(f"{src}: architecture {printable(repr(arch))} is not {ARCH}")
-        n_layers = _meta_int(g, f"{ARCH}.block_count", 0)
-        kv = g.get(f"{ARCH}.attention.head_count_kv", [1])
-        kv0 = _meta_int(g, f"{ARCH}.attention.head_count_kv", 1, kv[0] if isinstance(kv, list) and kv else kv)
-        n_attn_v = sum(1 for t in g.tensors if t.name.endswith("attn_v.weight"))
-        chooser = TypeChooser(ft, n_layers, _meta_int(g, f"{ARCH}.expert_count", 0), n_attn_v,
-                              _meta_int(g, f"{ARCH}.attention.head_count", 1) // max(kv0, 1), pure)
-        jobs = []
-        for t in g.tensors:
-            nrows = t.nvalues // t.ne[0]
-            new = chooser.choose(t.name, t.ne)
-            raw = None
-            if new.ggml == t.type.ggml:
-                data = g.tensor_bytes(t).reshape(nrows, -1)
-                raw = lambda r0, r1, data=data: data[r0:r1]
-            jobs.append(Job(TensorInfo(t.name, t.ne, new), nrows, _dequantizer(g, t, nrows), raw, t.nbytes))
-        fields = dict(g.fields)
+        return [j.info for j in _requantize_jobs(g, src, file_type(type_name), pure, allow_requantize)]
+    finally:
+        g.close()
+
+
+def requantize(src, out, type_name: str, pure: bool = False, force: bool = False, threads: int | None = None,
+               progress: bool = False, allow_requantize: bool = False, output: Output | None = None) -> Path:
+    """Re-encode a DiffusionGemma GGUF (or split set) to another file type. Tensors already in their target type
+    are copied; quantized tensors become another quantized type only with allow_requantize. Returns the output
+    path (a split set's first part)."""
+    src, out, output = Path(src), Path(out), output or Output()
+    ft: FileType = file_type(type_name)
+    _check_outputs(out, force, [src], output)
+    g = read_gguf(src)
+    try:
+        inputs = [src, *getattr(g, "paths", [])]
+        _check_outputs(out, force, inputs, output)
+        jobs = _requantize_jobs(g, src, ft, pure, allow_requantize)
+        fields = {k: f for k, f in g.fields.items() if k not in SPLIT_KEYS}
         fields["general.file_type"] = Field(V.UINT32, ft.ftype)
         fields["general.quantization_version"] = Field(V.UINT32, 2)
         fields.pop("general.alignment", None)
-        with GGUFWriter(out, fields, [j.info for j in jobs], force, [src]) as w:
-            write_jobs(w, jobs, threads or default_threads(), progress)
+        return _write(out, fields, jobs, force, inputs, threads, progress, output)
     finally:
         g.close()
-    return out
 
 

@@ -428,8 +428,9 @@ class _Cursor:
         return Field(t, self.unpack(_SCALAR[t], what))
 
 
-def read_gguf(path) -> GGUFFile:
-    """Parse and validate a GGUF header; tensor data stays memory-mapped."""
+def read_gguf(path, whole_set: bool = True) -> GGUFFile:
+    """Parse and validate a GGUF header; tensor data stays memory-mapped. The first file of a split set is read
+    as the whole set, every part checked (format/split.py), unless whole_set is False."""
     path = Path(path)
     try:
         fh = open(path, "rb")
@@ -441,10 +442,14 @@ def read_gguf(path) -> GGUFFile:
             raise DggufError(f"{path}: not a GGUF file (only {size} bytes)")
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return _parse(path, mm)
+        g = _parse(path, mm)
     except BaseException:
         mm.close()
         raise
+    if whole_set and "split.count" in g.fields:
+        from .split import open_set
+        return open_set(g, lambda p: read_gguf(p, whole_set=False))
+    return g
 
 
 _INTEGER_TYPES = (V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64)
