@@ -10,7 +10,7 @@ import sys
 
 from dgguf.core.errors import DggufError
 
-from . import bench, convert, eval, inspect, plan, run, verify
+from . import bench, card, convert, eval, inspect, plan, run, verify
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_parser(sub)
     inspect.add_parser(sub)
     verify.add_parser(sub)
+    card.add_parser(sub)
     return p
 
 
