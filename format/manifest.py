@@ -186,6 +186,9 @@ def verify(path, manifest=None, threads: int | None = None) -> tuple[list[str], 
     if path.name not in names:
         raise DggufError(f"{mpath}: the manifest lists {', '.join(printable(n) for n in names[:4])}"
                          f"{', ...' if len(names) > 4 else ''}, not {path.name}")
+    if path.name != names[0]:
+        raise DggufError(f"{path}: the manifest {mpath.name} describes a split set; verify it by its first file, "
+                         f"{names[0]}")
     try:
         with open(path, "rb"):
             pass

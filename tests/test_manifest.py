@@ -150,6 +150,8 @@ def test_user_errors_exit_2(capsys, made, tmp_path):
                                        '"files": [{"name": "../one.gguf", "size": 1, "sha256": ""}], "tensors": []}')
     assert "not a plain file name" in one_error(capsys, "verify", tmp_path / "one.gguf", "--manifest",
                                                 tmp_path / "bad.json")
+    line = one_error(capsys, "verify", made / SET[1])
+    assert "set.manifest.json" in line and f"by its first file, {SET[0]}" in line
     line = one_error(capsys, "verify", tmp_path / "one.gguf", "--manifest", made / "set.manifest.json")
     assert "set-00001-of-00003.gguf" in line and "not one.gguf" in line
     # a manifest named explicitly, elsewhere: the files are looked for beside FILE
