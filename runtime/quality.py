@@ -195,12 +195,13 @@ def evaluate(ref, quant, text: str, seed: int = 0, max_tokens: int | None = None
 
 
 def file_stats(path) -> dict:
-    """Size on disk and bits per weight (tensor data bits over tensor elements) of a GGUF."""
+    """Size on disk (every part of a split set) and bits per weight (tensor data bits over tensor elements)."""
     from dgguf.format.gguf_file import read_gguf
     g = read_gguf(path)
     try:
         bits = sum(t.nbytes for t in g.tensors) * 8
         weights = sum(int(np.prod(t.ne)) for t in g.tensors)
+        size = sum(os.path.getsize(p) for p in getattr(g, "paths", [path]))
     finally:
         g.close()
-    return {"size_bytes": os.path.getsize(path), "bits_per_weight": bits / weights}
+    return {"size_bytes": size, "bits_per_weight": bits / weights}
