@@ -206,7 +206,7 @@ class Model:
 
     def generate(self, prompt_ids, max_new_tokens: int = 256, seed: int | None = None, draws=None,
                  early_stop: bool = True, on_step=None, on_canvas=None, context: Context | None = None,
-                 **overrides) -> GenerationResult:
+                 pin_prefix: bool = False, on_report=None, **overrides) -> GenerationResult:
         """Generate whole canvases after the prompt (no BOS added: ids are used verbatim).
 
         draws(kind, canvas_index, step, scaled_logits=None) replaces the seeded random source (see
@@ -215,6 +215,8 @@ class Model:
         on_canvas(canvas_index, ids) with each canvas's committed ids (cut at max_new_tokens and after an EOS,
         pads dropped) as soon as it is committed. context: a Context to encode the prompt into, keeping what it
         already holds of it (a conversation); by default a fresh cache.
+        pin_prefix and on_report(canvas_index, StepReport) are the sampler's (sampler.denoise_canvas): a prefix
+        of each canvas made final before it ends, and what each step decided (dgguf serve streams with them).
         """
         prompt = self._ids(prompt_ids, "prompt_ids")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -257,7 +259,9 @@ class Model:
                 decode_time += time.perf_counter() - t
                 return logits
 
-            res = denoise_canvas(logits_fn, draws, sc, canvas_index=c, threads=self.native.threads)
+            report = None if on_report is None else (lambda r, c=c: on_report(c, r))
+            res = denoise_canvas(logits_fn, draws, sc, canvas_index=c, threads=self.native.threads,
+                                 pin_prefix=pin_prefix, on_report=report)
             ids, stop = commit_canvas(res.tokens, self.config.eos_token_ids, self.config.pad_token_id)
             out.extend(int(i) for i in ids)
             stats.steps_per_canvas.append(res.steps)

@@ -192,8 +192,29 @@ class CanvasResult:
     entropy: np.ndarray
 
 
+@dataclass
+class StepReport:
+    """What one denoising step decided, for observers (`denoise_canvas(on_report=...)`; a server's stream).
+
+    step:     steps run so far in this canvas (1 on the first).
+    accept:   bool[C], the positions whose sample this step kept (the entropy bound).
+    argmax:   int64[C], this step's argmax canvas (what would be committed if the canvas stopped here).
+    stable:   bool[C], positions whose argmax equals each of the last stability_threshold argmaxes: the
+              sampler's stability rule, per position (the canvas is stable when every position is).
+    pinned:   the pinned prefix's length (0 unless pin_prefix): positions [0, pinned) are final.
+    tokens:   int64[C], argmax with the pinned prefix in place: the tokens committed if the canvas ended now.
+    The arrays are the sampler's own: copy them to keep them past the callback.
+    """
+    step: int
+    accept: np.ndarray
+    argmax: np.ndarray
+    stable: np.ndarray
+    pinned: int
+    tokens: np.ndarray
+
+
 def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConfig, canvas_index: int = 0,
-                   threads: int = 1):
+                   threads: int = 1, pin_prefix: bool = False, on_report: Callable | None = None):
     """Run the denoising loop of one canvas, as the reference's inner loop does for a batch of one.
 
     canvas_logits(canvas_ids int64[C], sc) -> softcapped logits [C, V] float32, where sc is None on the first
@@ -213,6 +234,14 @@ def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConf
     natively on `threads` threads (native/sample.c); the functions above are their reference. The scaled logits
     handed to canvas_logits (as sc) and to draws live in two buffers reused every other step: copy them to keep
     them.
+
+    pin_prefix (off by default: the reference's behaviour) makes text final before the canvas ends, so a stream
+    never has to take it back: after each step, the longest prefix of positions that are accepted, stable (per
+    position, the rule above) and whose kept sample is the argmax is pinned, if longer than the pinned prefix
+    so far; pinned positions are committed with the token they had when pinned, even if a later argmax differs
+    there. The denoising itself (canvases, draws, stopping) is unchanged; only the committed tokens at pinned
+    positions can differ from the reference's, where an argmax flips after pinning. on_report(StepReport) is
+    called after each step.
     """
     canvas = draws("init", canvas_index, config.steps)
     # The reference starts the history at -1, which no argmax equals, so the first step is never stable.
@@ -220,6 +249,8 @@ def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConf
                     maxlen=config.stability_threshold)
     sc = None
     scaled_bufs = [None, None]   # this step's scaled logits, and the previous step's (being read as sc)
+    pinned = np.zeros(len(canvas), dtype=np.int64)
+    n_pinned = 0
     for step in range(config.steps, 0, -1):
         logits = np.ascontiguousarray(canvas_logits(canvas, sc), dtype=np.float32)
         temp = temperature(step, config.steps, config.t_min, config.t_max)
@@ -234,11 +265,26 @@ def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConf
         canvas = np.where(accept, sampled, draws("noise", canvas_index, step))
 
         stable = all(np.array_equal(argmax, past) for past in history)
+        if pin_prefix or on_report is not None:
+            stable_at = np.logical_and.reduce([argmax == past for past in history])
+            if pin_prefix:
+                final = accept & stable_at & (sampled == argmax)
+                n = len(final) if final.all() else int(final.argmin())
+                if n > n_pinned:
+                    pinned[n_pinned:n] = argmax[n_pinned:n]
+                    n_pinned = n
+            if on_report is not None:
+                tokens = argmax.copy()
+                tokens[:n_pinned] = pinned[:n_pinned]
+                on_report(StepReport(config.steps - step + 1, accept, argmax, stable_at, n_pinned, tokens))
         history.append(argmax)
         confident = entropy.mean(dtype=np.float64) < config.confidence_threshold
         sc = scaled  # float32 here; a runtime computing in bf16 hands off bf16, as the reference does
         if stable and confident:
             break
+    if n_pinned:
+        argmax = argmax.copy()
+        argmax[:n_pinned] = pinned[:n_pinned]
     return CanvasResult(tokens=argmax, steps=config.steps - step + 1, entropy=entropy)
 
 
