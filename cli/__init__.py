@@ -10,7 +10,7 @@ import sys
 
 from dgguf.core.errors import DggufError
 
-from . import bench, card, convert, eval, inspect, plan, run, verify
+from . import bench, card, convert, eval, inspect, plan, run, serve, verify
 
 
 class Parser(argparse.ArgumentParser):
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval.add_parser(sub)
     plan.add_parser(sub)
     inspect.add_parser(sub)
+    serve.add_parser(sub)
     verify.add_parser(sub)
     card.add_parser(sub)
     return p
