@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,9 @@ def _int_value(path, key: str, v, lo: int, hi: int) -> int:
     return v
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _float_value(path, key: str, v, lo: float | None = None, hi: float | None = None, lo_open: bool = True) -> float:
     """A finite number in (lo, hi] (or [lo, hi] when not lo_open)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -138,7 +142,11 @@ def _float_value(path, key: str, v, lo: float | None = None, hi: float | None = 
     x = float(v)
     if not math.isfinite(x):
         raise DggufError(f"{path}: {key} must be a finite number, not {_show(v)}")
-    if lo is not None and (x < lo or (lo_open and x == lo)) or hi is not None and x > hi:
+    # The GGUF stores it as FLOAT32: the rounded value must be finite and in range too (1e39 is inf, 1e-50 is 0)
+    x32 = float(np.float32(x)) if abs(x) <= _F32_MAX else math.inf
+    if not math.isfinite(x32):
+        raise DggufError(f"{path}: {key} = {x!r} is outside the float32 range")
+    if lo is not None and (min(x, x32) < lo or (lo_open and lo in (x, x32))) or hi is not None and max(x, x32) > hi:
         left = "(" if lo_open else "["
         raise DggufError(f"{path}: {key} = {x!r} is outside {left}{'-inf' if lo is None else lo}, "
                          f"{'inf' if hi is None else hi}]")
@@ -281,6 +289,12 @@ def read_config_file(path: Path, tensor_shapes: dict[str, tuple[int, ...]] | Non
     n_experts = tc.int("num_experts", 1, 1 << 16, required=True)
     context = tc.int("max_position_embeddings", default=131072)
     tc.token_ids("eos_token_id", vocab)     # checked even where the top-level list is used
+    canvas = top.int("canvas_length", 1, min(MAX_CANVAS, context))
+    if canvas is None:
+        canvas = 256     # transformers' default
+        if canvas > context:
+            raise DggufError(f"{path}: canvas_length is not set and its default {canvas} is larger than "
+                             f"text_config.max_position_embeddings {context}")
     cfg = TextConfig(
         vocab_size=vocab, hidden_size=tc.int("hidden_size", required=True),
         intermediate_size=tc.int("intermediate_size", required=True),
@@ -295,7 +309,7 @@ def read_config_file(path: Path, tensor_shapes: dict[str, tuple[int, ...]] | Non
         rope_theta_full=full.float("rope_theta", default=1000000.0),
         partial_rotary_factor=full.float("partial_rotary_factor", 0.0, 1.0, default=0.25),
         final_logit_softcapping=tc.float("final_logit_softcapping", default=30.0),
-        canvas_length=top.int("canvas_length", 1, min(MAX_CANVAS, context), default=256), dtype=dtype,
+        canvas_length=canvas, dtype=dtype,
         eos_token_ids=top.token_ids("eos_token_id", vocab) or tc.token_ids("eos_token_id", vocab),
         pad_token_id=tc.int("pad_token_id", 0, vocab - 1), bos_token_id=tc.int("bos_token_id", 0, vocab - 1),
     )
@@ -400,7 +414,7 @@ def _read_safetensors_header(path: Path) -> list[SourceTensor]:
                 and 0 <= offsets[0] <= offsets[1]):
             raise DggufError(f"{where}: corrupt safetensors entry for {shown}: data_offsets {_show(offsets)} are not "
                              "two increasing non-negative integers")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise DggufError(f"{where}: tensor {shown} has unsupported dtype {_show(dtype)} (F32, F16 and BF16 are "
                              "supported)")
         shape, (start, end) = tuple(shape), offsets
@@ -479,9 +493,13 @@ def read_tensors(hf_dir: Path) -> dict[str, SourceTensor]:
         raise DggufError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     tensors: dict[str, SourceTensor] = {}
     for path in files:
-        if not path.exists():
-            raise DggufError(f"{_shown(path)}: shard listed in the index is missing")
-        if not path.is_file():
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise DggufError(f"{_shown(path)}: shard listed in the index is missing") from None
+        except OSError as e:   # a name too long, a link loop, no permission
+            raise DggufError(f"{_shown(path)}: cannot read: {e.strerror or e}") from e
+        if not stat.S_ISREG(mode):
             raise DggufError(f"{_shown(path)}: not a regular file")
         for t in _read_safetensors_header(path):
             if t.name in tensors:

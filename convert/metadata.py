@@ -109,12 +109,12 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
     try:
         tok = json.loads(raw_json)
         model = tok["model"]
-        tokens: dict[int, str] = {int(i): str(t) for t, i in model["vocab"].items()}
+        tokens: dict[int, str] = {_token_id(i): str(t) for t, i in model["vocab"].items()}
         special = set()
         for added in tok.get("added_tokens", []):
-            tokens[int(added["id"])] = str(added["content"])
+            tokens[_token_id(added["id"])] = str(added["content"])
             if added.get("special"):
-                special.add(int(added["id"]))
+                special.add(added["id"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise DggufError(f"{tok_path}: not an HF tokenizer.json ({printable(repr(e), 200)})") from e
     if not tokens or min(tokens) < 0:
@@ -130,7 +130,13 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
         else:
             names.append(t)
             types.append(CONTROL if i in special else BYTE if _BYTE_TOKEN.match(t) else NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    merges = model.get("merges") or []
+    if not isinstance(merges, list) or not all(
+            isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
+            for m in merges):
+        raise DggufError(f"{tok_path}: not an HF tokenizer.json (model.merges must list \"a b\" strings or "
+                         "[a, b] pairs of strings)")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
 
     ids = {t: i for i, t in tokens.items()}
 
@@ -166,6 +172,13 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
     out["tokenizer.ggml.add_space_prefix"] = Field(V.BOOL, False)
     out["tokenizer.huggingface.json"] = Field(V.STRING, raw_json)
     return out
+
+
+def _token_id(v) -> int:
+    """A token id of tokenizer.json: an integer, never a float (Infinity, 1.5) or a string."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"token id {printable(json.dumps(v))} is not an integer")
+    return v
 
 
 def _flag(path: Path, tcfg: dict, key: str, default: bool) -> bool:

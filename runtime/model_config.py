@@ -14,7 +14,7 @@ import numpy as np
 from gguf.constants import GGUFValueType as V
 
 from dgguf.core.errors import DggufError
-from dgguf.format.gguf_file import GGUFFile, TensorInfo
+from dgguf.format.gguf_file import GGUFFile, TensorInfo, printable
 from dgguf.format.arch import ARCH, ModelShape, expected_tensors
 
 END_OF_TURN_TOKENS = ("<turn|>", "<end_of_turn>")
@@ -95,7 +95,8 @@ def read_model_config(g: GGUFFile) -> ModelConfig:
     """Hyper-parameters from the metadata, then every tensor validated against them."""
     arch = g.get("general.architecture")
     if arch != ARCH:
-        raise DggufError(f"{g.path}: architecture {arch!r} is not {ARCH}")
+        shown = "(missing)" if arch is None else f"'{printable(arch)}'"
+        raise DggufError(f"{g.path}: architecture {shown} is not {ARCH}")
     n = _int(g, "block_count", 1, 4096)
     H = _int(g, "embedding_length")
     sliding = [bool(x) for x in _int_list(g, "attention.sliding_window_pattern", n, 0, 1)]
@@ -106,7 +107,8 @@ def read_model_config(g: GGUFFile) -> ModelConfig:
         raise DggufError(f"{g.path}: missing or invalid tensor token_embd.weight")
     vocab = int(emb.ne[1])
     rotated = _rotated_pairs(g, tensors.get("rope_freqs.weight"), d_full)
-    tok = g.get("tokenizer.ggml.tokens") or []
+    f = g.fields.get("tokenizer.ggml.tokens")   # only to find end-of-turn ids: anything but strings is ignored
+    tok = f.value if f is not None and f.type == V.ARRAY and f.item_type == V.STRING else []
     eos = _int_list(g, "diffusion.eos_token_ids", None, 0, vocab - 1, default=None)
     if eos is None:
         eos = [_int(g, "tokenizer.ggml.eos_token_id", 0, vocab - 1, default=1)]
@@ -174,4 +176,4 @@ def _check_tensors(g: GGUFFile, c: ModelConfig, tensors: dict[str, TensorInfo]) 
             raise DggufError(f"{g.path}: tensor {name} is {t.type.name}; vectors must be F32")
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise DggufError(f"{g.path}: unexpected tensor {extra[0]}")
+        raise DggufError(f"{g.path}: unexpected tensor {printable(extra[0])}")
