@@ -371,11 +371,31 @@ class SourceTensor:
     def rows(self) -> int:
         return math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
 
-    def view(self) -> np.ndarray:
-        """The data as a read-only memory-mapped 2-D array [rows, row length] in its stored dtype."""
+    def view(self):
+        """The data as a read-only memory-mapped 2-D array [rows, row length] in its stored dtype. Where the data
+        does not start at a multiple of its item size (a header not padded to 8 bytes: old writers, or hostile
+        files), rows are copied when sliced, so native code never gets a misaligned pointer (UB in C)."""
         ncols = self.shape[-1] if self.shape else 1
-        return np.memmap(self.file, dtype=_DTYPES[self.dtype], mode="r", offset=self.offset,
-                         shape=(self.rows(), ncols))
+        dtype = _DTYPES[self.dtype]
+        mm = np.memmap(self.file, dtype=dtype, mode="r", offset=self.offset, shape=(self.rows(), ncols))
+        return mm if self.offset % dtype.itemsize == 0 else _CopiedRows(mm)
+
+
+class _CopiedRows:
+    """Row slices of a misaligned mapping, each copied (so aligned) when taken."""
+
+    def __init__(self, mm: np.memmap):
+        self._mm = mm
+        self.shape, self.dtype = mm.shape, mm.dtype
+
+    def __len__(self) -> int:
+        return len(self._mm)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.array(self._mm[key])
+
+    def __array__(self, dtype=None, copy=None):
+        return np.array(self._mm, dtype=dtype)
 
 
 def _read_safetensors_header(path: Path) -> list[SourceTensor]:

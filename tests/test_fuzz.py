@@ -236,3 +236,37 @@ def test_tokenizer_ids_that_are_not_integers(tmp_path, where, value):
         else:
             t["added_tokens"][0]["id"] = value
     assert "is not an integer" in convert_error(hf_dir(tmp_path, tok=tok), tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_misaligned_safetensors_data_converts_as_aligned(tmp_path, dtype):
+    """Sanitizer finding (the hf target under UBSan): a safetensors header whose length is not a multiple of 4
+    put the tensor data at a misaligned address, and the converter handed that float pointer to
+    dg_quantize_rows. Rows of such files are now copied; the output is the same as for the aligned file."""
+    import numpy as np
+    from dgguf.format.gguf_file import read_gguf
+
+    outs = []
+    for pad in (0, 1):
+        control, parts = fuzz.hf_seed_parts()["tiny-resaved-f32"]
+        (n,) = struct.unpack("<Q", parts[4][:8])
+        head = json.loads(parts[4][8:8 + n])
+        for k, v in head.items():
+            if k != "__metadata__":
+                v["dtype"] = dtype
+                v["data_offsets"] = [x // 2 if dtype != "F32" else x for x in v["data_offsets"]]
+        raw = json.dumps(head).encode()
+        raw += b" " * (-len(raw) % 8 + pad)        # pad 1: the data starts at an odd offset
+        parts = list(parts)
+        parts[4] = struct.pack("<Q", len(raw)) + raw
+        d = fuzz.write_hf_dir(tmp_path / f"hf{pad}", control, parts)
+        with open(d / "model.safetensors", "r+b") as f:   # non-zero data, the same values in both files
+            f.seek(8 + len(raw))
+            size = fuzz._data_length(parts[4]) - 8 - len(raw)
+            f.write(np.random.default_rng(0).integers(0, 60, size, dtype=np.uint8).tobytes())
+        outs.append(convert_checkpoint(d, tmp_path / f"out{pad}.gguf", "Q8_0", threads=1))
+    a, b = read_gguf(outs[0]), read_gguf(outs[1])
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert np.array_equal(a.tensor_bytes(ta), b.tensor_bytes(tb)), ta.name
+    a.close()
+    b.close()
