@@ -1,6 +1,6 @@
-/* pool.c: the thread pool the forward pass runs on (parallel_for: contiguous chunks of [0, n), one per
- * thread) and the scratch buffers it keeps from call to call, per thread (pool_scratch) or shared
- * (pool_shared). See pool.h.
+/* pool.c: the thread pool the forward pass runs on (parallel_for: [0, n) in contiguous pieces that the
+ * threads claim as they come) and the scratch buffers it keeps from call to call, per thread (pool_scratch)
+ * or shared (pool_shared). See pool.h.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "pool.h"
@@ -16,7 +16,12 @@
  * arithmetic. So workers and the caller first spin on atomics for a short while (SPIN_ROUNDS pauses, ~0.1 ms;
  * not at all when the threads outnumber the CPUs), and only then sleep; a sleeper is counted under the mutex, and
  * the other side broadcasts only when one is counted (the count and the generation are sequentially consistent,
- * so no wake-up is lost). */
+ * so no wake-up is lost).
+ *
+ * Work is cut into PIECES_PER_THREAD pieces per thread, claimed one at a time: on a machine where other
+ * processes hold the cores, a worker that is not running claims nothing and the others (the caller included)
+ * take its share, instead of the whole pass waiting for its next time slice. Every job computes each item of
+ * [0, n) from that item alone (per-thread buffers are scratch), so any cut gives the same bits. */
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -27,22 +32,24 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
-enum { SPIN_ROUNDS = 4000 };   /* ~0.1 ms of pauses on Zen 4 */
+enum { SPIN_ROUNDS = 4000,      /* ~0.1 ms of pauses on Zen 4 */
+       PIECES_PER_THREAD = 4 };
 
 struct dg_pool {
     int n;                       /* threads, the caller included */
     int spin;                    /* rounds to spin before sleeping: 0 when threads outnumber the CPUs */
     pthread_t *workers;          /* n - 1 */
     pthread_mutex_t mu;
-    pthread_cond_t work, done;
+    pthread_cond_t work, done_cv;
     _Atomic uint64_t generation; /* bumped for every parallel_for (after the job fields are written) */
-    _Atomic int pending;         /* workers still running the current job */
+    _Atomic uint64_t claim;      /* the current job's generation (high 32 bits) and its next unclaimed piece */
+    _Atomic int64_t done;        /* pieces of the current job finished */
     _Atomic int sleeping;        /* workers waiting on `work` */
     _Atomic int caller_sleeping; /* the caller waits on `done` */
     _Atomic int stop;
     void (*fn)(void *, int64_t, int64_t, int);
     void *ctx;
-    int64_t total;
+    int64_t total, pieces;
     void **scratch[POOL_SLOTS];  /* per slot: a buffer per thread (pool_scratch) */
     size_t scratch_bytes[POOL_SLOTS];
     void *shared[POOL_SLOTS];    /* per slot: one buffer (pool_shared) */
@@ -54,9 +61,35 @@ typedef struct {
     int id;
 } worker_arg;
 
-static void chunk(int64_t total, int n, int i, int64_t *lo, int64_t *hi) {
+static void chunk(int64_t total, int64_t n, int64_t i, int64_t *lo, int64_t *hi) {
     *lo = total * i / n;
     *hi = total * (i + 1) / n;
+}
+
+/* Claims the next piece of job `gen`; 0 when the job has none left or is no longer current. */
+static int claim_piece(dg_pool *p, uint32_t gen, int64_t *piece) {
+    uint64_t v = atomic_load(&p->claim);
+    for (;;) {
+        if ((uint32_t)(v >> 32) != gen || (int64_t)(uint32_t)v >= p->pieces) return 0;
+        if (atomic_compare_exchange_weak(&p->claim, &v, v + 1)) {
+            *piece = (uint32_t)v;
+            return 1;
+        }
+    }
+}
+
+/* Runs pieces of job `gen` until none is left; whoever finishes the last one wakes a sleeping caller. */
+static void run_pieces(dg_pool *p, uint32_t gen, int thread) {
+    int64_t piece, lo, hi;
+    while (claim_piece(p, gen, &piece)) {
+        chunk(p->total, p->pieces, piece, &lo, &hi);
+        if (lo < hi) p->fn(p->ctx, lo, hi, thread);
+        if (atomic_fetch_add(&p->done, 1) + 1 == p->pieces && atomic_load(&p->caller_sleeping)) {
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_signal(&p->done_cv);
+            pthread_mutex_unlock(&p->mu);
+        }
+    }
 }
 
 /* Waits until the generation moves past seen (or stop); returns the new generation. */
@@ -83,14 +116,7 @@ static void *worker_main(void *arg) {
     for (;;) {
         seen = wait_for_work(p, seen);
         if (atomic_load(&p->stop)) break;
-        int64_t lo, hi;
-        chunk(p->total, p->n, id, &lo, &hi);
-        if (lo < hi) p->fn(p->ctx, lo, hi, id);
-        if (atomic_fetch_sub(&p->pending, 1) == 1 && atomic_load(&p->caller_sleeping)) {
-            pthread_mutex_lock(&p->mu);
-            pthread_cond_signal(&p->done);
-            pthread_mutex_unlock(&p->mu);
-        }
+        run_pieces(p, (uint32_t)seen, id);
     }
     return NULL;
 }
@@ -107,7 +133,7 @@ dg_pool *pool_new(int n_threads) {
     p->spin = cpus > 0 && n_threads > cpus ? 0 : SPIN_ROUNDS;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->work, NULL);
-    pthread_cond_init(&p->done, NULL);
+    pthread_cond_init(&p->done_cv, NULL);
     for (int i = 1; i < n_threads; i++) {
         worker_arg *a = malloc(sizeof *a);
         if (!a) break;
@@ -170,7 +196,7 @@ void pool_free(dg_pool *p) {
         for (int i = 0; i < p->n - 1; i++) pthread_join(p->workers[i], NULL);
         pthread_mutex_destroy(&p->mu);
         pthread_cond_destroy(&p->work);
-        pthread_cond_destroy(&p->done);
+        pthread_cond_destroy(&p->done_cv);
         free(p->workers);
     }
     free(p);
@@ -184,24 +210,25 @@ void parallel_for(dg_pool *p, int64_t n, void (*fn)(void *, int64_t, int64_t, in
         fn(ctx, 0, n, 0);
         return;
     }
-    p->fn = fn;                                   /* workers read these after seeing the new generation */
+    p->fn = fn;                                   /* workers read these after claiming a piece of this job */
     p->ctx = ctx;
     p->total = n;
-    atomic_store(&p->pending, p->n - 1);
-    atomic_fetch_add(&p->generation, 1);
+    p->pieces = n < (int64_t)PIECES_PER_THREAD * p->n ? n : (int64_t)PIECES_PER_THREAD * p->n;
+    atomic_store(&p->done, 0);
+    const uint32_t gen = (uint32_t)(atomic_load(&p->generation) + 1);
+    atomic_store(&p->claim, (uint64_t)gen << 32);  /* opens the job's pieces */
+    atomic_store(&p->generation, gen);            /* and wakes the workers */
     if (atomic_load(&p->sleeping)) {
         pthread_mutex_lock(&p->mu);
         pthread_cond_broadcast(&p->work);
         pthread_mutex_unlock(&p->mu);
     }
-    int64_t lo, hi;
-    chunk(n, p->n, 0, &lo, &hi);
-    if (lo < hi) fn(ctx, lo, hi, 0);
-    for (int i = 0; i < p->spin && atomic_load(&p->pending) > 0; i++) CPU_RELAX();
-    if (atomic_load(&p->pending) > 0) {
+    run_pieces(p, gen, 0);
+    for (int i = 0; i < p->spin && atomic_load(&p->done) < p->pieces; i++) CPU_RELAX();
+    if (atomic_load(&p->done) < p->pieces) {       /* a worker is still inside a piece it claimed */
         pthread_mutex_lock(&p->mu);
         atomic_store(&p->caller_sleeping, 1);
-        while (atomic_load(&p->pending) > 0) pthread_cond_wait(&p->done, &p->mu);
+        while (atomic_load(&p->done) < p->pieces) pthread_cond_wait(&p->done_cv, &p->mu);
         atomic_store(&p->caller_sleeping, 0);
         pthread_mutex_unlock(&p->mu);
     }
