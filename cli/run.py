@@ -196,6 +196,17 @@ def _interactive(m, a) -> None:
             print(_summary(res, a.seed, len(ids)), file=sys.stderr)
 
 
+def _warn_if_busy() -> None:
+    """A note when other processes already keep most CPUs busy (the 1-minute load average, free to read)."""
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):   # no load average on this system
+        return
+    if load > 0.75 * cpus:
+        print(f"note: load average {load:.1f} on {cpus} CPUs: other processes are busy, so steps will be slower "
+              "than on a quiet machine", file=sys.stderr)
+
+
 def run(a) -> None:
     from dgguf.runtime.model import Model
     if a.n_gpu_layers or a.n_cpu_moe is not None:
@@ -207,6 +218,7 @@ def run(a) -> None:
     if not a.interactive and a.prompt is None and a.file is None and a.prompt_ids is None:
         raise DggufError("give a prompt: -p TEXT, -f FILE (- for stdin) or --prompt-ids, or -i for a conversation")
     m = Model.load(a.model, threads=a.threads, ctx=a.ctx)
+    _warn_if_busy()
     try:
         if a.interactive:
             return _interactive(m, a)

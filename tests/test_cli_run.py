@@ -235,3 +235,12 @@ def test_chat_flag_renders_the_template(capsys):
     code, out, err = run_cli(capsys, "run", "-m", Q4, "--chat", "-p", "hello", "-n", "16", "-s", "1",
                              "--system", "be brief")
     assert code == 0 and "16 tokens" in err and not out.startswith("<|turn>")   # the template is not echoed
+
+
+def test_run_notes_a_busy_machine(capsys, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 7.0, 6.0))
+    code, _, err = run_cli(capsys, "run", "-m", Q4, "-p", "hi", "-n", "16", "-s", "1")
+    assert code == 0 and "note: load average 7.5" in err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    code, _, err = run_cli(capsys, "run", "-m", Q4, "-p", "hi", "-n", "16", "-s", "1")
+    assert code == 0 and "load average" not in err
