@@ -46,7 +46,8 @@ def serve(a) -> None:
     try:
         run_server(engine, sock, api_key=api_key, log_level=a.log_level, on_ready=ready)
     except KeyboardInterrupt:   # uvicorn stops gracefully on Ctrl-C, then raises it again: a normal end here
-        print("dgguf serve: stopped", file=sys.stderr)
+        pass
+    print("dgguf serve: stopped", file=sys.stderr)
 
 
 def add_parser(sub) -> None:
