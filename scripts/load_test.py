@@ -208,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--request-timeout", type=float, default=900.0)
     ap.add_argument("--max-rss-growth", type=float, default=10.0, help="percent, after the run against warm-up")
+    ap.add_argument("--server-log", default=None, help="write the server's stderr to this file (with -m)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = ap.parse_args(argv)
 
@@ -247,6 +248,9 @@ def main(argv=None) -> int:
     ttft = [s for t, s in stats.ttft if t >= warm_at] or [s for _, s in stats.ttft]
     lat = [s for t, s in stats.latency if t >= warm_at] or [s for _, s in stats.latency]
     server_errors = [ln for ln in log if "Traceback" in ln or "ERROR" in ln]
+    if args.server_log and proc is not None:
+        with open(args.server_log, "w") as f:
+            f.write("\n".join(log) + "\n")
     growth = None if not (rss_warm and rss_end) else 100.0 * (rss_end - rss_warm) / rss_warm
     summary = {
         "url": url, "clients": args.clients, "duration_s": args.duration, "wall_s": round(wall, 1),
