@@ -40,3 +40,17 @@ def number(name: str, zero: bool = False):
                                              f"not {v!r}")
         return x
     return parse
+
+
+def add_cheaper_steps(p) -> None:
+    """The decoder's cheaper-step options (approximations, off by default; docs/benchmarks.md has their cost)."""
+    p.add_argument("--sc-top-k", type=integer("--sc-top-k", 0, 1 << 20), default=0, metavar="K",
+                   help="self-condition on each position's K most probable tokens instead of the whole vocabulary "
+                        "(0: exact)")
+    p.add_argument("--head-reuse", type=number("--head-reuse", zero=True), default=0.0, metavar="NATS",
+                   help="recompute the logits only of positions not yet settled (accepted, stable, entropy below "
+                        "NATS; 0: exact)")
+
+
+def cheaper_steps(a) -> dict:
+    return {"sc_top_k": a.sc_top_k, "head_reuse": a.head_reuse}

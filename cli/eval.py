@@ -7,7 +7,7 @@ import sys
 from dgguf.core.errors import DggufError
 from dgguf.core.native import MAX_THREADS
 
-from .args import integer, positive
+from .args import add_cheaper_steps, cheaper_steps, integer, positive
 
 
 def run(a) -> None:
@@ -21,7 +21,7 @@ def run(a) -> None:
     ref = Model.load(a.ref, threads=a.threads, ctx=a.ctx)
     quant = Model.load(a.model, threads=a.threads, ctx=a.ctx)
     rep = evaluate(ref, quant, text, seed=a.seed, max_tokens=a.max_tokens, prompts=a.prompts,
-                   new_tokens=a.new_tokens)
+                   new_tokens=a.new_tokens, options=cheaper_steps(a))
     out = {"model": a.model, "ref": a.ref, **file_stats(a.model), **rep.as_dict()}
     if a.json:
         json.dump(out, sys.stdout)
@@ -50,5 +50,6 @@ def add_parser(sub) -> None:
     e.add_argument("--prompts", type=positive("--prompts", 1000), default=8, help="generations compared")
     e.add_argument("--new-tokens", type=positive("--new-tokens"), default=None,
                    help="tokens per generation (default two canvases)")
+    add_cheaper_steps(e)   # applied to -m's generations
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=run)

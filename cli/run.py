@@ -12,8 +12,9 @@ import sys
 
 from dgguf.core.errors import DggufError
 from dgguf.core.native import MAX_THREADS, default_threads
+from dgguf.runtime.textstream import TextStream, open_tail_for
 
-from .args import integer, number, positive
+from .args import add_cheaper_steps, cheaper_steps, integer, number, positive
 from .visual import CanvasView
 
 # --temp T sets the schedule's first-step temperature (t_max) to T and scales t_min with it; 0 (llama.cpp's
@@ -64,26 +65,6 @@ def sampler_overrides(m, a) -> dict:
     return out
 
 
-class TextStream:
-    """Prints the text of growing ids as it becomes final: the new suffix of the decoded text each time, holding
-    back a trailing partial UTF-8 character (byte-fallback tokens) until the next ids complete it."""
-
-    def __init__(self, decode, out):
-        self.decode, self.out = decode, out
-        self.ids: list[int] = []
-        self.printed = ""
-
-    def add(self, ids, final: bool = False) -> None:
-        self.ids.extend(ids)
-        text = self.decode(self.ids)
-        if not final:
-            text = text.rstrip("\ufffd")
-        if text.startswith(self.printed) and len(text) > len(self.printed):
-            self.out.write(text[len(self.printed):])
-            self.out.flush()
-            self.printed = text
-
-
 def _summary(res, seed, n_tokens, interrupted=False) -> str:
     st = res.stats if res is not None else None
     head = f"interrupted after {n_tokens} tokens" if interrupted else f"{n_tokens} tokens"
@@ -98,7 +79,8 @@ def _generate(m, a, prompt, context=None, echo: str | None = None):
     --visual on the same terminal as stdout the text is written once the view is gone, not under it."""
     view = CanvasView(m, sys.stderr) if a.visual else None
     live = not (view is not None and view.tty and sys.stdout.isatty())
-    stream = TextStream(m.tokenizer.decode, sys.stdout) if m.has_tokenizer and not a.json else None
+    stream = TextStream(m.tokenizer.decode, open_tail=open_tail_for(m.tokenizer, special=False)) \
+        if m.has_tokenizer and not a.json else None
     committed: list[int] = []
     echoed = []
 
@@ -106,7 +88,9 @@ def _generate(m, a, prompt, context=None, echo: str | None = None):
         if stream is not None and (live or final):
             if not echoed:
                 echoed.append(sys.stdout.write(echo or ""))
-            stream.add(committed[len(stream.ids):], final=final)
+            delta = stream.finish(committed) if final else stream.update(committed)
+            sys.stdout.write(delta.content)
+            sys.stdout.flush()
 
     def on_step(c, canvas):
         if not echoed:   # the first step: the request was valid, the prompt is encoded
@@ -122,7 +106,8 @@ def _generate(m, a, prompt, context=None, echo: str | None = None):
 
     try:
         res = m.generate(prompt, max_new_tokens=a.n, seed=a.seed, early_stop=not a.no_early_stop,
-                         on_step=on_step, on_canvas=on_canvas, context=context, **sampler_overrides(m, a))
+                         on_step=on_step, on_canvas=on_canvas, context=context, **cheaper_steps(a),
+                         **sampler_overrides(m, a))
     except KeyboardInterrupt:
         res = None
     if view is not None:
@@ -259,6 +244,7 @@ def add_parser(sub) -> None:
                    help="first-step temperature (the schedule's t_max; t_min scales with it; 0 means "
                         f"{NEAR_GREEDY}, near greedy); default: the file's schedule (0.8 to 0.4)")
     r.add_argument("--no-early-stop", action="store_true", help="always run --steps steps per canvas")
+    add_cheaper_steps(r)
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--system", help="a system message for --chat and -i")
     r.add_argument("--think", action="store_true", default=None,

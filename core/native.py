@@ -156,15 +156,16 @@ def matmul(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], x: np.ndar
 
 
 def soft_embed(w_raw: np.ndarray, ggml_type: int, shape: tuple[int, int], logits: np.ndarray, scale: float = 1.0,
-               threads: int = 1) -> np.ndarray:
+               threads: int = 1, top_k: int = 0) -> np.ndarray:
     """scale * softmax(logits [n, rows]) @ W for a stored weight of `shape` (rows, K): [n, K], the forward's
-    self-conditioning soft embedding under the active kernel."""
+    self-conditioning soft embedding under the active kernel; top_k > 0: over each row's top_k most probable rows
+    of W only, renormalised."""
     t, w_raw, logits = _weight(w_raw, ggml_type, shape, logits)
     if logits.shape[1] != shape[0]:
         raise ValueError("soft_embed: shapes do not match")
     out = np.empty((logits.shape[0], shape[1]), dtype=np.float32)
     err = ffi.new("char[]", ERRLEN)
-    check(lib.dg_soft_embed(t, ffi.from_buffer("float[]", logits), logits.shape[0], scale,
+    check(lib.dg_soft_embed(t, ffi.from_buffer("float[]", logits), logits.shape[0], scale, top_k,
                             ffi.from_buffer("float[]", out), threads, err, ERRLEN), err)
     return out
 

@@ -121,9 +121,10 @@ int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float 
 
 /* out[t, :] = scale * sum_v softmax(logits[t, :])[v] * W[v, :] for t < n (logits [n, ne1], out [n, ne0]): the
  * self-conditioning soft embedding, with the active kernel on n_threads threads, exposed for kernel tests. The
- * int8-*bf16 kernels round the probabilities and a quantized W to bfloat16 here (docs/runtime.md). */
-int dg_soft_embed(const dg_tensor *w, const float *logits, int64_t n, float scale, float *out, int n_threads,
-                  char *err, size_t errlen);
+ * int8-*bf16 kernels round the probabilities and a quantized W to bfloat16 here (docs/runtime.md). top_k > 0:
+ * over each token's top_k most probable rows only, renormalised (an approximation; dg_decode's sc_top_k). */
+int dg_soft_embed(const dg_tensor *w, const float *logits, int64_t n, float scale, int top_k, float *out,
+                  int n_threads, char *err, size_t errlen);
 
 /* The attention kernel in use: "blocked" (the default; (kv head, 64 query rows) items, register-tiled scores and
  * values, at the matmul kernel's instruction set) or "per-query" (one (token, head) at a time: the reference), and
@@ -142,9 +143,12 @@ int dg_attention(const float *q, const float *ck, const float *cv, int64_t held,
 /* Decoder pass over a canvas ids[n] at positions length..length+n-1: bidirectional over the cached context
  * (full layers: all of it; sliding layers: the last W-1 positions) plus the canvas, decoder layer scalars,
  * self-conditioning from sc_logits [n, vocab] (NULL: none, i.e. the first step), final norm, tied head,
- * softcap. Writes logits [n, vocab]. Reads the cache, never writes it. */
+ * softcap. Writes logits [n, vocab]. Reads the cache, never writes it.
+ * Cheaper steps, both off by default (exact): sc_top_k > 0 takes the self-conditioning soft embedding over each
+ * position's sc_top_k most probable tokens only (renormalised); head_rows (NULL: every row) flags the rows whose
+ * logits are computed, the others keep what `logits` holds (the previous step's, when a caller reuses it). */
 int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t n, const float *sc_logits,
-              float *logits, char *err, size_t errlen);
+              int sc_top_k, const uint8_t *head_rows, float *logits, char *err, size_t errlen);
 
 /* One sampler step (native/sample.c) over rows of softcapped logits [n, V]: scaled = logits / temp (written to
  * scaled [n, V], the next step's self-conditioning input); per row the first argmax and the entropy (nats) of

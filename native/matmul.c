@@ -356,14 +356,15 @@ static void soft_output(void *ctx, int64_t lo, int64_t hi, int thread) {
     for (int64_t i = lo * j->H; i < hi * j->H; i++) j->out[i] = (float)j->acc[i] * j->scale;
 }
 
-int dg_soft_embed(const dg_tensor *w, const float *logits, int64_t n, float scale, float *out, int n_threads,
-                  char *err, size_t errlen) {
+int dg_soft_embed(const dg_tensor *w, const float *logits, int64_t n, float scale, int top_k, float *out,
+                  int n_threads, char *err, size_t errlen) {
     if (!w || !w->data || !logits || !out || n < 0 || w->ne0 < 1 || w->ne1 < 1 || w->ne2 != 1) {
         snprintf(err, errlen, "dg_soft_embed: bad arguments");
         return DG_E_SHAPE;
     }
     dg_pool *p = pool_new(n_threads);
-    int rc = soft_embed(p, out, logits, w, scale, n, err, errlen);
+    int rc = top_k ? soft_embed_top_k(p, out, logits, w, scale, n, top_k, err, errlen)
+                   : soft_embed(p, out, logits, w, scale, n, err, errlen);
     pool_free(p);
     return rc;
 }
@@ -411,5 +412,105 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
         parallel_for(p, n, soft_tokens, &j);
     }
     parallel_for(p, n, soft_output, &j);
+    return DG_OK;
+}
+
+/* ---- the soft embedding over each token's most probable rows --------------------------------------------- */
+
+typedef struct {
+    float *out;
+    const float *logits;
+    const dg_tensor *w;
+    size_t row_bytes;
+    int64_t H, V;
+    float scale;
+    int k;
+    void **buf;                  /* per thread: k indices, H doubles, H floats (one dequantized row) */
+    int *status;                 /* per thread: -1 a row would not dequantize */
+} top_k_job;
+
+/* a ranks before b: a larger logit, or an equal one at a lower row */
+static int ranks_before(const float *l, int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); }
+
+static void sift_down(int32_t *heap, int k, int i, const float *l) {   /* a heap whose root ranks last */
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= k) return;
+        if (c + 1 < k && ranks_before(l, heap[c], heap[c + 1])) c++;
+        if (!ranks_before(l, heap[i], heap[c])) return;
+        const int32_t t = heap[i];
+        heap[i] = heap[c];
+        heap[c] = t;
+        i = c;
+    }
+}
+
+static int ascending(const void *a, const void *b) { return (*(const int32_t *)a > *(const int32_t *)b) -
+                                                           (*(const int32_t *)a < *(const int32_t *)b); }
+
+/* The k rows that rank first (largest logit, ties to the lower row), in ascending row order. */
+static void top_rows(int32_t *idx, const float *l, int64_t V, int k) {
+    for (int i = 0; i < k; i++) idx[i] = i;
+    for (int i = k / 2 - 1; i >= 0; i--) sift_down(idx, k, i, l);
+    for (int64_t v = k; v < V; v++)
+        if (ranks_before(l, (int32_t)v, idx[0])) {
+            idx[0] = (int32_t)v;
+            sift_down(idx, k, 0, l);
+        }
+    qsort(idx, (size_t)k, sizeof *idx, ascending);
+}
+
+static void top_k_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
+    top_k_job *j = ctx;
+    const int64_t H = j->H;
+    int32_t *idx = j->buf[thread];
+    double *acc = (double *)((char *)j->buf[thread] + ((size_t)j->k * sizeof(int32_t) + 7) / 8 * 8);
+    float *row = (float *)(acc + H);
+    char err[8];
+    for (int64_t t = lo; t < hi; t++) {
+        const float *l = j->logits + t * j->V;
+        top_rows(idx, l, j->V, j->k);
+        float mx = l[idx[0]];
+        for (int i = 1; i < j->k; i++) mx = l[idx[i]] > mx ? l[idx[i]] : mx;
+        double z = 0.0;
+        for (int i = 0; i < j->k; i++) z += exp_nonpositive(l[idx[i]] - mx);
+        memset(acc, 0, (size_t)H * sizeof(double));
+        for (int i = 0; i < j->k; i++) {
+            const double pv = exp_nonpositive(l[idx[i]] - mx) / z;
+            const char *src = (const char *)j->w->data + (size_t)idx[i] * j->row_bytes;
+            if (dg_dequantize_rows(j->w->type, src, row, 1, H, err, sizeof err) != 0) {
+                j->status[thread] = -1;
+                return;
+            }
+            for (int64_t h = 0; h < H; h++) acc[h] += pv * row[h];
+        }
+        for (int64_t h = 0; h < H; h++) j->out[t * H + h] = (float)(acc[h] * j->scale);
+    }
+}
+
+int soft_embed_top_k(dg_pool *p, float *out, const float *logits, const dg_tensor *w, float scale, int64_t n,
+                     int top_k, char *err, size_t errlen) {
+    const int64_t H = w->ne0, V = w->ne1;
+    const size_t rb = checked_row_bytes("soft_embed_top_k", w, err, errlen);
+    if (rb == 0) return DG_E_TYPE;
+    if (top_k < 1 || top_k > V) {
+        snprintf(err, errlen, "soft_embed_top_k: top_k %d is outside 1..%lld", top_k, (long long)V);
+        return DG_E_SHAPE;
+    }
+    const int nt = pool_threads(p);
+    int status[nt];
+    memset(status, 0, sizeof status);
+    const size_t per_thread = ((size_t)top_k * sizeof(int32_t) + 7) / 8 * 8 + (size_t)H * (sizeof(double) + sizeof(float));
+    top_k_job j = {out, logits, w, rb, H, V, scale, top_k, pool_scratch(p, SCRATCH_ROWS, per_thread), status};
+    if (!j.buf) {
+        snprintf(err, errlen, "soft_embed_top_k: out of memory");
+        return DG_E_VALUE;
+    }
+    parallel_for(p, n, top_k_tokens, &j);
+    for (int i = 0; i < nt; i++)
+        if (status[i]) {
+            snprintf(err, errlen, "soft_embed_top_k: cannot dequantize a row of type %d", w->type);
+            return DG_E_TYPE;
+        }
     return DG_OK;
 }

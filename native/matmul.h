@@ -31,5 +31,10 @@ int matmul_grouped(dg_pool *p, float *out, const float *x, const dg_tensor *w, c
  * the soft embedding of a distribution over W's rows; out is [n, ne0]. */
 int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, float scale, int64_t n,
                char *err, size_t errlen);
+/* The same over each token's top_k most probable rows only, their probabilities renormalised to sum to 1: p[t, v]
+ * = exp(l[v] - max) / sum over the top_k of exp(l[u] - max). Ties at the cut keep the lower row; the rows are
+ * summed in ascending order in double, then scaled and rounded once, so the thread count never changes a bit. */
+int soft_embed_top_k(dg_pool *p, float *out, const float *logits, const dg_tensor *w, float scale, int64_t n,
+                     int top_k, char *err, size_t errlen);
 
 #endif

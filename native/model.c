@@ -315,13 +315,15 @@ static int gated_mlp(run_state *s, float *out, const float *x, const dg_tensor *
 /* Decoder input: h = rms(e + SC(s)), s = softmax(sc_logits) @ E * embed_scale,
  * SC(s) = down(gelu(gate(rms_w(s, pre_norm))) * up(rms_w(s, pre_norm))). No sc_logits: h = rms(e). */
 static int decoder_input(const dg_model *m, run_state *s, const int32_t *ids, const float *sc_logits,
-                         char *err, size_t errlen) {
+                         int sc_top_k, char *err, size_t errlen) {
     const int64_t n = s->n, H = m->hidden;
     int rc;
     if ((rc = embed(m, s->h, ids, n, err, errlen)) != DG_OK) return rc;
     if (sc_logits) {
-        if ((rc = soft_embed(s->pool, s->x, sc_logits, &m->token_embd, m->embed_scale, n, err, errlen)) != DG_OK)
-            return rc;
+        rc = sc_top_k ? soft_embed_top_k(s->pool, s->x, sc_logits, &m->token_embd, m->embed_scale, n, sc_top_k, err,
+                                         errlen)
+                      : soft_embed(s->pool, s->x, sc_logits, &m->token_embd, m->embed_scale, n, err, errlen);
+        if (rc != DG_OK) return rc;
         rmsnorm_rows(s->pool, s->x, s->x, m->sc_pre_norm.data, n, H, m->eps);
         if ((rc = gated_mlp(s, s->tmp, s->x, &m->sc_gate, &m->sc_up, &m->sc_down, n, err, errlen)) != DG_OK)
             return rc;
@@ -556,13 +558,26 @@ static int ffn_block(const dg_model *m, const dg_layer *ly, run_state *s, float 
     return DG_OK;
 }
 
-/* logits = softcap * tanh(rms_w(h, output_norm) . E^T / softcap), E the tied embedding in its stored type. */
-static int head(const dg_model *m, run_state *s, float *logits, char *err, size_t errlen) {
-    const int64_t n = s->n, H = m->hidden;
-    rmsnorm_rows(s->pool, s->x, s->h, m->output_norm.data, n, H, m->eps);
-    int rc = matmul(s->pool, logits, s->x, &m->token_embd, 0, n, err, errlen);
+/* logits = softcap * tanh(rms_w(h, output_norm) . E^T / softcap), E the tied embedding in its stored type; with
+ * rows, only for the flagged rows (gathered into one matmul, which reads E once, then put in their places). */
+static int head(const dg_model *m, run_state *s, float *logits, const uint8_t *rows, char *err, size_t errlen) {
+    const int64_t n = s->n, H = m->hidden, V = m->vocab;
+    int64_t k = n;
+    if (rows) {
+        k = 0;
+        for (int64_t t = 0; t < n; t++)
+            if (rows[t]) memcpy(s->tmp + k++ * H, s->h + t * H, (size_t)H * sizeof(float));
+        if (k == 0) return DG_OK;
+    }
+    rmsnorm_rows(s->pool, s->x, k == n ? s->h : s->tmp, m->output_norm.data, k, H, m->eps);
+    float *out = k == n ? logits : pool_shared(s->pool, SHARED_HEAD, (size_t)(k * V) * sizeof(float));
+    if (!out) FAIL(DG_E_VALUE, "out of memory for the logits of %lld rows", (long long)k);
+    int rc = matmul(s->pool, out, s->x, &m->token_embd, 0, k, err, errlen);
     if (rc != DG_OK) return rc;
-    if (m->softcap > 0.0f) softcap(s->pool, logits, n, m->vocab, m->softcap);
+    if (m->softcap > 0.0f) softcap(s->pool, out, k, V, m->softcap);
+    if (out != logits)
+        for (int64_t t = 0, r = 0; t < n; t++)
+            if (rows[t]) memcpy(logits + t * V, out + r++ * V, (size_t)V * sizeof(float));
     return DG_OK;
 }
 
@@ -603,13 +618,15 @@ done:
 }
 
 int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t n, const float *sc_logits,
-              float *logits, char *err, size_t errlen) {
+              int sc_top_k, const uint8_t *head_rows, float *logits, char *err, size_t errlen) {
     int rc;
     if ((rc = dg_check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
         (rc = check_ids(m, ids, n, err, errlen)) != DG_OK)
         return rc;
     if (n == 0) return DG_OK;
     if (!logits) FAIL(DG_E_VALUE, "no logits buffer");
+    if (sc_top_k < 0 || sc_top_k > m->vocab)
+        FAIL(DG_E_SHAPE, "sc_top_k %d is outside 0..%d (0: the whole vocabulary)", sc_top_k, m->vocab);
     /* The cache's contents stay const; its lock and worker pool are the only state a pass takes over. */
     pthread_mutex_t *in_use = &((dg_cache *)c)->in_use;
     if (pthread_mutex_trylock(in_use) != 0) FAIL(DG_E_VALUE, "the cache is in use by another call");
@@ -618,13 +635,13 @@ int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t 
         pthread_mutex_unlock(in_use);
         return rc;
     }
-    if ((rc = decoder_input(m, &s, ids, sc_logits, err, errlen)) != DG_OK) goto done;
+    if ((rc = decoder_input(m, &s, ids, sc_logits, sc_top_k, err, errlen)) != DG_OK) goto done;
     for (int l = 0; l < m->n_layers; l++) {
         const dg_layer *ly = &m->layers[l];
         if ((rc = attention_block(m, ly, &s, &c->layers[l], NULL, c->length, 0, err, errlen)) != DG_OK) goto done;
         if ((rc = ffn_block(m, ly, &s, ly->dec_scale, err, errlen)) != DG_OK) goto done;
     }
-    rc = head(m, &s, logits, err, errlen);
+    rc = head(m, &s, logits, head_rows, err, errlen);
 done:
     pthread_mutex_unlock(in_use);
     return rc;

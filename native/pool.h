@@ -20,11 +20,13 @@ int pool_threads(const dg_pool *p);
  * slot's buffers are replaced when they are too small or over 4x the request. NULL when out of memory. A slot's
  * contents are only valid until its next request, so each user has its own slot. */
 enum { SCRATCH_ROWS, SCRATCH_SOFT_PROBS, SCRATCH_SOFT_PAIRS, SCRATCH_SOFT_BLOCK };                /* pool_scratch */
-enum { SHARED_PASS, SHARED_SOFT_STATS, SHARED_SOFT_ACC, SHARED_SOFT_ROWS, SHARED_MATMUL_ACT };   /* pool_shared */
-enum { POOL_SLOTS = 5 };
+enum { SHARED_PASS, SHARED_SOFT_STATS, SHARED_SOFT_ACC, SHARED_SOFT_ROWS, SHARED_MATMUL_ACT,     /* pool_shared */
+       SHARED_HEAD };
+enum { POOL_SLOTS = 6 };
 void **pool_scratch(dg_pool *p, int slot, size_t bytes);
 void *pool_shared(dg_pool *p, int slot, size_t bytes);
-/* Calls fn(ctx, lo, hi, thread) over contiguous chunks of [0, n), one per thread, and waits for all. */
+/* Calls fn(ctx, lo, hi, thread) over contiguous pieces of [0, n) (a few per thread, claimed as the threads come
+ * free; `thread` says whose scratch to use) and waits for all. */
 void parallel_for(dg_pool *p, int64_t n, void (*fn)(void *ctx, int64_t lo, int64_t hi, int thread), void *ctx);
 
 #endif

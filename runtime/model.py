@@ -206,7 +206,8 @@ class Model:
 
     def generate(self, prompt_ids, max_new_tokens: int = 256, seed: int | None = None, draws=None,
                  early_stop: bool = True, on_step=None, on_canvas=None, context: Context | None = None,
-                 pin_prefix: bool = False, on_report=None, **overrides) -> GenerationResult:
+                 pin_prefix: bool = False, on_report=None, sc_top_k: int = 0, head_reuse: float = 0.0,
+                 **overrides) -> GenerationResult:
         """Generate whole canvases after the prompt (no BOS added: ids are used verbatim).
 
         draws(kind, canvas_index, step, scaled_logits=None) replaces the seeded random source (see
@@ -217,10 +218,17 @@ class Model:
         already holds of it (a conversation); by default a fresh cache.
         pin_prefix and on_report(canvas_index, StepReport) are the sampler's (sampler.denoise_canvas): a prefix
         of each canvas made final before it ends, and what each step decided (dgguf serve streams with them).
+        Cheaper steps, off by default (approximations; docs/benchmarks.md measures what they cost): sc_top_k > 0
+        self-conditions on each position's sc_top_k most probable tokens; head_reuse > 0 recomputes the logits
+        only of positions not yet settled (sampler.denoise_canvas).
         """
         prompt = self._ids(prompt_ids, "prompt_ids")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise DggufError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if isinstance(sc_top_k, bool) or not isinstance(sc_top_k, int) or not 0 <= sc_top_k <= self.config.vocab_size:
+            raise DggufError(f"sc_top_k must be an integer in 0..{self.config.vocab_size} (0: exact), got {sc_top_k!r}")
+        if isinstance(head_reuse, bool) or not isinstance(head_reuse, (int, float)) or not 0 <= head_reuse < math.inf:
+            raise DggufError(f"head_reuse must be a finite number >= 0 (nats; 0: exact), got {head_reuse!r}")
         sc = self.sampler_config(**overrides)
         if not early_stop:
             sc = replace(sc, confidence_threshold=0.0)   # mean entropy is never below 0: no early stop
@@ -250,18 +258,19 @@ class Model:
             if c > 0:
                 context.append(out[-C:])
 
-            def logits_fn(canvas, sc_logits, c=c):
+            def logits_fn(canvas, sc_logits, rows=None, c=c):
                 nonlocal decode_time
                 if on_step is not None:
                     on_step(c, canvas)
                 t = time.perf_counter()
-                logits = cache.decode(np.asarray(canvas, dtype=np.int32), sc_logits, out=logits_buf)
+                logits = cache.decode(np.asarray(canvas, dtype=np.int32), sc_logits, out=logits_buf,
+                                      sc_top_k=sc_top_k, head_rows=rows)
                 decode_time += time.perf_counter() - t
                 return logits
 
             report = None if on_report is None else (lambda r, c=c: on_report(c, r))
             res = denoise_canvas(logits_fn, draws, sc, canvas_index=c, threads=self.native.threads,
-                                 pin_prefix=pin_prefix, on_report=report)
+                                 pin_prefix=pin_prefix, on_report=report, head_reuse=head_reuse)
             ids, stop = commit_canvas(res.tokens, self.config.eos_token_ids, self.config.pad_token_id)
             out.extend(int(i) for i in ids)
             stats.steps_per_canvas.append(res.steps)

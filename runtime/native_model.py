@@ -124,12 +124,17 @@ class NativeCache:
         check(lib.dg_encode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), a.size, err, ERRLEN),
                err)
 
-    def decode(self, ids: np.ndarray, sc_logits: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    def decode(self, ids: np.ndarray, sc_logits: np.ndarray | None = None, out: np.ndarray | None = None,
+               sc_top_k: int = 0, head_rows: np.ndarray | None = None) -> np.ndarray:
         """Canvas logits float32 [n, V] for ids at positions length..length+n-1; sc_logits [n, V] float32
         (the previous step's processed logits) or None for the first step. out: a float32 [n, V] array to write
-        the logits into (not sc_logits), so a denoising loop does not fault in fresh pages every step."""
+        the logits into (not sc_logits), so a denoising loop does not fault in fresh pages every step.
+        Cheaper steps (dgguf.h's dg_decode): sc_top_k > 0 self-conditions on each position's sc_top_k most probable
+        tokens only; head_rows (bool [n]) computes the logits of those rows only, the others keep out's."""
         a = token_ids(ids, self.model.cfg.vocab_size, "decode")
         n, V = a.size, self.model.cfg.vocab_size
+        if head_rows is not None and out is None:
+            raise DggufError("decode: head_rows needs out (the rows not computed keep out's logits)")
         sc = ffi.NULL
         if sc_logits is not None:
             float_rows(sc_logits, (n, V), "decode: sc_logits")
@@ -140,9 +145,15 @@ class NativeCache:
             float_rows(out, (n, V), "decode: out")
             if sc_logits is not None and np.shares_memory(out, sc_logits):
                 raise DggufError("decode: out must not overlap sc_logits")
+        rows = ffi.NULL
+        if head_rows is not None:
+            flags = np.ascontiguousarray(head_rows, dtype=np.uint8)
+            if flags.shape != (n,):
+                raise DggufError(f"decode: head_rows must have {n} entries, got shape {flags.shape}")
+            rows = ffi.from_buffer("uint8_t[]", flags)
         err = ffi.new("char[]", ERRLEN)
-        check(lib.dg_decode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), n, sc,
-                             ffi.from_buffer("float[]", out), err, ERRLEN), err)
+        check(lib.dg_decode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), n, sc, int(sc_top_k), rows,
+                            ffi.from_buffer("float[]", out), err, ERRLEN), err)
         return out
 
     def truncate(self, n: int) -> None:

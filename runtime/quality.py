@@ -151,12 +151,14 @@ def canvas_metrics(ref, quant, ids: list[int], bos: int | None, seed: int, segme
     return reports, all_kl, all_agree
 
 
-def generation_metrics(ref, quant, prompts: list[list[int]], new_tokens: int, seed: int) -> dict:
-    """Full generations of both models from each prompt with the same seed: agreement and steps."""
+def generation_metrics(ref, quant, prompts: list[list[int]], new_tokens: int, seed: int,
+                       options: dict | None = None) -> dict:
+    """Full generations of both models from each prompt with the same seed: agreement and steps. options: the
+    quant side's generate options (the cheaper steps, e.g. sc_top_k, head_reuse)."""
     agree, ref_steps, quant_steps, seconds = [], [], [], []
     for i, prompt in enumerate(prompts):
         r = exact(ref.generate, prompt, max_new_tokens=new_tokens, seed=seed + i)
-        q = quant.generate(prompt, max_new_tokens=new_tokens, seed=seed + i)
+        q = quant.generate(prompt, max_new_tokens=new_tokens, seed=seed + i, **(options or {}))
         agree.append(position_agreement(r.ids, q.ids))
         ref_steps += r.stats.steps_per_canvas
         quant_steps += q.stats.steps_per_canvas
@@ -168,8 +170,10 @@ def generation_metrics(ref, quant, prompts: list[list[int]], new_tokens: int, se
 
 
 def evaluate(ref, quant, text: str, seed: int = 0, max_tokens: int | None = None, segment: int | None = None,
-             prompts: int = 8, prompt_tokens: int | None = None, new_tokens: int | None = None) -> QualityReport:
-    """Compare two loaded Models (runtime.model.Model) on a held-out text; see the module docstring."""
+             prompts: int = 8, prompt_tokens: int | None = None, new_tokens: int | None = None,
+             options: dict | None = None) -> QualityReport:
+    """Compare two loaded Models (runtime.model.Model) on a held-out text; see the module docstring. options:
+    generate options for the quant's generations (the cheaper steps); the canvas metrics run without them."""
     _check_pair(ref, quant)
     C = ref.config.canvas_length
     tok = ref.tokenizer
@@ -188,7 +192,7 @@ def evaluate(ref, quant, text: str, seed: int = 0, max_tokens: int | None = None
     new_tokens = new_tokens or 2 * C
     starts = np.linspace(0, max(0, len(ids) - prompt_tokens), num=prompts, dtype=np.int64)
     prompt_ids = [([bos] if bos is not None else []) + ids[s:s + prompt_tokens] for s in starts]
-    gen = generation_metrics(ref, quant, prompt_ids, new_tokens, seed)
+    gen = generation_metrics(ref, quant, prompt_ids, new_tokens, seed, options)
     return QualityReport(tokens=len(ids), positions=int(all_kl.size), kl_mean=float(all_kl.mean()),
                          kl_p99=float(np.percentile(all_kl, 99)), top1=float(all_agree.mean()),
                          by_noise=by_noise, **gen)

@@ -214,7 +214,8 @@ class StepReport:
 
 
 def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConfig, canvas_index: int = 0,
-                   threads: int = 1, pin_prefix: bool = False, on_report: Callable | None = None):
+                   threads: int = 1, pin_prefix: bool = False, on_report: Callable | None = None,
+                   head_reuse: float = 0.0):
     """Run the denoising loop of one canvas, as the reference's inner loop does for a batch of one.
 
     canvas_logits(canvas_ids int64[C], sc) -> softcapped logits [C, V] float32, where sc is None on the first
@@ -242,6 +243,11 @@ def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConf
     there. The denoising itself (canvases, draws, stopping) is unchanged; only the committed tokens at pinned
     positions can differ from the reference's, where an argmax flips after pinning. on_report(StepReport) is
     called after each step.
+
+    head_reuse > 0 (off by default: an approximation) recomputes the logits only of positions still settling:
+    after a step, a position that was accepted, is stable and whose entropy is below head_reuse nats is settled,
+    and the next step calls canvas_logits(canvas, sc, rows) with rows flagging the others, so a settled position
+    keeps its previous logits (the caller's buffer keeps them).
     """
     canvas = draws("init", canvas_index, config.steps)
     # The reference starts the history at -1, which no argmax equals, so the first step is never stable.
@@ -251,8 +257,10 @@ def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConf
     scaled_bufs = [None, None]   # this step's scaled logits, and the previous step's (being read as sc)
     pinned = np.zeros(len(canvas), dtype=np.int64)
     n_pinned = 0
+    rows = None                  # head_reuse: the positions whose logits the next step computes (None: all)
     for step in range(config.steps, 0, -1):
-        logits = np.ascontiguousarray(canvas_logits(canvas, sc), dtype=np.float32)
+        logits = canvas_logits(canvas, sc, rows) if head_reuse > 0 else canvas_logits(canvas, sc)
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
         temp = temperature(step, config.steps, config.t_min, config.t_max)
         uniforms = draws.sample_uniforms(canvas_index, step, len(logits)) if isinstance(draws, SeededDraws) else None
         if scaled_bufs[0] is None or scaled_bufs[0].shape != logits.shape:
@@ -265,8 +273,10 @@ def denoise_canvas(canvas_logits: Callable, draws: Callable, config: SamplerConf
         canvas = np.where(accept, sampled, draws("noise", canvas_index, step))
 
         stable = all(np.array_equal(argmax, past) for past in history)
-        if pin_prefix or on_report is not None:
+        if pin_prefix or on_report is not None or head_reuse > 0:
             stable_at = np.logical_and.reduce([argmax == past for past in history])
+            if head_reuse > 0:
+                rows = ~(accept & stable_at & (entropy < head_reuse))
             if pin_prefix:
                 final = accept & stable_at & (sampled == argmax)
                 n = len(final) if final.all() else int(final.argmin())

@@ -1,7 +1,7 @@
 """One model, one generation at a time, in arrival order, behind a bounded queue.
 
 The worker thread runs the model (its native calls release the GIL, so the event loop keeps serving) and turns
-each step into events for the request's asyncio queue: deltas of final text (server/textstream.py), whole
+each step into events for the request's asyncio queue: deltas of final text (runtime/textstream.py), whole
 canvases for viewers, and the end. Requests are cancelled (client gone) or timed out at the next step.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from dgguf.core.errors import DggufError
 
-from .textstream import Delta, TextStream, open_tail_for
+from dgguf.runtime.textstream import Delta, TextStream, open_tail_for
 
 log = logging.getLogger("dgguf.server")
 

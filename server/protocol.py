@@ -12,7 +12,7 @@ from dgguf.cli.run import NEAR_GREEDY   # --temp's mapping: temperature 0 means 
 from dgguf.core.errors import DggufError
 
 from .engine import Final, Params
-from .textstream import Delta
+from dgguf.runtime.textstream import Delta
 
 SAMPLER_OPTIONS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
                    "confidence_threshold")

@@ -363,7 +363,7 @@ def test_bad_ids_and_shapes_raise_dggufferror(cases):
     err = ffi.new("char[]", 256)
     ids = np.array([3, V + 7], dtype=np.int32)
     out = np.empty((2, V), dtype=np.float32)
-    rc = lib.dg_decode(cache.model._model, cache._c, ffi.from_buffer("int32_t[]", ids), 2, ffi.NULL,
+    rc = lib.dg_decode(cache.model._model, cache._c, ffi.from_buffer("int32_t[]", ids), 2, ffi.NULL, 0, ffi.NULL,
                        ffi.from_buffer("float[]", out), err, 256)
     assert rc != 0 and b"outside the vocabulary" in ffi.string(err)
     rc = lib.dg_encode(cache.model._model, cache._c, ffi.from_buffer("int32_t[]", ids), 2, err, 256)

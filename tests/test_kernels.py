@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dgguf.core import native
+from dgguf.core.errors import DggufError
 from dgguf.format.quant_types import TENSOR_TYPES
 
 KERNELS = native.matmul_kernels()
@@ -245,6 +246,39 @@ def test_bf16_soft_embedding_equals_its_reference_bit_for_bit_for_any_thread_cou
                         (k, threads, n, V, H)
     finally:
         native.set_matmul_kernel(before)
+
+
+def top_k_reference(logits, wf, k, scale):
+    """float64: each row's k largest logits (ties to the lower row), softmax over them alone, times their rows."""
+    out = np.zeros((len(logits), wf.shape[1]))
+    for t, row in enumerate(logits):
+        idx = np.sort(np.argsort(-row, kind="stable")[:k])
+        z = row[idx].astype(np.float64)
+        p = np.exp(z - z.max())
+        out[t] = scale * (p / p.sum()) @ wf[idx].astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("type_name", ["F32", "BF16", "Q8_0", "Q6_K", "Q4_K"])
+def test_top_k_soft_embedding_matches_its_float64_reference_for_any_thread_count(type_name):
+    """The cheaper self-conditioning (dg_decode's sc_top_k): the k most probable rows, renormalised, summed in
+    double; ties at the cut go to the lower row (repeated logits make ties)."""
+    rng = np.random.default_rng(7)
+    for n, V, H in SOFT_SHAPES:
+        if H % TENSOR_TYPES[type_name].block_size:
+            continue
+        raw, wf, t = stored(rng, V, H, type_name)
+        logits = np.round(rng.standard_normal((n, V)) * 3, 1).astype(np.float32)   # rounded: many ties
+        for k in sorted({1, 2, min(V, 16), V}):
+            want = top_k_reference(logits, wf, k, 1.5)
+            got = [native.soft_embed(raw, t.ggml, (V, H), logits, scale=1.5, threads=th, top_k=k) for th in (1, 2, 3)]
+            assert np.array_equal(got[0], got[1]) and np.array_equal(got[0], got[2])
+            assert np.allclose(got[0], want, rtol=1e-5, atol=1e-6), (type_name, n, V, H, k)
+        full = native.soft_embed(raw, t.ggml, (V, H), logits, scale=1.5, threads=2, top_k=V)
+        assert np.allclose(full, 1.5 * softmax64(logits) @ wf.astype(np.float64), rtol=1e-5, atol=1e-6)
+    raw, _, t = stored(rng, 8, 256, type_name)
+    with pytest.raises(DggufError, match="top_k 9 is outside 1..8"):
+        native.soft_embed(raw, t.ggml, (8, 256), np.zeros((2, 8), np.float32), top_k=9)
 
 
 def test_soft_embedding_rejects_mismatched_shapes_and_bad_arguments():

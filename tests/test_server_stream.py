@@ -9,7 +9,7 @@ import pytest
 
 from dgguf.runtime.chat import parse_reply
 from dgguf.runtime.sampler import SamplerConfig, SeededDraws, denoise_canvas
-from dgguf.server.textstream import (CHAT_MARKERS, TextStream, first_stop, held_back, open_tail_for,
+from dgguf.runtime.textstream import (CHAT_MARKERS, TextStream, first_stop, held_back, open_tail_for,
                                      partial_reply)
 
 V, C = 40, 12

@@ -528,10 +528,10 @@ static void check_decode(void) {
         MUST(dg_encode(m, cc, prompt.data(), 25, err, sizeof err));   /* two encoder passes, as generation does */
         MUST(dg_encode(m, cc, prompt.data() + 25, P - 25, err, sizeof err));
         std::vector<float> cpu1(C * V), cpu2(C * V), sc(C * V);
-        MUST(dg_decode(m, cc, canvas.data(), C, NULL, cpu1.data(), err, sizeof err));
+        MUST(dg_decode(m, cc, canvas.data(), C, NULL, 0, NULL, cpu1.data(), err, sizeof err));
         const float temp = 0.8f;
         for (int64_t i = 0; i < C * V; i++) sc[i] = cpu1[i] / temp;
-        MUST(dg_decode(m, cc, canvas.data(), C, sc.data(), cpu2.data(), err, sizeof err));
+        MUST(dg_decode(m, cc, canvas.data(), C, sc.data(), 0, NULL, cpu2.data(), err, sizeof err));
         dg_cache_free(cc);
         const double scale1 = max_abs(cpu1), scale2 = max_abs(cpu2);
 

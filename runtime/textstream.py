@@ -1,6 +1,6 @@
-"""Final ids → final text, as deltas that are never taken back.
+"""Final ids → final text, as deltas that are never taken back (`dgguf run`'s output and `dgguf serve`'s stream).
 
-The server hands a `TextStream` the ids that can no longer change (whole committed canvases, then the pinned
+A `TextStream` gets the ids that can no longer change (whole committed canvases, and for the server the pinned
 prefix of the canvas being denoised: see sampler.denoise_canvas(pin_prefix=True)); they only ever grow at the
 end. Their text is sent once it can no longer change either:
 - a trailing run of byte-fallback tokens waits for the token that closes it (until then its bytes may still
@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from dgguf.runtime.chat import (END_MARKERS, ToolCall, _CALL_CLOSE, _CALL_OPEN, _CH_CLOSE, _CH_OPEN, _Malformed,
+from .chat import (END_MARKERS, ToolCall, _CALL_CLOSE, _CALL_OPEN, _CH_CLOSE, _CH_OPEN, _Malformed,
                                 _TURN_START, _parse_call, _skip_ws, parse_reply)
 
 _THOUGHT = "thought"
