@@ -66,7 +66,7 @@ def build_sanitized_tree(out: Path) -> Path:
     so = _builder(None).compile(tmpdir=str(out / "build"), verbose=False)
     dest = pkg / "core" / Path(so).name
     shutil.copy2(so, dest)
-    print(f"sanitized library: {dest}", file=sys.stderr)
+    print(f"{'sanitized ' if SANITIZE else ''}native library: {dest}", file=sys.stderr)
     return dest
 
 

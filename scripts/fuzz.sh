@@ -6,7 +6,9 @@
 #
 #   scripts/fuzz.sh [SECONDS] [WORKDIR] [TARGETS]     defaults: 1800 s, build/fuzz, "gguf hf"
 #   FUZZ_JOBS=2 scripts/fuzz.sh ...                   targets in parallel, one process each
-#   FUZZ_SANITIZE=1 scripts/fuzz.sh ...               native code under ASan + UBSan (builds build/sanitize once)
+#   FUZZ_SANITIZE=1 scripts/fuzz.sh 0 WORKDIR         replay WORKDIR's corpus and seeds on the ASan + UBSan build
+#       (builds build/sanitize once). Not fuzzing: atheris's coverage needs its own libFuzzer, which gcc's preloaded
+#       ASan runtime displaces, so under sanitizers the inputs the coverage-guided runs kept are run once each.
 #
 # Reproduce: python scripts/fuzz.py replay TARGET FILE. Summary: WORKDIR/summary.txt.
 set -uo pipefail
@@ -21,9 +23,20 @@ WORK=$(cd "$WORK" && pwd)
 
 if [ "${FUZZ_SANITIZE:-0}" = 1 ]; then
     [ -e build/sanitize/dgguf/core ] || DGGUF_SANITIZE=1 $PY native/build_native.py build/sanitize
-    export PYTHONPATH="$PWD/build/sanitize${PYTHONPATH:+:$PYTHONPATH}"
-    export LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
-    export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1" UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+    for t in $TARGETS; do
+        files=$(find "$WORK/corpus/$t" "$WORK/seeds/$t" -type f 2>/dev/null)
+        [ -n "$files" ] || continue
+        start=$SECONDS
+        # shellcheck disable=SC2086
+        PYTHONPATH="$PWD/build/sanitize${PYTHONPATH:+:$PYTHONPATH}" LD_PRELOAD="$(gcc -print-file-name=libasan.so)" \
+            ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+            $PY scripts/fuzz.py replay "$t" $files > "$WORK/sanitized-$t.log" 2>&1
+        rc=$?
+        echo "sanitized replay $t: $(echo "$files" | wc -l) inputs, exit $rc, $((SECONDS - start)) s," \
+             "$(grep -c ': ok (' "$WORK/sanitized-$t.log") ok" | tee -a "$WORK/summary.txt"
+        [ $rc -ne 0 ] && grep -a -m5 "FINDING\|runtime error\|ERROR: AddressSanitizer" "$WORK/sanitized-$t.log"
+    done
+    exit 0
 fi
 
 fuzz_target() {
