@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "compat.h"           /* dg_fmaf */
 #include "gemm.h"             /* the per-query reference's tile and axpy */
 #include "ops.h"              /* exp_nonpositive, softmax */
 #include "quant_internal.h"   /* DG_CLONES */
@@ -147,7 +148,7 @@ static void values_ref(float *const *out, int nr, const float *st, const float *
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < d; c++) {
             float acc = out[r][c];
-            for (int64_t j = 0; j < nk; j++) acc = fmaf(st[j * ROWS + r], v[j * stride + c], acc);
+            for (int64_t j = 0; j < nk; j++) acc = dg_fmaf(st[j * ROWS + r], v[j * stride + c], acc);
             out[r][c] = acc;
         }
 }

@@ -5,6 +5,7 @@ function (target attributes) and are chosen at run time, so no -march here.
 """
 import os
 import re
+import sys
 from pathlib import Path
 
 from cffi import FFI
@@ -39,7 +40,8 @@ def _builder(base: Path | None) -> FFI:
         # -fno-trapping-math lets selects on floats vectorize (we never read FP exception flags); values unchanged
         extra_compile_args=["-std=c11", "-O1" if SANITIZE else "-O3", "-fno-strict-aliasing", "-fno-trapping-math",
                             "-Wall", "-Wextra", "-Wno-unused-parameter"] + (_SANITIZER_FLAGS if SANITIZE else []),
-        extra_link_args=_SANITIZER_FLAGS if SANITIZE else [],
+        # Windows (mingw-w64, pyproject.toml's cibuildwheel notes): libgcc and winpthreads linked in, no MinGW DLLs
+        extra_link_args=(_SANITIZER_FLAGS if SANITIZE else []) + (["-static"] if sys.platform == "win32" else []),
     )
     return b
 

@@ -1,7 +1,20 @@
-/* cpu.c: run-time CPU feature detection for the kernel dispatchers. */
+/* cpu.c: run-time CPU feature detection for the kernel dispatchers, and compat.h's CPU count and aligned
+ * memory. */
+#ifndef _WIN32
+#define _POSIX_C_SOURCE 200809L   /* sysconf */
+#endif
 #include <pthread.h>
+#include <stdlib.h>
 
+#include "compat.h"
 #include "dgguf.h"
+
+#ifdef _WIN32
+#include <malloc.h>
+#include <windows.h>
+#else
+#include <unistd.h>
+#endif
 
 static char features[96] = "scalar";
 static pthread_once_t features_once = PTHREAD_ONCE_INIT;
@@ -26,4 +39,28 @@ static void detect_features(void) {
 const char *dg_cpu_features(void) {
     pthread_once(&features_once, detect_features);
     return features;
+}
+
+long dg_cpu_count(void) {
+#ifdef _WIN32
+    return (long)GetActiveProcessorCount(ALL_PROCESSOR_GROUPS);
+#else
+    return sysconf(_SC_NPROCESSORS_ONLN);
+#endif
+}
+
+void *dg_aligned_alloc(size_t align, size_t bytes) {
+#ifdef _WIN32
+    return _aligned_malloc(bytes, align);
+#else
+    return aligned_alloc(align, bytes);
+#endif
+}
+
+void dg_aligned_free(void *p) {
+#ifdef _WIN32
+    _aligned_free(p);
+#else
+    free(p);
+#endif
 }

@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "compat.h"   /* dg_fmaf */
 #include "gemm.h"
 #include "quant_internal.h"
 
@@ -726,14 +727,14 @@ static float dot_int8_ref(const wgt_group *w, const act_group *x, int64_t ng, co
     for (int64_t g = 0; g < ng; g++, w++, x++)
         for (int l = 0; l < 16; l++) {
             if (t->split) {
-                acc[l] = fmaf((float)(x->ia[l] + lane_dot(w, x, l, 0, 4)), w->sa[l] * x->d[l], acc[l]);
-                acc[l] = fmaf((float)(x->ib[l] + lane_dot(w, x, l, 4, 8)), w->sb[l] * x->d[l], acc[l]);
+                acc[l] = dg_fmaf((float)(x->ia[l] + lane_dot(w, x, l, 0, 4)), w->sa[l] * x->d[l], acc[l]);
+                acc[l] = dg_fmaf((float)(x->ib[l] + lane_dot(w, x, l, 4, 8)), w->sb[l] * x->d[l], acc[l]);
             } else {
-                acc[l] = fmaf((float)(x->ia[l] + lane_dot(w, x, l, 0, 8)), w->sa[l] * x->d[l], acc[l]);
+                acc[l] = dg_fmaf((float)(x->ia[l] + lane_dot(w, x, l, 0, 8)), w->sa[l] * x->d[l], acc[l]);
             }
             if (t->mins) {
-                acc[l] = fmaf(x->ma[l], w->wa[l], acc[l]);
-                if (t->split) acc[l] = fmaf(x->mb[l], w->wb[l], acc[l]);
+                acc[l] = dg_fmaf(x->ma[l], w->wa[l], acc[l]);
+                if (t->split) acc[l] = dg_fmaf(x->mb[l], w->wb[l], acc[l]);
             }
         }
     return fold16(acc);

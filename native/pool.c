@@ -2,13 +2,13 @@
  * threads claim as they come) and the scratch buffers it keeps from call to call, per thread (pool_scratch)
  * or shared (pool_shared). See pool.h.
  */
-#define _POSIX_C_SOURCE 200809L
 #include "pool.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
-#include <unistd.h>
+
+#include "compat.h"
 
 /* ---- thread pool ------------------------------------------------------------------------------------
  * A pass makes a few hundred parallel_for calls, most of them short: sleeping on a condition variable between
@@ -129,7 +129,7 @@ dg_pool *pool_new(int n_threads) {
     p->workers = calloc((size_t)n_threads - 1, sizeof *p->workers);
     if (!p->workers) return p;
     /* a spinning thread would hold a CPU that a working one is waiting for */
-    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    const long cpus = dg_cpu_count();
     p->spin = cpus > 0 && n_threads > cpus ? 0 : SPIN_ROUNDS;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->work, NULL);
@@ -155,9 +155,9 @@ static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 static void *fit(void **buf, size_t *have, size_t bytes) {
     bytes = round64(bytes ? bytes : 64);
     if (*buf && bytes <= *have && bytes >= *have / 4) return *buf;
-    free(*buf);
+    dg_aligned_free(*buf);
     *have = 0;
-    if ((*buf = aligned_alloc(64, bytes))) *have = bytes;
+    if ((*buf = dg_aligned_alloc(64, bytes))) *have = bytes;
     return *buf;
 }
 
@@ -184,9 +184,9 @@ void *pool_shared(dg_pool *p, int slot, size_t bytes) {
 void pool_free(dg_pool *p) {
     if (!p) return;
     for (int k = 0; k < POOL_SLOTS; k++) {
-        for (int i = 0; p->scratch[k] && i < p->n; i++) free(p->scratch[k][i]);
+        for (int i = 0; p->scratch[k] && i < p->n; i++) dg_aligned_free(p->scratch[k][i]);
         free(p->scratch[k]);
-        free(p->shared[k]);
+        dg_aligned_free(p->shared[k]);
     }
     if (p->workers) {
         pthread_mutex_lock(&p->mu);

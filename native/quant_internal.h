@@ -174,8 +174,9 @@ DG_HOST_DEVICE static inline void unpack_scales_k4(const uint8_t *in, uint8_t *l
 }
 
 /* Per-CPU clones of plain loops that vectorise well (GCC picks one at load time through an ifunc): the same
- * C, so the same IEEE operations and the same bits; -std=c11 keeps multiply-adds unfused. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+ * C, so the same IEEE operations and the same bits; -std=c11 keeps multiply-adds unfused. Windows has no ifunc:
+ * there (and with -DDG_NO_CLONES, to compare) these loops compile for baseline x86-64 only (compat.h). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(_WIN32) && !defined(DG_NO_CLONES)
 #define DG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DG_CLONES
