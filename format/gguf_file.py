@@ -14,9 +14,11 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import shutil
 import stat
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,7 +225,7 @@ class GGUFWriter:
             os.fsync(self._f.fileno())
             self._f.close()
             check_output_path(self.path, self.force, self.inputs)   # again: the path may have changed meanwhile
-            os.replace(self.tmp, self.path)
+            replace_output(self.tmp, self.path)
             self._created = False
             _ACTIVE.discard(str(self.tmp))
         except BaseException as e:
@@ -290,9 +292,34 @@ def check_output_path(path: Path, force: bool, inputs=()) -> None:
         raise DggufError(f"{path}: output file exists (use --force to overwrite)")
 
 
+# Windows refuses to replace a file that a process holds open or mapped (PermissionError), and virus scanners open
+# new files briefly: a few tries over about a second, then a message that says what to do.
+_REPLACE_TRIES = (0.05, 0.1, 0.2, 0.3, 0.4)
+_WINDOWS = sys.platform == "win32"
+
+
+def replace_output(tmp: Path, path: Path) -> None:
+    """os.replace(tmp, path); on Windows retried while `path` is held, then a DggufError naming it."""
+    for delay in _REPLACE_TRIES if _WINDOWS else ():
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            time.sleep(delay)
+    try:
+        os.replace(tmp, path)
+    except PermissionError as e:
+        if not _WINDOWS:
+            raise
+        raise DggufError(f"{path}: cannot replace it: another program (or a model loaded from it) has it open or "
+                         f"mapped; close that and run again ({e.strerror or e})") from e
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if _WINDOWS:   # os.kill(pid, 0) would send CTRL_C_EVENT there; unknown counts as alive
+        return _pid_alive_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -335,12 +362,26 @@ def remove_stale_partials(path: Path) -> list[Path]:
     return removed
 
 
+def _pid_alive_windows(pid: int) -> bool:
+    try:
+        import ctypes
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)   # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() != 87            # ERROR_INVALID_PARAMETER: no such process
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return not ok or code.value == 259                  # STILL_ACTIVE
+    except (OSError, AttributeError, ValueError):
+        return True
+
+
 def _disk_free(directory: Path) -> int | None:
     try:
-        st = os.statvfs(directory)
+        return shutil.disk_usage(directory).free   # statvfs's f_bavail * f_frsize on POSIX; Windows has no statvfs
     except OSError:
         return None
-    return st.f_bavail * st.f_frsize
 
 
 # ----------------------------------------------------------------------------------------------- reader

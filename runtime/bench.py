@@ -27,7 +27,7 @@ def _busy_and_total_ticks() -> tuple[int, int]:
 
 def foreign_load(seconds: float = 0.5) -> float | None:
     """Cores kept busy by other processes over the next `seconds` (this process's own CPU time is subtracted);
-    None where /proc/stat is missing."""
+    None where /proc/stat is missing (or os.sysconf: Windows)."""
     try:
         hz = os.sysconf("SC_CLK_TCK")
         busy0, _ = _busy_and_total_ticks()
@@ -35,7 +35,7 @@ def foreign_load(seconds: float = 0.5) -> float | None:
         time.sleep(seconds)
         busy1, _ = _busy_and_total_ticks()
         own1, wall1 = sum(os.times()[:2]), time.perf_counter()
-    except (OSError, ValueError, IndexError):
+    except (AttributeError, OSError, ValueError, IndexError):
         return None
     return max(0.0, ((busy1 - busy0) / hz - (own1 - own0)) / (wall1 - wall0))
 

@@ -6,18 +6,25 @@ The library is the path cuda_status() is given, else DGGUF_CUDA_LIB (a path to l
 build/cuda/libdgcuda.so under the repository root (where scripts/build_cuda.sh puts it; the package's root, since
 the repository's top-level folders are the package's subpackages), never a path under the current directory
 that nobody named. Its C contract is native/cuda/dg_cuda.h.
+
+On Windows the driver is nvcuda.dll and the library dgcuda.dll (README, "Windows"); Python does not search
+PATH for the DLLs a DLL needs, so the CUDA runtime's are looked for in the library's folder and the toolkit's
+(CUDA_PATH\bin, and bin\x64 where CUDA 13 puts them), added with os.add_dll_directory.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from dgguf.core.errors import DggufError
 
+WINDOWS = sys.platform == "win32"
+DRIVER = "nvcuda.dll" if WINDOWS else "libcuda.so.1"
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_LIBRARY = ROOT / "build" / "cuda" / "libdgcuda.so"
+DEFAULT_LIBRARY = ROOT / "build" / "cuda" / ("dgcuda.dll" if WINDOWS else "libdgcuda.so")
 
 
 @dataclass(frozen=True)
@@ -32,9 +39,9 @@ class CudaStatus:
 def driver_devices() -> tuple[int, str]:
     """(device count, description) from the CUDA driver API, without the toolkit: 0 and the reason when none."""
     try:
-        drv = ctypes.CDLL("libcuda.so.1")
+        drv = ctypes.CDLL(DRIVER)
     except OSError as e:
-        return 0, f"no GPU: the CUDA driver (libcuda.so.1) does not load ({e})"
+        return 0, f"no GPU: the CUDA driver ({DRIVER}) does not load ({e})"
     rc = drv.cuInit(0)
     if rc != 0:
         return 0, f"no GPU: the CUDA driver does not initialise (cuInit error {rc})"
@@ -45,7 +52,7 @@ def driver_devices() -> tuple[int, str]:
     return count.value, f"{count.value} CUDA device(s)"
 
 
-def detect_gpu(lib: str = "libcuda.so.1") -> tuple[int, int, str]:
+def detect_gpu(lib: str = DRIVER) -> tuple[int, int, str]:
     """(free bytes, total bytes, name) of CUDA device 0 through the driver API, or a DggufError when no GPU
     is there. Only the driver library is needed (no toolkit); the context made for the query is released."""
     try:
@@ -85,7 +92,23 @@ def cuda_status(library: str | os.PathLike | None = None) -> CudaStatus:
     if not path.is_file():
         return CudaStatus(False, f"{reason}, but no CUDA library at {path} (run scripts/build_cuda.sh)", devices)
     try:
+        for d in dll_directories(path, os.environ) if WINDOWS else ():
+            _DLL_DIRECTORIES.append(os.add_dll_directory(str(d)))
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        return CudaStatus(False, f"{reason}, but {path} does not load ({e})", devices)
+        hint = (" (the CUDA runtime DLLs it was built with must be in its folder or in CUDA_PATH\\bin: "
+                f"{', '.join(str(d) for d in dll_directories(path, os.environ))})") if WINDOWS else ""
+        return CudaStatus(False, f"{reason}, but {path} does not load ({e}){hint}", devices)
     return CudaStatus(True, f"{reason}, library {path}", devices, lib)
+
+
+_DLL_DIRECTORIES = []   # os.add_dll_directory's handles: a directory stays searched while its handle lives
+
+
+def dll_directories(library: Path, environ) -> list[Path]:
+    """Where the DLLs that the CUDA library needs (cudart64_*.dll, cublas...) are looked for on Windows: its own
+    folder, then the toolkit's CUDA_PATH\\bin and CUDA_PATH\\bin\\x64, those that exist."""
+    dirs = [Path(library).parent]
+    if environ.get("CUDA_PATH"):
+        dirs += [Path(environ["CUDA_PATH"]) / "bin", Path(environ["CUDA_PATH"]) / "bin" / "x64"]
+    return [d for d in dirs if d.is_dir()]

@@ -42,6 +42,14 @@ def test_foreign_load_excludes_this_process():
     assert during < before + 0.5             # our own spinning thread (~1 core) is not foreign load
 
 
+def test_foreign_load_is_unknown_without_os_sysconf(monkeypatch):
+    """Windows has no os.sysconf (nor /proc/stat): the load is unknown, and the note says so."""
+    from dgguf.runtime.bench import load_note
+    monkeypatch.delattr("os.sysconf")
+    assert foreign_load(0.01) is None
+    assert "unknown" in load_note(0.01)
+
+
 def test_one_token_bytes_counts_top_k_experts_and_only_the_last_layers_kv(checkpoints, tmp_path):
     """Against the file's own tensor sizes: every layer but the last whole (its experts scaled by top_k / E), the
     last layer's K/V projections and norms, one embedding row; nothing from the head or self-conditioning."""

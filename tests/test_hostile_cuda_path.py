@@ -54,3 +54,16 @@ def test_environment_variable_and_argument_are_used_as_absolute_paths(one_gpu_an
     other.write_bytes(b"x")
     assert cuda.cuda_status(other).available                 # an explicit argument wins over the variable
     assert one_gpu_and_recorded_loads[-1] == str(other)
+
+
+def test_windows_dll_directories_are_the_library_folder_and_the_toolkit_bins(tmp_path):
+    """Python on Windows does not search PATH for a DLL's DLLs: the CUDA runtime's are looked for beside the
+    library and under CUDA_PATH (bin, and bin/x64 where CUDA 13 puts them), only those that exist."""
+    from dgguf.runtime.cuda import dll_directories
+    lib = tmp_path / "build" / "dgcuda.dll"
+    lib.parent.mkdir()
+    toolkit = tmp_path / "cuda"
+    (toolkit / "bin" / "x64").mkdir(parents=True)
+    assert dll_directories(lib, {"CUDA_PATH": str(toolkit)}) == [lib.parent, toolkit / "bin", toolkit / "bin" / "x64"]
+    assert dll_directories(lib, {}) == [lib.parent]
+    assert dll_directories(lib, {"CUDA_PATH": str(tmp_path / "none")}) == [lib.parent]

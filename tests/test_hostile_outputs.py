@@ -297,3 +297,27 @@ def test_a_stale_partial_is_removed_even_when_the_run_fails(capsys, tmp_path, hf
     lines = err.strip().splitlines()
     assert code == 2 and lines[0].startswith("note: removed") and lines[1].startswith("error: ")
     assert "disk space" in lines[1] and no_partials(tmp_path)
+
+
+def test_windows_replacing_a_held_output_retries_then_says_what_holds_it(capsys, tmp_path, hf, monkeypatch):
+    """Windows refuses os.replace onto a file another process (or a loaded model) holds open or mapped: the writer
+    retries for about a second (a virus scanner lets go), then one clean error naming the file; nothing left over."""
+    real, calls = os.replace, []
+
+    def held(src, dst, fails):
+        calls.append(dst)
+        if len(calls) <= fails:
+            raise PermissionError(13, "Access is denied")
+        real(src, dst)
+    monkeypatch.setattr(gguf_file, "_WINDOWS", True)
+    monkeypatch.setattr(gguf_file.time, "sleep", lambda s: None)
+    out = tmp_path / "out.gguf"
+    monkeypatch.setattr(gguf_file.os, "replace", lambda s, d: held(s, d, 3))
+    code, err = cli(capsys, "convert", str(hf), "-o", str(out), "--type", "Q8_0", "-q")
+    assert code == 0 and len(calls) == 4 and out.read_bytes()[:4] == b"GGUF"
+    calls.clear()
+    monkeypatch.setattr(gguf_file.os, "replace", lambda s, d: held(s, d, 100))
+    code, err = cli(capsys, "convert", str(hf), "-o", str(out), "--type", "Q8_0", "-q", "--force")
+    assert code == 2 and len(calls) == len(gguf_file._REPLACE_TRIES) + 1
+    assert f"{out}: cannot replace it" in err and "has it open or mapped" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out.gguf"]
