@@ -25,10 +25,11 @@ class TypeChooser:
     """Stateful like llama-quantize: attn_v's rule depends on how many attn_v tensors came before."""
 
     def __init__(self, ft: FileType, n_layers: int, n_experts: int, n_attn_v: int, n_gqa: int,
-                 pure: bool = False):
-        # n_gqa: query heads per KV head in layer 0, as llama.cpp reads it.
+                 pure: bool = False, imatrix: bool = False):
+        # n_gqa: query heads per KV head in layer 0, as llama.cpp reads it; imatrix: quantizing with one (a rule
+        # of IQ4_XS depends on it, as in llama-quantize).
         self.ft, self.n_layers, self.n_experts, self.n_attn_v, self.n_gqa = ft, n_layers, n_experts, n_attn_v, n_gqa
-        self.pure = pure
+        self.pure, self.imatrix = pure, imatrix
         self.i_attn_v = 0
 
     def choose(self, name: str, ne: tuple[int, ...]) -> TensorType:
@@ -59,6 +60,8 @@ class TypeChooser:
                 t = "Q6_K"
             elif ft == "Q4_K_S" and i < 4:
                 t = "Q5_K"
+            elif ft == "IQ4_XS" and self.n_gqa >= 4:
+                t = "Q5_K"
             return "Q8_0" if n_exp == 8 else t
         if "attn_k.weight" in name:
             return "Q8_0" if n_exp == 8 else t
@@ -72,10 +75,12 @@ class TypeChooser:
                 return "Q6_K"
             if ft == "Q4_K_S" and layer < n // 8:
                 return "Q5_K"
+            if ft == "IQ4_XS" and layer < n // 8 and not self.imatrix:
+                return "Q5_K"
             return t
         if "attn_output.weight" in name:
             if n_exp == 8:
-                return "Q5_K" if ft in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else t
+                return "Q5_K" if ft in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS") else t
             return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K"}.get(ft, t)
         return t
 

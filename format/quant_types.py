@@ -27,11 +27,12 @@ class TensorType:
 
 
 TENSOR_TYPES = {t.name: TensorType(t.name, int(t), *GGML_QUANT_SIZES[t]) for t in (
-    T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)}
+    T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+    T.IQ4_NL, T.IQ4_XS)}
 BY_GGML = {t.ggml: t for t in TENSOR_TYPES.values()}
 
 # What a 256-block type becomes when a row cannot hold whole 256-blocks (llama.cpp's rule).
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ FILE_TYPES = {ft.name: ft for ft in (
     FileType("Q5_K_S", int(F.MOSTLY_Q5_K_S), "Q5_K"),
     FileType("Q5_K_M", int(F.MOSTLY_Q5_K_M), "Q5_K"),
     FileType("Q6_K", int(F.MOSTLY_Q6_K), "Q6_K"),
+    FileType("IQ4_XS", int(F.MOSTLY_IQ4_XS), "IQ4_XS"),
 )}
 
 

@@ -24,6 +24,8 @@ enum dg_type {
     DG_TYPE_Q4_K = 12,
     DG_TYPE_Q5_K = 13,
     DG_TYPE_Q6_K = 14,
+    DG_TYPE_IQ4_NL = 20,
+    DG_TYPE_IQ4_XS = 23,
     DG_TYPE_BF16 = 30
 };
 
@@ -41,6 +43,13 @@ int dg_type_size(int type, int64_t *block_size, int64_t *type_size, char *err, s
  * nrows * (ncols / block_size) * type_size bytes. Reference quality (no importance matrix). */
 int dg_quantize_rows(int type, const float *src, void *dst, int64_t nrows, int64_t ncols,
                      char *err, size_t errlen);
+
+/* dg_quantize_rows minimising the squared error weighted by an importance matrix (llama.cpp's imatrix):
+ * imatrix[ncols], one finite non-negative importance per column (the mean squared activation it multiplies),
+ * used by the K-quants, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL and IQ4_XS; other types, and imatrix NULL, quantize as
+ * dg_quantize_rows. */
+int dg_quantize_rows_imatrix(int type, const float *src, void *dst, int64_t nrows, int64_t ncols,
+                             const float *imatrix, char *err, size_t errlen);
 
 /* Inverse of dg_quantize_rows: nrows * ncols floats into dst. */
 int dg_dequantize_rows(int type, const void *src, float *dst, int64_t nrows, int64_t ncols,
@@ -125,6 +134,18 @@ int dg_matmul(const dg_tensor *w, int64_t mat, const float *x, int64_t n, float 
  * over each token's top_k most probable rows only, renormalised (an approximation; dg_decode's sc_top_k). */
 int dg_soft_embed(const dg_tensor *w, const float *logits, int64_t n, float scale, int top_k, float *out,
                   int n_threads, char *err, size_t errlen);
+
+/* Importance-matrix statistics (native/imatrix.c): while a table is installed, every matmul input meeting one of
+ * its weights (matched by data pointer, as in the dg_tensor) adds, per matrix m < ne2 (expert), the squares of
+ * its values column by column to sum2[m * ne0 + j] and its number of rows to count[m]. n = 0 or entries NULL
+ * uninstalls it. The caller keeps the table and its arrays alive while installed; process-wide. */
+typedef struct {
+    const void *data;
+    int64_t ne0, ne2;
+    double *sum2;                /* [ne2, ne0] */
+    double *count;               /* [ne2] */
+} dg_imatrix_entry;
+int dg_imatrix_collect(dg_imatrix_entry *entries, int64_t n, char *err, size_t errlen);
 
 /* The attention kernel in use: "blocked" (the default; (kv head, 64 query rows) items, register-tiled scores and
  * values, at the matmul kernel's instruction set) or "per-query" (one (token, head) at a time: the reference), and

@@ -222,6 +222,34 @@ INLINE void levels_q2_K(const void *src, int lanes, uint8_t *restrict lev, float
     }
 }
 
+/* IQ4_XS: the table's signed level + 128 (0..241, a wide type), sub-block s of 32 at scale d * (code - 32). */
+INLINE void levels_iq4_xs(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_iq4_xs *x = src;
+    for (int b = 0; b < lanes / 8; b++, lev += 256, sa += 8) {
+        const float d = dg_f16_to_f32(x[b].d);
+        for (int s = 0; s < 8; s++) {
+            sa[s] = d * (float)(iq4_xs_scale(&x[b], s) - 32);
+            const uint8_t *q = x[b].qs + 16 * s;
+            for (int j = 0; j < 16; j++) {
+                lev[32 * s + j] = (uint8_t)(IQ4_LEVELS[q[j] & 0xf] + 128);
+                lev[32 * s + j + 16] = (uint8_t)(IQ4_LEVELS[q[j] >> 4] + 128);
+            }
+        }
+    }
+}
+
+/* IQ4_NL: the same levels, one f16 scale per block of 32. */
+INLINE void levels_iq4_nl(const void *src, int lanes, uint8_t *restrict lev, float *sa, float *sb, float *wa, float *wb) {
+    const block_iq4_nl *x = src;
+    for (int b = 0; b < lanes; b++, lev += 32) {
+        sa[b] = dg_f16_to_f32(x[b].d);
+        for (int j = 0; j < 16; j++) {
+            lev[j] = (uint8_t)(IQ4_LEVELS[x[b].qs[j] & 0xf] + 128);
+            lev[j + 16] = (uint8_t)(IQ4_LEVELS[x[b].qs[j] >> 4] + 128);
+        }
+    }
+}
+
 static const int8_type INT8_TYPES[] = {
     {DG_TYPE_Q8_0, QK8_0, sizeof(block_q8_0), 128, 0, 0, 1},
     {DG_TYPE_Q4_0, QK4_0, sizeof(block_q4_0), 8, 0, 0, 0},
@@ -233,6 +261,8 @@ static const int8_type INT8_TYPES[] = {
     {DG_TYPE_Q4_K, QK_K, sizeof(block_q4_K), 0, 0, 1, 0},
     {DG_TYPE_Q5_K, QK_K, sizeof(block_q5_K), 0, 0, 1, 0},
     {DG_TYPE_Q6_K, QK_K, sizeof(block_q6_K), 32, 1, 0, 0},
+    {DG_TYPE_IQ4_XS, QK_K, sizeof(block_iq4_xs), 128, 0, 0, 1},
+    {DG_TYPE_IQ4_NL, 32, sizeof(block_iq4_nl), 128, 0, 0, 1},
 };
 
 /* The levels, scales and mins of `lanes` blocks of t at src (inlined into each instruction-set build below). */
@@ -249,6 +279,8 @@ INLINE void levels(const int8_type *t, const void *src, int lanes, uint8_t *rest
     case DG_TYPE_Q4_K: levels_q4_K(src, lanes, lev, sa, sb, wa, wb); break;
     case DG_TYPE_Q5_K: levels_q5_K(src, lanes, lev, sa, sb, wa, wb); break;
     case DG_TYPE_Q6_K: levels_q6_K(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_IQ4_XS: levels_iq4_xs(src, lanes, lev, sa, sb, wa, wb); break;
+    case DG_TYPE_IQ4_NL: levels_iq4_nl(src, lanes, lev, sa, sb, wa, wb); break;
     }
 }
 

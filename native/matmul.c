@@ -6,6 +6,7 @@
  */
 #include "matmul.h"
 #include "gemm.h"
+#include "imatrix.h"          /* imatrix_tap */
 #include "ops.h"              /* exp_nonpositive, row_max */
 #include "quant_internal.h"   /* DG_CLONES */
 
@@ -194,6 +195,7 @@ int matmul_grouped(dg_pool *p, float *out, const float *x, const dg_tensor *w, c
     if (rb == 0) return DG_E_TYPE;
     const int64_t E = w->ne2, R = w->ne1, K = w->ne0, n = off[E];
     if (n <= 0) return DG_OK;
+    imatrix_tap(w, x, off);
     const int8_kernel *k8 = matmul_int8();
     const int8_type *t8 = k8 ? int8_type_of(w->type) : NULL;
     if (!t8) k8 = NULL;

@@ -254,6 +254,8 @@ static const dg_type_traits TYPES[] = {
     {DG_TYPE_Q4_K, "Q4_K", QK_K,  sizeof(block_q4_K), 0, dg_quantize_row_q4_K, dg_dequantize_row_q4_K},
     {DG_TYPE_Q5_K, "Q5_K", QK_K,  sizeof(block_q5_K), 0, dg_quantize_row_q5_K, dg_dequantize_row_q5_K},
     {DG_TYPE_Q6_K, "Q6_K", QK_K,  sizeof(block_q6_K), 0, dg_quantize_row_q6_K, dg_dequantize_row_q6_K},
+    {DG_TYPE_IQ4_XS, "IQ4_XS", QK_K, sizeof(block_iq4_xs), 0, dg_quantize_row_iq4_xs, dg_dequantize_row_iq4_xs},
+    {DG_TYPE_IQ4_NL, "IQ4_NL", 32, sizeof(block_iq4_nl), 0, dg_quantize_row_iq4_nl, dg_dequantize_row_iq4_nl},
 };
 
 static const dg_type_traits *find_type(int type, char *err, size_t errlen) {
@@ -295,6 +297,11 @@ static int check_shape(const dg_type_traits *t, int64_t nrows, int64_t ncols, ch
 
 int dg_quantize_rows(int type, const float *src, void *dst, int64_t nrows, int64_t ncols,
                      char *err, size_t errlen) {
+    return dg_quantize_rows_imatrix(type, src, dst, nrows, ncols, NULL, err, errlen);
+}
+
+int dg_quantize_rows_imatrix(int type, const float *src, void *dst, int64_t nrows, int64_t ncols,
+                             const float *imatrix, char *err, size_t errlen) {
     const dg_type_traits *t = find_type(type, err, errlen);
     if (!t) return DG_E_TYPE;
     int rc = check_shape(t, nrows, ncols, err, errlen);
@@ -314,9 +321,21 @@ int dg_quantize_rows(int type, const float *src, void *dst, int64_t nrows, int64
             }
         }
     }
+    const dg_quantize_w_fn weighted = imatrix ? dg_weighted_quantizer(type) : NULL;
+    if (weighted) {
+        for (int64_t i = 0; i < ncols; i++)
+            if (!(imatrix[i] >= 0.0f) || !dg_is_finite_bits(imatrix[i])) {
+                snprintf(err, errlen, "importance %g at column %lld is not a finite non-negative number",
+                         (double)imatrix[i], (long long)i);
+                return DG_E_VALUE;
+            }
+    }
     if (!MISALIGNED(src, 4) && !MISALIGNED(dst, 2)) {
-        for (int64_t r = 0; r < nrows; r++)
-            t->quantize(src + r * ncols, (uint8_t *)dst + (size_t)r * row_bytes, ncols);
+        for (int64_t r = 0; r < nrows; r++) {
+            uint8_t *out = (uint8_t *)dst + (size_t)r * row_bytes;
+            if (weighted) weighted(src + r * ncols, out, ncols, imatrix);
+            else t->quantize(src + r * ncols, out, ncols);
+        }
         return DG_OK;
     }
     float *xb = malloc((size_t)ncols * 4 + row_bytes + 16);
@@ -324,7 +343,8 @@ int dg_quantize_rows(int type, const float *src, void *dst, int64_t nrows, int64
     void *yb = (uint8_t *)xb + (((size_t)ncols * 4 + 15) & ~(size_t)15);
     for (int64_t r = 0; r < nrows; r++) {
         memcpy(xb, (const uint8_t *)src + (size_t)r * ncols * 4, (size_t)ncols * 4);
-        t->quantize(xb, yb, ncols);
+        if (weighted) weighted(xb, yb, ncols, imatrix);
+        else t->quantize(xb, yb, ncols);
         memcpy((uint8_t *)dst + (size_t)r * row_bytes, yb, row_bytes);
     }
     free(xb);

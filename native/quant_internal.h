@@ -110,6 +110,33 @@ typedef struct {
 } block_q6_K;
 DG_STATIC_ASSERT(sizeof(block_q6_K) == 210, "block_q6_K layout");
 
+/* IQ4_XS: 8 sub-blocks of 32, each value a 4-bit index into the non-linear table below, times the sub-block's
+ * scale d * (ls - 32), ls 6 bits: low 4 in scales_l (sub-block s: nibble s % 2 of byte s / 2), high 2 in bits
+ * 2s..2s+1 of scales_h. Sub-block s's indices are qs[16 s + j] (value j low nibble, value j + 16 high nibble). */
+typedef struct {
+    uint16_t d;
+    uint16_t scales_h;
+    uint8_t scales_l[QK_K / 64];
+    uint8_t qs[QK_K / 2];
+} block_iq4_xs;
+DG_STATIC_ASSERT(sizeof(block_iq4_xs) == 136, "block_iq4_xs layout");
+
+/* IQ4_NL: 32 values, each a 4-bit index into the table below, times d (value j low nibble of qs[j], value
+ * j + 16 its high nibble). */
+typedef struct {
+    uint16_t d;
+    uint8_t qs[16];
+} block_iq4_nl;
+DG_STATIC_ASSERT(sizeof(block_iq4_nl) == 18, "block_iq4_nl layout");
+
+/* IQ4_NL / IQ4_XS's sixteen levels (ggml's kvalues_iq4nl), ascending. */
+static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* Sub-block s's 6-bit scale code (0..63; the scale is d * (code - 32)). */
+DG_HOST_DEVICE static inline int iq4_xs_scale(const block_iq4_xs *b, int s) {
+    return ((b->scales_l[s / 2] >> (4 * (s % 2))) & 0xf) | ((b->scales_h >> (2 * s)) & 3) << 4;
+}
+
 DG_HOST_DEVICE static inline uint32_t dg_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 DG_HOST_DEVICE static inline float dg_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
@@ -196,5 +223,24 @@ void dg_dequantize_row_q3_K(const void *src, float *y, int64_t n);
 void dg_dequantize_row_q4_K(const void *src, float *y, int64_t n);
 void dg_dequantize_row_q5_K(const void *src, float *y, int64_t n);
 void dg_dequantize_row_q6_K(const void *src, float *y, int64_t n);
+void dg_quantize_row_iq4_xs(const float *x, void *dst, int64_t n);
+void dg_dequantize_row_iq4_xs(const void *src, float *y, int64_t n);
+void dg_quantize_row_iq4_nl(const float *x, void *dst, int64_t n);
+void dg_dequantize_row_iq4_nl(const void *src, float *y, int64_t n);
+
+/* Importance-weighted quantizers (llama.cpp's imatrix): imp holds one non-negative importance per column of the
+ * row (n values; the mean squared activation that column meets); they minimise the squared error weighted by
+ * imp times how large each value is (quant_weighted.c). */
+typedef void (*dg_quantize_w_fn)(const float *x, void *dst, int64_t n, const float *imp);
+dg_quantize_w_fn dg_weighted_quantizer(int type);
+
+/* A K-quant super-block's levels L (one per value, value order, unsigned) packed into its bit fields (quant_k.c);
+ * Q3_K also packs its 16 signed 6-bit scales, and dg_pack_scales_k4 Q4_K/Q5_K's eight 6-bit scales and mins. */
+void dg_pack_q2_K(block_q2_K *y, const uint8_t *L);
+void dg_pack_q3_K(block_q3_K *y, const int8_t *sc, const uint8_t *L);
+void dg_pack_q4_K(block_q4_K *y, const uint8_t *L);
+void dg_pack_q5_K(block_q5_K *y, const uint8_t *L);
+void dg_pack_q6_K(block_q6_K *y, const uint8_t *L);
+void dg_pack_scales_k4(uint8_t *out, const uint8_t *ls, const uint8_t *lm);
 
 #endif

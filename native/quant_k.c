@@ -378,6 +378,59 @@ static const float DELTAS_Q6[] = {-0.5f, -0.25f, 0.0f, 0.25f, 0.5f};
 
 #define PLAN(d, r) ((search_plan){(d), (int)(sizeof(d) / sizeof((d)[0])), (r)})
 
+/* ---- packing a super-block's levels (L: one unsigned level per value, in value order) ---- */
+
+void dg_pack_q2_K(block_q2_K *y, const uint8_t *L) {
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t *q = L + 128 * h + l;
+            y->qs[32 * h + l] = (uint8_t)(q[0] | q[32] << 2 | q[64] << 4 | q[96] << 6);
+        }
+}
+
+void dg_pack_q3_K(block_q3_K *y, const int8_t *sc, const uint8_t *L) {
+    memset(y->scales, 0, sizeof(y->scales));
+    for (int s = 0; s < 16; s++) {
+        const int u = sc[s] + 32;
+        y->scales[s % 8] |= (uint8_t)((u & 0xf) << (4 * (s / 8)));
+        y->scales[8 + s % 4] |= (uint8_t)((u >> 4) << (2 * (s / 4)));
+    }
+    memset(y->hmask, 0, sizeof(y->hmask));
+    for (int j = 0; j < 8; j++)
+        for (int l = 0; l < 32; l++) y->hmask[l] |= (uint8_t)((L[32 * j + l] >> 2) << j);
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t *q = L + 128 * h + l;
+            y->qs[32 * h + l] = (uint8_t)((q[0] & 3) | (q[32] & 3) << 2 | (q[64] & 3) << 4 | (q[96] & 3) << 6);
+        }
+}
+
+void dg_pack_q4_K(block_q4_K *y, const uint8_t *L) {
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++) y->qs[32 * c + l] = (uint8_t)(L[64 * c + l] | L[64 * c + 32 + l] << 4);
+}
+
+void dg_pack_q5_K(block_q5_K *y, const uint8_t *L) {
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++)
+            y->qs[32 * c + l] = (uint8_t)((L[64 * c + l] & 0xf) | (L[64 * c + 32 + l] & 0xf) << 4);
+    for (int l = 0; l < 32; l++) {
+        uint8_t h = 0;
+        for (int j = 0; j < 8; j++) h |= (uint8_t)((L[32 * j + l] >> 4) << j);
+        y->qh[l] = h;
+    }
+}
+
+void dg_pack_q6_K(block_q6_K *y, const uint8_t *L) {
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t *q = L + 128 * h + l;
+            y->ql[64 * h + l] = (uint8_t)((q[0] & 0xf) | (q[64] & 0xf) << 4);
+            y->ql[64 * h + 32 + l] = (uint8_t)((q[32] & 0xf) | (q[96] & 0xf) << 4);
+            y->qh[32 * h + l] = (uint8_t)((q[0] >> 4) | (q[32] >> 4) << 2 | (q[64] >> 4) << 4 | (q[96] >> 4) << 6);
+        }
+}
+
 /* ---- block kernels (instantiated for each ISA) ------------------------------ */
 
 static ALWAYS_INLINE void q2_K_block(const float *restrict x, block_q2_K *restrict y, const int vec) {
@@ -394,11 +447,7 @@ static ALWAYS_INLINE void q2_K_block(const float *restrict x, block_q2_K *restri
         y->scales[s] = (uint8_t)(ls[s] | (lm[s] << 4));
         ROUND_ASYM(vec, x + 16 * s, L + 16 * s, 16, 3, d * (float)ls[s], dm * (float)lm[s]);
     }
-    for (int h = 0; h < 2; h++)
-        for (int l = 0; l < 32; l++) {
-            const uint8_t *q = L + 128 * h + l;
-            y->qs[32 * h + l] = (uint8_t)(q[0] | q[32] << 2 | q[64] << 4 | q[96] << 6);
-        }
+    dg_pack_q2_K(y, L);
 }
 
 static ALWAYS_INLINE void q3_K_block(const float *restrict x, block_q3_K *restrict y, const int vec) {
@@ -406,27 +455,14 @@ static ALWAYS_INLINE void q3_K_block(const float *restrict x, block_q3_K *restri
     uint8_t L[QK_K];
     transpose(x, xt, 16, 16);
     FIT_SYM(vec, xt, 16, 16, 4, PLAN(DELTAS_Q3, 2), scale);
-    memset(y->scales, 0, sizeof(y->scales));
     int8_t sc[16];
     const float d = quantize_scales_signed(scale, sc, 16, 32, &y->d);
-    for (int s = 0; s < 16; s++) {
-        const int u = sc[s] + 32;
-        y->scales[s % 8] |= (uint8_t)((u & 0xf) << (4 * (s / 8)));
-        y->scales[8 + s % 4] |= (uint8_t)((u >> 4) << (2 * (s / 4)));
-        ROUND_SYM(vec, x + 16 * s, L + 16 * s, 16, 4, d * (float)sc[s]);
-    }
-    memset(y->hmask, 0, sizeof(y->hmask));
-    for (int j = 0; j < 8; j++)
-        for (int l = 0; l < 32; l++) y->hmask[l] |= (uint8_t)((L[32 * j + l] >> 2) << j);
-    for (int h = 0; h < 2; h++)
-        for (int l = 0; l < 32; l++) {
-            const uint8_t *q = L + 128 * h + l;
-            y->qs[32 * h + l] = (uint8_t)((q[0] & 3) | (q[32] & 3) << 2 | (q[64] & 3) << 4 | (q[96] & 3) << 6);
-        }
+    for (int s = 0; s < 16; s++) ROUND_SYM(vec, x + 16 * s, L + 16 * s, 16, 4, d * (float)sc[s]);
+    dg_pack_q3_K(y, sc, L);
 }
 
 /* Q4_K and Q5_K share the 12-byte packing of eight 6-bit scales and mins (unpack_scales_k4 in quant_internal.h). */
-static inline void pack_scales_k4(uint8_t *out, const uint8_t *ls, const uint8_t *lm) {
+void dg_pack_scales_k4(uint8_t *out, const uint8_t *ls, const uint8_t *lm) {
     for (int j = 0; j < 4; j++) {
         out[j] = (uint8_t)(ls[j] | (ls[j + 4] >> 4) << 6);
         out[j + 4] = (uint8_t)(lm[j] | (lm[j + 4] >> 4) << 6);
@@ -443,28 +479,20 @@ static ALWAYS_INLINE void k4_common(const float *restrict x, uint16_t *d16, uint
     FIT_ASYM(vec, xt, 32, 8, nmax, plan, scale, mins);
     const float d = quantize_scales_unsigned(scale, ls, 8, 63, d16);
     const float dm = quantize_scales_unsigned(mins, lm, 8, 63, m16);
-    pack_scales_k4(scales, ls, lm);
+    dg_pack_scales_k4(scales, ls, lm);
     for (int s = 0; s < 8; s++) ROUND_ASYM(vec, x + 32 * s, L + 32 * s, 32, nmax, d * (float)ls[s], dm * (float)lm[s]);
 }
 
 static ALWAYS_INLINE void q4_K_block(const float *restrict x, block_q4_K *restrict y, const int vec) {
     uint8_t L[QK_K];
     k4_common(x, &y->d, &y->dmin, y->scales, L, 15, PLAN(DELTAS_Q4, 2), vec);
-    for (int c = 0; c < 4; c++)
-        for (int l = 0; l < 32; l++) y->qs[32 * c + l] = (uint8_t)(L[64 * c + l] | L[64 * c + 32 + l] << 4);
+    dg_pack_q4_K(y, L);
 }
 
 static ALWAYS_INLINE void q5_K_block(const float *restrict x, block_q5_K *restrict y, const int vec) {
     uint8_t L[QK_K];
     k4_common(x, &y->d, &y->dmin, y->scales, L, 31, PLAN(DELTAS_Q5, 2), vec);
-    for (int c = 0; c < 4; c++)
-        for (int l = 0; l < 32; l++)
-            y->qs[32 * c + l] = (uint8_t)((L[64 * c + l] & 0xf) | (L[64 * c + 32 + l] & 0xf) << 4);
-    for (int l = 0; l < 32; l++) {
-        uint8_t h = 0;
-        for (int j = 0; j < 8; j++) h |= (uint8_t)((L[32 * j + l] >> 4) << j);
-        y->qh[l] = h;
-    }
+    dg_pack_q5_K(y, L);
 }
 
 static ALWAYS_INLINE void q6_K_block(const float *restrict x, block_q6_K *restrict y, const int vec) {
@@ -474,13 +502,7 @@ static ALWAYS_INLINE void q6_K_block(const float *restrict x, block_q6_K *restri
     FIT_SYM(vec, xt, 16, 16, 32, PLAN(DELTAS_Q6, 2), scale);
     const float d = quantize_scales_signed(scale, y->scales, 16, 128, &y->d);
     for (int s = 0; s < 16; s++) ROUND_SYM(vec, x + 16 * s, L + 16 * s, 16, 32, d * (float)y->scales[s]);
-    for (int h = 0; h < 2; h++)
-        for (int l = 0; l < 32; l++) {
-            const uint8_t *q = L + 128 * h + l;
-            y->ql[64 * h + l] = (uint8_t)((q[0] & 0xf) | (q[64] & 0xf) << 4);
-            y->ql[64 * h + 32 + l] = (uint8_t)((q[32] & 0xf) | (q[96] & 0xf) << 4);
-            y->qh[32 * h + l] = (uint8_t)((q[0] >> 4) | (q[32] >> 4) << 2 | (q[64] >> 4) << 4 | (q[96] >> 4) << 6);
-        }
+    dg_pack_q6_K(y, L);
 }
 
 /* ---- row entry points: the portable build, and an AVX2 build of the same source ---- */

@@ -20,7 +20,8 @@ OUR_KEYS = {"diffusion-gemma.final_logit_softcapping", "diffusion-gemma.embeddin
 # uniform-quantizer error step/sqrt(12) for a block of 32 normals (max |x| ~ 2.4 sigma). A wrong byte layout
 # gives errors near 1 or above.
 REL_RMSE = {"F32": 0.0, "F16": 1e-3, "BF16": 5e-3, "Q8_0": 0.01, "Q6_K": 0.025, "Q5_1": 0.06, "Q5_0": 0.06,
-            "Q5_K": 0.06, "Q4_0": 0.11, "Q4_1": 0.11, "Q4_K": 0.11, "Q3_K": 0.22, "Q2_K": 0.45}
+            "Q5_K": 0.06, "Q4_0": 0.11, "Q4_1": 0.11, "Q4_K": 0.11, "IQ4_NL": 0.11, "IQ4_XS": 0.11, "Q3_K": 0.22,
+            "Q2_K": 0.45}
 
 
 def read_kv(path):

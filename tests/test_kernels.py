@@ -18,7 +18,7 @@ from dgguf.format.quant_types import TENSOR_TYPES
 KERNELS = native.matmul_kernels()
 INT8_KERNELS = [k for k in KERNELS if k.startswith("int8")]
 FLOAT_KERNELS = [k for k in KERNELS if k not in INT8_KERNELS]
-QUANTIZED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+QUANTIZED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 BF16_KERNELS = [k for k in KERNELS if "bf16" in k]   # bfloat16 matmul of BF16 weights, bfloat16 soft embedding
 
 
@@ -47,7 +47,7 @@ def activation_rounding_bound(x, wf):
 
 
 @pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K",
-                                       "Q4_K", "Q2_K"])
+                                       "Q4_K", "Q2_K", "IQ4_NL", "IQ4_XS"])
 def test_every_kernel_matches_float64_on_the_stored_values(kernel, type_name):
     rng = np.random.default_rng(0)
     for n, rows, k in SHAPES:
@@ -207,7 +207,7 @@ def softmax64(logits):
     return p / p.sum(axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q4_K"])
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q4_K", "IQ4_XS"])
 def test_soft_embedding_matches_float64_under_every_kernel(kernel, type_name):
     """Float accumulation: within the float32 sum bound (plus the exp's and the division's few ulp). The bf16
     kernels round the probabilities and a quantized W to bfloat16 (unit roundoff 2^-8 each), so each product is
