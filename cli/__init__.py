@@ -10,7 +10,7 @@ import sys
 
 from dgguf.core.errors import DggufError
 
-from . import bench, card, convert, eval, inspect, plan, run, serve, verify
+from . import bench, card, convert, eval, imatrix, inspect, plan, run, serve, verify
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     verify.add_parser(sub)
     card.add_parser(sub)
+    imatrix.add_parser(sub)
     return p
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from dgguf.core.errors import DggufError
 from dgguf.core.native import MAX_THREADS
 from dgguf.format.quant_types import FILE_TYPES
 
@@ -20,6 +21,19 @@ def _size(v: str) -> int:
 def _output(a):
     from dgguf.convert.quantize import Output
     return Output(a.split_max_size, a.split_max_tensors, a.manifest)
+
+
+def _quant(a):
+    """--imatrix / --target-size as convert.quantize.Quant (None when neither is given)."""
+    if a.imatrix is None and a.target_size is None:
+        return None
+    from dgguf.convert.quantize import Quant
+    return Quant(a.imatrix, a.target_size, on_mix=_print_lines)
+
+
+def _print_lines(lines) -> None:
+    for line in lines:
+        print(line)
 
 
 def _wrote(first, a) -> None:
@@ -49,19 +63,21 @@ def print_plan(tensors, a) -> None:
 
 def run_convert(a) -> None:
     from dgguf.convert.quantize import convert_checkpoint, convert_plan
+    if a.target_size is not None and a.type is None:
+        raise DggufError("--target-size needs --type: the file type the file is labelled with (e.g. Q3_K_M)")
     if a.dry_run:
-        return print_plan(convert_plan(a.hf_dir, a.type, a.pure), a)
+        return print_plan(convert_plan(a.hf_dir, a.type, a.pure, _quant(a)), a)
     out = convert_checkpoint(a.hf_dir, a.output, a.type, a.pure, a.force, a.threads, progress=not a.quiet,
-                             output=_output(a))
+                             output=_output(a), quant=_quant(a))
     _wrote(out, a)
 
 
 def run_quantize(a) -> None:
     from dgguf.convert.quantize import requantize, requantize_plan
     if a.dry_run:
-        return print_plan(requantize_plan(a.input, a.type, a.pure, a.allow_requantize), a)
+        return print_plan(requantize_plan(a.input, a.type, a.pure, a.allow_requantize, _quant(a)), a)
     out = requantize(a.input, a.output, a.type, a.pure, a.force, a.threads, progress=not a.quiet,
-                     allow_requantize=a.allow_requantize, output=_output(a))
+                     allow_requantize=a.allow_requantize, output=_output(a), quant=_quant(a))
     _wrote(out, a)
 
 
@@ -95,3 +111,9 @@ def add_parsers(sub) -> None:
                        help="also write OUT.manifest.json: the sha256 of every tensor and file (dgguf verify)")
         s.add_argument("--dry-run", action="store_true",
                        help="print each tensor's type and size and the total; write nothing")
+        s.add_argument("--imatrix", default=None, metavar="FILE",
+                       help="importance matrix (llama.cpp's imatrix GGUF, e.g. from dgguf imatrix): the quantizers "
+                            "minimise the error weighted by it")
+        s.add_argument("--target-size", type=_size, default=None, metavar="SIZE",
+                       help="choose each quantized tensor's type (Q2_K .. Q8_0, IQ4_XS) so the file fits SIZE "
+                            "(bytes, or 5M, 2GiB ...) with the least predicted loss; prints the mix")

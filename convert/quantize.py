@@ -19,9 +19,12 @@ from tqdm import tqdm
 
 from dgguf.core import native
 from dgguf.core.errors import DggufError
+from dgguf.core.imatrix import encode_imatrix
 from dgguf.core.native import default_threads, encode
 from dgguf.format.arch import ARCH
-from dgguf.format.gguf_file import Field, GGUFFile, GGUFWriter, TensorInfo, check_output_path, printable, read_gguf
+from dgguf.format.gguf_file import (Field, GGUFFile, GGUFWriter, TensorInfo, _align, check_output_path, header_bytes,
+                                    printable, read_gguf)
+from dgguf.format.imatrix import Imatrix, read_imatrix
 from dgguf.format.manifest import manifest_path, write_manifest
 from dgguf.format.quant_types import TENSOR_TYPES, FileType, file_type, is_quantized
 from dgguf.format.split import SPLIT_KEYS, open_writer
@@ -43,6 +46,8 @@ class Job:
     read_rows: Callable[[int, int], np.ndarray] | None   # (r0, r1) → float32 [r1-r0, ncols]
     raw_rows: Callable[[int, int], np.ndarray] | None = None   # bytes already in the target type (preferred)
     source_bytes: int = 0
+    importance: np.ndarray | None = None   # [n_mat, ncols] from an importance matrix; matrix e is rows e*R..
+    source_quantized: bool = False
 
 
 def write_jobs(writer: GGUFWriter, jobs: list[Job], threads: int, progress: bool) -> None:
@@ -59,7 +64,17 @@ def write_jobs(writer: GGUFWriter, jobs: list[Job], threads: int, progress: bool
             def work(r0, r1, job=job):
                 if job.raw_rows is not None:
                     return job.raw_rows(r0, r1)
-                return encode(job.read_rows(r0, r1), job.info.type.ggml)
+                if job.importance is None:
+                    return encode(job.read_rows(r0, r1), job.info.type.ggml)
+                x = job.read_rows(r0, r1)
+                per_mat = job.nrows // job.importance.shape[0]
+                pieces, a = [], r0   # rows of one matrix at a time: each with its own importance
+                while a < r1:
+                    e = a // per_mat
+                    b = min(r1, (e + 1) * per_mat)
+                    pieces.append(encode_imatrix(x[a - r0:b - r0], job.info.type.ggml, job.importance[e]))
+                    a = b
+                return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
             pending: deque = deque()
             for r0 in range(0, job.nrows, step):
@@ -91,18 +106,68 @@ def _model_name(hf_dir: Path) -> str:
 
 
 def output_tensors(cfg: TextConfig, shapes: dict[str, tuple[int, ...]], ft: FileType,
-                   pure: bool = False) -> list[tuple[str | None, TensorInfo]]:
+                   pure: bool = False, imatrix: bool = False) -> list[tuple[str | None, TensorInfo]]:
     """What `convert` writes for checkpoint tensors of these shapes: (HF name, GGUF tensor with its type) in
     file order, rope_freqs (computed, HF name None) first. The planner sizes --config --type plans with it."""
     order = plan_tensors(cfg, shapes)
     n_attn_v = sum(1 for _, g in order if g.endswith("attn_v.weight"))
     chooser = TypeChooser(ft, cfg.num_hidden_layers, cfg.num_experts, n_attn_v,
-                          cfg.num_attention_heads // cfg.kv_heads[0], pure)
+                          cfg.num_attention_heads // cfg.kv_heads[0], pure, imatrix)
     out = [(None, TensorInfo(ROPE_FREQS, (cfg.global_head_dim // 2,), TENSOR_TYPES["F32"]))]
     for hf_name, gname in order:
         ne = tuple(reversed(shapes[hf_name]))
         out.append((hf_name, TensorInfo(gname, ne, chooser.choose(gname, ne))))
     return out
+
+
+@dataclass
+class Quant:
+    """How quantized tensors are chosen and encoded beyond the preset: an importance matrix (a path or a loaded
+    Imatrix) for the weighted error, and a target file size in bytes (convert/target_size.py), whose chosen mix
+    is passed to on_mix as printable lines."""
+    imatrix: object = None
+    target_size: int | None = None
+    on_mix: Callable[[list[str]], None] | None = None
+
+    def load(self) -> Imatrix | None:
+        if self.imatrix is None or isinstance(self.imatrix, Imatrix):
+            return self.imatrix
+        self.imatrix = read_imatrix(self.imatrix)
+        return self.imatrix
+
+
+def _apply_quant(jobs: list[Job], fields: dict, q: Quant | None, src: str, allow_requantize: bool = True) -> None:
+    """Attach importances to the jobs of quantized tensors and, with a target size, choose their types."""
+    if q is None:
+        return
+    im = q.load()
+    if im is not None:
+        for j in jobs:
+            if is_quantized(j.info.type) and j.read_rows is not None:
+                ne = j.info.ne
+                j.importance = im.importance(j.info.name, ne[0], ne[2] if len(ne) == 3 else 1)
+    if q.target_size is None:
+        return
+    from .target_size import Candidate, choose, describe
+    idx = [i for i, j in enumerate(jobs) if is_quantized(j.info.type) and j.read_rows is not None]
+    if not idx:
+        raise DggufError(f"{src}: --target-size needs a quantized file type (the preset chose no quantized tensor)")
+    cands = [Candidate(jobs[i].info.name, jobs[i].info.ne, jobs[i].nrows, jobs[i].read_rows, jobs[i].importance,
+                       im.counts.get(jobs[i].info.name) if im is not None else None) for i in idx]
+    chosen = set(idx)
+    fixed = sum(_align(j.info.nbytes) for i, j in enumerate(jobs) if i not in chosen)
+    header = len(header_bytes(fields, [j.info for j in jobs]))
+    choices = choose(cands, q.target_size - header - fixed)
+    for i, ch in zip(idx, choices):
+        j = jobs[i]
+        if ch.type.ggml != j.info.type.ggml:
+            if j.source_quantized and not allow_requantize:
+                raise DggufError(f"{src}: tensor {printable(j.info.name)} is already quantized; choosing its type for "
+                                 "--target-size requantizes it: pass --allow-requantize, or convert from F32/F16/BF16")
+            j.info = TensorInfo(j.info.name, j.info.ne, ch.type)
+            j.raw_rows = None
+    if q.on_mix:
+        q.on_mix(describe(choices, header + fixed, q.target_size))
 
 
 @dataclass
@@ -139,32 +204,34 @@ def _write(out: Path, fields, jobs: list[Job], force: bool, inputs, threads, pro
     return first
 
 
-def _checkpoint_plan(hf_dir: Path, type_name: str | None, pure: bool):
+def _checkpoint_plan(hf_dir: Path, type_name: str | None, pure: bool, imatrix: bool = False):
     sources = read_tensors(hf_dir)
     cfg, _ = read_config(hf_dir, {n: t.shape for n, t in sources.items()})   # head dims the config omits: tensors
     gen = read_generation_config(hf_dir, cfg.vocab_size)
     embed = sources.get(DECODER + "embed_tokens.weight")   # missing: output_tensors names it
     ft = file_type(type_name or (embed.dtype if embed else "F32"))   # default: the checkpoint's own dtype
-    return sources, cfg, gen, ft, output_tensors(cfg, {n: t.shape for n, t in sources.items()}, ft, pure)
+    return sources, cfg, gen, ft, output_tensors(cfg, {n: t.shape for n, t in sources.items()}, ft, pure, imatrix)
 
 
-def convert_plan(hf_dir, type_name: str | None = None, pure: bool = False) -> list[TensorInfo]:
-    """The tensors `convert_checkpoint` would write, with their types and sizes; writes nothing."""
+def convert_plan(hf_dir, type_name: str | None = None, pure: bool = False,
+                 quant: Quant | None = None) -> list[TensorInfo]:
+    """The tensors `convert_checkpoint` would write, with their types and sizes; writes nothing (with a target
+    size, the mix is chosen, which quantizes samples of every tensor)."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise DggufError(f"{hf_dir}: not a directory")
-    return [info for _, info in _checkpoint_plan(hf_dir, type_name, pure)[4]]
+    if quant is None or quant.target_size is None:
+        return [info for _, info in _checkpoint_plan(hf_dir, type_name, pure, quant is not None and
+                                                     quant.imatrix is not None)[4]]
+    jobs, fields = _checkpoint_jobs(hf_dir, type_name, pure, quant)
+    return [j.info for j in jobs]
 
 
-def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = False, force: bool = False,
-                       threads: int | None = None, progress: bool = False, output: Output | None = None) -> Path:
-    """Convert an HF DiffusionGemma checkpoint directory to GGUF. Returns the output path (a split set's first
-    part)."""
-    hf_dir, out, output = Path(hf_dir), Path(out), output or Output()
-    if not hf_dir.is_dir():
-        raise DggufError(f"{hf_dir}: not a directory")
-    _check_outputs(out, force, input_files(hf_dir), output)   # before any work
-    sources, cfg, gen, ft, planned = _checkpoint_plan(hf_dir, type_name, pure)
+def _checkpoint_jobs(hf_dir: Path, type_name: str | None, pure: bool, quant: Quant | None):
+    if quant is not None:
+        quant.load()
+    sources, cfg, gen, ft, planned = _checkpoint_plan(hf_dir, type_name, pure, quant is not None and
+                                                      quant.imatrix is not None)
 
     freqs = np.asarray(rope_freqs(cfg), dtype=np.float32)
     jobs = [Job(planned[0][1], 1, lambda r0, r1: freqs[None, :], source_bytes=freqs.nbytes)]
@@ -184,6 +251,20 @@ def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = F
     fields = model_fields(cfg, gen, _model_name(hf_dir), ft.ftype,
                           (n_total, n_total - n_expert, n_expert // cfg.num_experts))
     fields.update(tokenizer_fields(hf_dir, cfg, gen))
+    _apply_quant(jobs, fields, quant, str(hf_dir))
+    return jobs, fields
+
+
+def convert_checkpoint(hf_dir, out, type_name: str | None = None, pure: bool = False, force: bool = False,
+                       threads: int | None = None, progress: bool = False, output: Output | None = None,
+                       quant: Quant | None = None) -> Path:
+    """Convert an HF DiffusionGemma checkpoint directory to GGUF. Returns the output path (a split set's first
+    part). quant: an importance matrix and/or a target size (Quant)."""
+    hf_dir, out, output = Path(hf_dir), Path(out), output or Output()
+    if not hf_dir.is_dir():
+        raise DggufError(f"{hf_dir}: not a directory")
+    _check_outputs(out, force, input_files(hf_dir), output)   # before any work
+    jobs, fields = _checkpoint_jobs(hf_dir, type_name, pure, quant)
     return _write(out, fields, jobs, force, input_files(hf_dir), threads, progress, output)
 
 
@@ -213,7 +294,8 @@ def _meta_int(g: GGUFFile, key: str, default: int, value=_MISSING) -> int:
     return v
 
 
-def _requantize_jobs(g: GGUFFile, src: Path, ft: FileType, pure: bool, allow_requantize: bool) -> list[Job]:
+def _requantize_jobs(g: GGUFFile, src: Path, ft: FileType, pure: bool, allow_requantize: bool,
+                     imatrix: bool = False) -> list[Job]:
     arch = g.get("general.architecture")
     if arch != ARCH:
         raise DggufError(f"{src}: architecture {printable(repr(arch))} is not {ARCH}")
@@ -222,7 +304,7 @@ def _requantize_jobs(g: GGUFFile, src: Path, ft: FileType, pure: bool, allow_req
     kv0 = _meta_int(g, f"{ARCH}.attention.head_count_kv", 1, kv[0] if isinstance(kv, list) and kv else kv)
     n_attn_v = sum(1 for t in g.tensors if t.name.endswith("attn_v.weight"))
     chooser = TypeChooser(ft, n_layers, _meta_int(g, f"{ARCH}.expert_count", 0), n_attn_v,
-                          _meta_int(g, f"{ARCH}.attention.head_count", 1) // max(kv0, 1), pure)
+                          _meta_int(g, f"{ARCH}.attention.head_count", 1) // max(kv0, 1), pure, imatrix)
     jobs = []
     for t in g.tensors:
         nrows = t.nvalues // t.ne[0]
@@ -236,25 +318,40 @@ def _requantize_jobs(g: GGUFFile, src: Path, ft: FileType, pure: bool, allow_req
             raise DggufError(f"{src}: tensor {printable(t.name)} is already quantized ({t.type.name}); requantizing "
                              f"it to {new.name} adds the second quantization's error to the first. Convert from the "
                              "F32/F16/BF16 weights, or pass --allow-requantize to do it anyway")
-        jobs.append(Job(TensorInfo(t.name, t.ne, new), nrows, _dequantizer(g, t, nrows), raw, t.nbytes))
+        jobs.append(Job(TensorInfo(t.name, t.ne, new), nrows, _dequantizer(g, t, nrows), raw, t.nbytes,
+                        source_quantized=is_quantized(t.type)))
     return jobs
 
 
-def requantize_plan(src, type_name: str, pure: bool = False, allow_requantize: bool = False) -> list[TensorInfo]:
+def _requantize_all(g: GGUFFile, src: Path, ft: FileType, pure: bool, allow_requantize: bool, quant: Quant | None):
+    if quant is not None:
+        quant.load()
+    jobs = _requantize_jobs(g, src, ft, pure, allow_requantize, quant is not None and quant.imatrix is not None)
+    fields = {k: f for k, f in g.fields.items() if k not in SPLIT_KEYS}
+    fields["general.file_type"] = Field(V.UINT32, ft.ftype)
+    fields["general.quantization_version"] = Field(V.UINT32, 2)
+    fields.pop("general.alignment", None)
+    _apply_quant(jobs, fields, quant, str(src), allow_requantize)
+    return jobs, fields
+
+
+def requantize_plan(src, type_name: str, pure: bool = False, allow_requantize: bool = False,
+                    quant: Quant | None = None) -> list[TensorInfo]:
     """The tensors `requantize` would write, with their types and sizes; writes nothing."""
     src = Path(src)
     g = read_gguf(src)
     try:
-        return [j.info for j in _requantize_jobs(g, src, file_type(type_name), pure, allow_requantize)]
+        return [j.info for j in _requantize_all(g, src, file_type(type_name), pure, allow_requantize, quant)[0]]
     finally:
         g.close()
 
 
 def requantize(src, out, type_name: str, pure: bool = False, force: bool = False, threads: int | None = None,
-               progress: bool = False, allow_requantize: bool = False, output: Output | None = None) -> Path:
+               progress: bool = False, allow_requantize: bool = False, output: Output | None = None,
+               quant: Quant | None = None) -> Path:
     """Re-encode a DiffusionGemma GGUF (or split set) to another file type. Tensors already in their target type
-    are copied; quantized tensors become another quantized type only with allow_requantize. Returns the output
-    path (a split set's first part)."""
+    are copied; quantized tensors become another quantized type only with allow_requantize. quant: an importance
+    matrix and/or a target size (Quant). Returns the output path (a split set's first part)."""
     src, out, output = Path(src), Path(out), output or Output()
     ft: FileType = file_type(type_name)
     _check_outputs(out, force, [src], output)
@@ -262,11 +359,7 @@ def requantize(src, out, type_name: str, pure: bool = False, force: bool = False
     try:
         inputs = [src, *getattr(g, "paths", [])]
         _check_outputs(out, force, inputs, output)
-        jobs = _requantize_jobs(g, src, ft, pure, allow_requantize)
-        fields = {k: f for k, f in g.fields.items() if k not in SPLIT_KEYS}
-        fields["general.file_type"] = Field(V.UINT32, ft.ftype)
-        fields["general.quantization_version"] = Field(V.UINT32, 2)
-        fields.pop("general.alignment", None)
+        jobs, fields = _requantize_all(g, src, ft, pure, allow_requantize, quant)
         return _write(out, fields, jobs, force, inputs, threads, progress, output)
     finally:
         g.close()
