@@ -43,13 +43,13 @@ def test_real_config_sizes_follow_the_q4_k_m_preset_by_hand(real):
 
 
 def test_kv_cache_matches_the_spec_per_token_figures(real):
-    """Spec: sliding layers 25 x 8 x 256 x 2 x 2 B = 200 KiB per token for at most W-1 = 1023 tokens; full
-    layers 5 x 2 x 512 x 2 B per token with one tensor for K=V (f16), twice that when K and V are apart."""
+    """Spec: sliding layers 25 x 8 x 256 x 2 (K, V) x 2 B = 200 KiB per token for at most W-1 = 1023 tokens; full
+    layers 5 x 2 x 512 x 2 (K and V apart, as the executor and model.c store them) x 2 B per token; f32 twice."""
     m = real["Q4_K_M"]
     for ctx in (512, 8192, 262144):
         groups = {g.name: g.bytes for g in P.make_plan(m, 80 * GIB, "h100", ctx=ctx, cpu=CPU).groups}
-        assert groups["kv_cache"] == min(ctx, 1023) * 200 * 1024 + ctx * 5 * 2 * 512 * 2
-    cpu_plan = P.make_plan(m, None, "cpu", ctx=8192, cpu=CPU)   # the CPU runtime: f32, K and V apart
+        assert groups["kv_cache"] == min(ctx, 1023) * 200 * 1024 + ctx * 5 * 2 * 512 * 2 * 2
+    cpu_plan = P.make_plan(m, None, "cpu", ctx=8192, cpu=CPU)   # the CPU runtime: f32
     groups = {g.name: g.bytes for g in cpu_plan.groups}
     assert groups["kv_cache"] == 2 * (1023 * 200 * 1024 + 8192 * 5 * 2 * 512 * 2 * 2)
 
@@ -128,7 +128,7 @@ def test_longer_context_moves_expert_layers_off_the_gpu(real):
 
 
 def test_impossible_budget_names_the_budget_and_the_minimum(real):
-    with pytest.raises(DggufError, match=r"--vram 2\.00 GiB is too small: the GPU needs at least 2\.9\d GiB"):
+    with pytest.raises(DggufError, match=r"--vram 2\.00 GiB is too small: the GPU needs at least 2\.7\d GiB"):
         P.make_plan(real["Q4_K_M"], 2 * GIB, "rtx4090", cpu=CPU)
     with pytest.raises(DggufError, match="more than the RTX 3060 12 GB's 12 GiB"):
         P.make_plan(real["Q4_K_M"], 16 * GIB, "rtx3060", cpu=CPU)
@@ -255,7 +255,8 @@ def test_cli_plan_json_carries_the_documented_keys(capsys):
         assert key in out, key
     assert out["budget_bytes"] == 12 * GIB >= out["vram_bytes"] > 11 * GIB
     assert (out["ctx"], out["steps_per_canvas"], out["card"]) == (4096, 24, "RTX 4070 12 GB")
-    assert out["tokens_per_s"] == pytest.approx(256 / (24 * out["seconds_per_step"] + out["seconds_per_encoder_pass"]))
+    assert out["tokens_per_s"] == pytest.approx(256 / (24 * (out["seconds_per_step"] + out["sampler_seconds_per_step"])
+                                                       + out["seconds_per_encoder_pass"]))
     assert {g["placement"] for g in out["groups"]} <= {"gpu", "cpu", "stream"}
     assert sum(g["bytes"] for g in out["groups"] if g["placement"] == "gpu") == out["vram_bytes"]
 
@@ -309,3 +310,41 @@ def test_cli_plan_warns_when_foreign_load_skews_the_cpu_measurement(capsys, monk
     f = str(FIXTURES / "pr24423-tiny" / "tiny-Q8_0.gguf")
     assert main(["plan", "-m", f, "--card", "cpu"]) == 0
     assert "other processes kept 1.30 cores busy" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- the executor's placements
+
+def test_forced_offload_and_explicit_placements(real):
+    m = real["Q4_K_M"]
+    stream = P.make_plan(m, 12 * GIB, "rtx3060", cpu=CPU, offload="stream")
+    cpu = P.make_plan(m, 12 * GIB, "rtx3060", cpu=CPU, offload="cpu")
+    names = lambda p: {g.name for g in p.groups}
+    assert stream.offload == "stream" and "staging" in names(stream) and set(stream.layers) == {"gpu", "stream"}
+    assert cpu.offload == "cpu" and "staging" not in names(cpu) and set(cpu.layers) == {"gpu", "cpu"}
+    assert cpu.gpu_expert_layers > stream.gpu_expert_layers      # streaming's two slots take room
+    layers = ["cpu"] * 2 + ["gpu"] * 27 + ["stream"]
+    mixed = P.make_plan(m, 80 * GIB, "h100", cpu=CPU, layers=layers)
+    assert mixed.layers == layers and mixed.offload == "mixed"
+    assert {g.name: g.placement for g in mixed.groups}["blk.29.experts"] == "stream"
+    with pytest.raises(DggufError, match="too small for this placement"):
+        P.make_plan(m, 8 * GIB, "rtx4060-laptop", cpu=CPU, layers=["gpu"] * 30)
+
+
+def test_step_traffic_is_what_crosses(real):
+    """A resident step copies the ids, the self-conditioning logits up and the logits down; each CPU layer adds its
+    [256, H] input and output and the routing; each streamed layer its experts."""
+    m = real["Q4_K_M"]
+    full = P.make_plan(m, 24 * GIB, "rtx4090", cpu=CPU)
+    assert (full.step_h2d_bytes, full.step_d2h_bytes) == (4 * 256 + 4 * 256 * 262144, 4 * 256 * 262144)
+    cpu = P.make_plan(m, 12 * GIB, "rtx3060", cpu=CPU, offload="cpu")
+    n_cpu = cpu.layers.count("cpu")
+    assert cpu.step_h2d_bytes - full.step_h2d_bytes == n_cpu * 4 * 256 * 2816
+    assert cpu.step_d2h_bytes - full.step_d2h_bytes == n_cpu * 256 * (4 * 2816 + 8 * 8)
+    stream = P.make_plan(m, 12 * GIB, "rtx3060", cpu=CPU, offload="stream")
+    streamed = sum(g.bytes for g in stream.groups if g.placement == "stream")
+    assert stream.step_h2d_bytes - full.step_h2d_bytes == streamed
+
+
+def test_gpu_check_plans_are_current():
+    from conftest import ROOT, _load_script
+    assert (ROOT / "scripts" / "gpu_plans.txt").read_text() == "\n".join(_load_script("gpu_plans").lines()) + "\n"
