@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dgguf.core.errors import DggufError
 
-from .gguf_file import check_output_path, printable, read_gguf, remove_stale_partials
+from .gguf_file import check_output_path, printable, read_gguf, remove_stale_partials, replace_output
 
 FORMAT = "dgguf-manifest"
 VERSION = 1
@@ -111,7 +111,7 @@ def write_text(path: Path, text: str, force: bool = False, inputs=()) -> Path:
             f.flush()
             os.fsync(f.fileno())
         check_output_path(path, force, inputs)
-        os.replace(tmp, path)
+        replace_output(tmp, path)
     except BaseException as e:
         try:
             tmp.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from gguf.constants import GGUFValueType as V
 from dgguf.core.errors import DggufError
 
 from .gguf_file import (ALIGNMENT, Field, GGUFFile, GGUFWriter, TensorInfo, _align, _pid_alive, check_output_path,
-                        printable)
+                        printable, replace_output)
 
 SPLIT_NO = "split.no"
 SPLIT_COUNT = "split.count"
@@ -197,7 +197,7 @@ class SplitWriter:
                 raise DggufError(f"internal: only {self._part} of {len(self.parts)} parts were written")
             self._check_outputs()     # again: the paths may have changed meanwhile
             for p in self.paths:
-                os.replace(self.stage / p.name, p)
+                replace_output(self.stage / p.name, p)
                 self._moved.append(p)
             os.rmdir(self.stage)
         except BaseException as e:
