@@ -188,4 +188,76 @@ int dg_sample_step(const float *logits, int64_t n, int64_t V, float temp, const 
 int dg_peak(const char *kind, int64_t rounds, int n_threads, double *ops, double *check, char *err, size_t errlen);
 int dg_read_words(const uint64_t *words, int64_t n, int n_threads, uint64_t *sum, char *err, size_t errlen);
 
+/* ------------------------------------------------------------------------------------------------------
+ * The hybrid executor (native/executor.c, docs/cuda.md): the forward on a device backend, with each layer's
+ * experts resident on the device, computed on the CPU, or streamed to the device every pass, as a plan
+ * (runtime/planner.py) places them. Backends: the host backend below (the CPU twins on host memory standing for
+ * device memory, with a byte budget it enforces: how CI runs the executor) and the CUDA backend
+ * (dgc_backend_new in libdgcuda.so, native/cuda/dg_cuda.h; Python hands its pointer over).
+ */
+typedef struct dg_backend dg_backend;
+
+/* What a backend counts: device bytes held now, at most, and the limit (0: none); live allocations; bytes and
+ * copies host -> device and device -> host since it was made. */
+typedef struct {
+    int64_t allocated, peak, budget, allocations;
+    int64_t h2d, d2h, h2d_copies, d2h_copies;
+} dg_backend_stats;
+
+/* budget_bytes: the device bytes allocations may total (an allocation beyond it fails, naming both);
+ * n_threads: the CPU twins' threads. */
+dg_backend *dg_host_backend_new(int64_t budget_bytes, int n_threads, char *err, size_t errlen);
+void dg_backend_free(dg_backend *b);
+void dg_backend_get_stats(const dg_backend *b, dg_backend_stats *out);
+const char *dg_backend_name(const dg_backend *b);
+
+enum { DG_EXPERTS_DEVICE = 0, DG_EXPERTS_CPU = 1, DG_EXPERTS_STREAM = 2 };
+/* Device memory groups, each one allocation (items in it at DG_ALIGN = 256-byte offsets); the planner's names:
+ * embedding, globals (output norm, self-conditioning, RoPE tables), layers (non-expert weights), buffers (one
+ * pass of max_tokens), workspace (kernel scratch), staging (streaming's slots), experts (resident expert
+ * layers, all of them), kv_cache (every live cache). */
+enum { DG_GROUP_EMBEDDING, DG_GROUP_GLOBALS, DG_GROUP_LAYERS, DG_GROUP_BUFFERS, DG_GROUP_WORKSPACE,
+       DG_GROUP_STAGING, DG_GROUP_EXPERTS, DG_GROUP_KV_CACHE, DG_GROUPS };
+
+typedef struct {
+    int64_t max_tokens;          /* tokens a pass may hold (the canvas length); longer encodes go in pieces */
+    int kv_f16;                  /* the KV cache in f16 (else float32, as dg_cache) */
+    const int32_t *experts;      /* n_layers entries, DG_EXPERTS_*: where each layer's experts run */
+} dg_exec_config;
+
+/* The executor's fixed sizes (runtime/planner.py uses the same): allocations and the items in them are rounded
+ * up to DG_EXEC_ALIGN bytes; the MoE runs in chunks of DG_EXEC_MOE_CHUNK tokens; the soft embedding splits the
+ * vocabulary into DG_EXEC_SOFT_SLICES partial sums (its workspace). */
+enum { DG_EXEC_ALIGN = 256, DG_EXEC_MOE_CHUNK = 256, DG_EXEC_SOFT_SLICES = 16 };
+
+typedef struct {
+    int64_t group[DG_GROUPS];    /* device bytes per group */
+    int64_t load_h2d;            /* bytes uploaded while the executor was made (the resident weights) */
+    int64_t pass_h2d, pass_d2h;  /* bytes moved by the last pass (an encode: all of its pieces) */
+    int64_t stream_layers, cpu_layers, device_layers;
+} dg_exec_stats;
+
+typedef struct dg_exec dg_exec;
+typedef struct dg_exec_cache dg_exec_cache;
+
+/* Places m's weights on dev as cfg says (m's data pointers are host memory, e.g. the mapped file; they must
+ * outlive the executor: CPU and streamed experts are read from them) and allocates the pass buffers. dev is
+ * borrowed: it must outlive the executor. n_threads of m: the CPU side's threads (CPU experts). */
+dg_exec *dg_exec_new(const dg_model *m, dg_backend *dev, const dg_exec_config *cfg, char *err, size_t errlen);
+void dg_exec_free(dg_exec *x);
+void dg_exec_get_stats(const dg_exec *x, dg_exec_stats *out);
+/* Device bytes of layer l's experts when resident, else 0. */
+int64_t dg_exec_expert_bytes(const dg_exec *x, int layer);
+/* A device KV cache of one sequence (as dg_cache: full layers every position, sliding layers the last W-1). */
+dg_exec_cache *dg_exec_cache_new(dg_exec *x, int64_t capacity, char *err, size_t errlen);
+void dg_exec_cache_free(dg_exec_cache *c);
+int64_t dg_exec_cache_length(const dg_exec_cache *c);
+int dg_exec_cache_truncate(dg_exec_cache *c, int64_t n, char *err, size_t errlen);
+/* dg_encode on the executor: pieces of at most max_tokens tokens, one encoder pass each. */
+int dg_exec_encode(dg_exec_cache *c, const int32_t *ids, int64_t n, char *err, size_t errlen);
+/* dg_decode on the executor (n <= max_tokens): sc_logits [n, vocab] host or NULL; logits [n, vocab] host; sc_top_k
+ * and head_rows as dg_decode's (the CUDA backend has no top-k soft embedding: sc_top_k > 0 fails there). */
+int dg_exec_decode(const dg_exec_cache *c, const int32_t *ids, int64_t n, const float *sc_logits, int sc_top_k,
+                   const uint8_t *head_rows, float *logits, char *err, size_t errlen);
+
 #endif

@@ -1,142 +1,29 @@
-/* model.c: the DiffusionGemma forward pass (encoder and decoder over one weight set) and its KV cache.
+/* model.c: the DiffusionGemma forward: the encoder and decoder passes over one weight set, one function per stage
+ * (embed, decoder input with self-conditioning, attention block, dense MLP, experts, head), each stage a sequence
+ * of a backend's kernels (backend.h), and the KV cache of the CPU forward.
  *
- * Read top to bottom: the cache, the scratch buffers of one call, then one function per stage
- * (embed, decoder input with self-conditioning, attention block, dense MLP, MoE, head) and the two
- * passes that string them together, dg_encode and dg_decode. The math is docs/diffusiongemma.md
- * sections 4 and 5, in fp32; the ops live in ops.c, matmul.c and attention.c, on the threads of pool.c.
+ * One forward, two backends. dg_encode / dg_decode run these passes "in place" on the host backend (the CPU
+ * kernels of ops.c, matmul.c and attention.c on the cache's threads, the weights where the caller mapped them);
+ * the hybrid executor (executor.c, dg_exec_*) runs the same passes on a device backend (the CUDA backend, or the
+ * host backend standing for a device), each layer's experts resident, computed on the CPU beside the device, or
+ * streamed to it, as runtime/planner.py places them. The math is docs/diffusiongemma.md sections 4 and 5, in
+ * fp32; on the host backend every op gives the bits the CPU forward always gave (tests/test_gpu_exec.py holds the
+ * executor to them at every placement).
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "dgguf.h"
-#include "attention.h"
+#include "exec.h"
 #include "matmul.h"
 #include "ops.h"
-#include "pool.h"
 
 #define FAIL(code, ...) do { snprintf(err, errlen, __VA_ARGS__); return (code); } while (0)
+#define TRY(call) do { if ((rc = (call)) != DG_OK) return rc; } while (0)
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-enum { MOE_CHUNK = 256 };   /* tokens per MoE pass: bounds the expert slot buffers */
-static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
-/* ---- the KV cache ----------------------------------------------------------------------------------- */
-
-/* One layer's keys (normed + roped) and values (rms-normed), [cap, n_kv, head_dim] each. Rows 0..n-1 hold
- * positions length-n .. length-1: every position for full layers, the last W-1 for sliding layers. */
-typedef struct {
-    int sliding, n_kv, head_dim;
-    int64_t cap, n;
-    float *k, *v;
-} cache_layer;
-
-struct dg_cache {
-    int n_layers, window;
-    int64_t capacity, length;
-    int broken;                  /* a failed encode left the layers inconsistent */
-    cache_layer *layers;
-    dg_pool *pool;               /* the sequence's worker threads, started once */
-    pthread_mutex_t in_use;      /* one pass at a time: the pool and the layers are not shared */
-};
-
-static int64_t kv_width(const cache_layer *cl) { return (int64_t)cl->n_kv * cl->head_dim; }
-
-dg_cache *dg_cache_new(const dg_model *m, int64_t capacity, char *err, size_t errlen) {
-    if (dg_check_model(m, err, errlen) != DG_OK) return NULL;
-    if (capacity < 1) {
-        snprintf(err, errlen, "cache capacity %lld is not positive", (long long)capacity);
-        return NULL;
-    }
-    dg_cache *c = calloc(1, sizeof *c);
-    if (!c) goto oom;
-    pthread_mutex_init(&c->in_use, NULL);
-    c->layers = calloc((size_t)m->n_layers, sizeof *c->layers);
-    c->pool = pool_new(m->n_threads);
-    if (!c->layers || !c->pool) goto oom;
-    c->n_layers = m->n_layers;
-    c->window = m->sliding_window;
-    c->capacity = capacity;
-    for (int l = 0; l < m->n_layers; l++) {
-        const dg_layer *ly = &m->layers[l];
-        cache_layer *cl = &c->layers[l];
-        cl->sliding = ly->sliding;
-        cl->n_kv = ly->n_kv_heads;
-        cl->head_dim = ly->head_dim;
-        cl->cap = ly->sliding ? min64(m->sliding_window - 1, capacity) : capacity;
-        const double bytes = (double)max64(cl->cap, 1) * (double)kv_width(cl) * sizeof(float);
-        if (bytes > (double)(SIZE_MAX / 4)) goto oom;
-        cl->k = malloc((size_t)bytes);
-        cl->v = malloc((size_t)bytes);
-        if (!cl->k || !cl->v) goto oom;
-    }
-    return c;
-oom:
-    dg_cache_free(c);
-    snprintf(err, errlen, "out of memory for a KV cache of %lld positions", (long long)capacity);
-    return NULL;
-}
-
-void dg_cache_free(dg_cache *c) {
-    if (!c) return;
-    if (c->layers)
-        for (int l = 0; l < c->n_layers; l++) {
-            free(c->layers[l].k);
-            free(c->layers[l].v);
-        }
-    free(c->layers);
-    pool_free(c->pool);
-    pthread_mutex_destroy(&c->in_use);
-    free(c);
-}
-
-int64_t dg_cache_length(const dg_cache *c) { return c ? c->length : 0; }
-
-int dg_cache_truncate(dg_cache *c, int64_t n, char *err, size_t errlen) {
-    if (!c) FAIL(DG_E_VALUE, "no cache");
-    if (c->broken) FAIL(DG_E_VALUE, "the cache is unusable after a failed encode; start a new one");
-    if (n < 0 || n > c->length)
-        FAIL(DG_E_SHAPE, "cannot truncate a cache of %lld positions to %lld", (long long)c->length, (long long)n);
-    for (int l = 0; l < c->n_layers; l++) {      /* check every layer before changing any */
-        const cache_layer *cl = &c->layers[l];
-        const int64_t first_held = c->length - cl->n, first_needed = n - min64(n, cl->cap);
-        if (first_needed < first_held)
-            FAIL(DG_E_SHAPE, "cannot truncate to %lld positions: sliding layer %d holds only positions %lld.. "
-                 "(the last %lld), and position %lld would be visible", (long long)n, l, (long long)first_held,
-                 (long long)cl->cap, (long long)first_needed);
-    }
-    for (int l = 0; l < c->n_layers; l++) {
-        cache_layer *cl = &c->layers[l];
-        const int64_t keep = min64(n, cl->cap), from = (n - keep) - (c->length - cl->n), w = kv_width(cl);
-        memmove(cl->k, cl->k + from * w, (size_t)(keep * w) * sizeof(float));
-        memmove(cl->v, cl->v + from * w, (size_t)(keep * w) * sizeof(float));
-        cl->n = keep;
-    }
-    c->length = n;
-    return DG_OK;
-}
-
-/* Append n new rows of K/V; sliding layers then keep only their last cap rows. */
-static void cache_append(cache_layer *cl, const float *k, const float *v, int64_t n) {
-    const int64_t w = kv_width(cl);
-    if (n >= cl->cap) {
-        memcpy(cl->k, k + (n - cl->cap) * w, (size_t)(cl->cap * w) * sizeof(float));
-        memcpy(cl->v, v + (n - cl->cap) * w, (size_t)(cl->cap * w) * sizeof(float));
-        cl->n = cl->cap;
-        return;
-    }
-    const int64_t keep = min64(cl->n, cl->cap - n), drop = cl->n - keep;
-    if (drop) {
-        memmove(cl->k, cl->k + drop * w, (size_t)(keep * w) * sizeof(float));
-        memmove(cl->v, cl->v + drop * w, (size_t)(keep * w) * sizeof(float));
-    }
-    memcpy(cl->k + keep * w, k, (size_t)(n * w) * sizeof(float));
-    memcpy(cl->v + keep * w, v, (size_t)(n * w) * sizeof(float));
-    cl->n = keep + n;
-}
 
 /* ---- checks ----------------------------------------------------------------------------------------- */
 
@@ -207,21 +94,7 @@ int dg_check_model(const dg_model *m, char *err, size_t errlen) {
     return DG_OK;
 }
 
-static int check_cache(const dg_model *m, const dg_cache *c, char *err, size_t errlen) {
-    if (!c) FAIL(DG_E_VALUE, "no cache");
-    if (c->broken) FAIL(DG_E_VALUE, "the cache is unusable after a failed encode; start a new one");
-    if (c->n_layers != m->n_layers || c->window != m->sliding_window)
-        FAIL(DG_E_SHAPE, "the cache was made for another model (%d layers, window %d)", c->n_layers, c->window);
-    for (int l = 0; l < m->n_layers; l++) {
-        const cache_layer *cl = &c->layers[l];
-        const dg_layer *ly = &m->layers[l];
-        if (cl->sliding != ly->sliding || cl->n_kv != ly->n_kv_heads || cl->head_dim != ly->head_dim)
-            FAIL(DG_E_SHAPE, "the cache was made for another model (layer %d)", l);
-    }
-    return DG_OK;
-}
-
-static int check_ids(const dg_model *m, const int32_t *ids, int64_t n, char *err, size_t errlen) {
+int exec_check_ids(const dg_model *m, const int32_t *ids, int64_t n, char *err, size_t errlen) {
     if (n < 0) FAIL(DG_E_SHAPE, "negative token count %lld", (long long)n);
     if (n > 0 && !ids) FAIL(DG_E_VALUE, "no token ids");
     for (int64_t i = 0; i < n; i++)
@@ -231,418 +104,364 @@ static int check_ids(const dg_model *m, const int32_t *ids, int64_t n, char *err
     return DG_OK;
 }
 
-/* ---- scratch buffers of one pass ---------------------------------------------------------------------- */
+/* ---- the KV cache of the CPU forward ------------------------------------------------------------------------ */
 
-typedef struct {
-    dg_pool *pool;
-    int64_t n;                                 /* tokens in this pass */
-    float *h;                                  /* residual stream [n, H] */
-    float *x, *tmp, *h1, *h2;                  /* [n, H] */
-    float *q, *att;                            /* [n, n_heads * d_max] */
-    float *k, *v;                              /* [n, kv_max]: this pass's keys and values */
-    float *g, *u;                              /* [n, F] (dense MLP) or [chunk * top_k, 2I] (expert slots) */
-    float *xs, *ys;                            /* expert slots: [chunk * top_k, H] in and out */
-    int *sel;                                  /* [chunk * top_k] the token of each slot */
-    int *slot_of;                              /* [chunk * top_k] each token's slots, ascending */
-    float *sel_w;                              /* [chunk * top_k] its routing weight */
-    float *router;                             /* [n, E] */
-    int *top_idx;                              /* [n, top_k] */
-    float *top_w;                              /* [n, top_k] */
-    float *inv_freq;                           /* [d_max / 2] */
-    float *attn_scratch;                       /* [threads, attention_scratch(max keys, d_max)] */
-} run_state;
+/* A sequence's cache and what its passes run on: an unchecked host backend (the sequence's worker threads, started
+ * once) and an in-place executor over the model given at creation (later calls pass a model of the same sizes). */
+struct dg_cache {
+    dg_backend *host;
+    dg_exec *x;
+    dg_exec_cache *kv;
+};
 
-/* The pass's buffers, carved out of one block the cache's pool keeps from pass to pass. */
-static int run_state_new(run_state *s, const dg_model *m, const dg_cache *c, int64_t n, char *err, size_t errlen) {
-    memset(s, 0, sizeof *s);
-    const int64_t H = m->hidden, I = m->expert_ff, slots = min64(n, MOE_CHUNK) * m->top_k;
-    const int64_t wide = max64(n * m->dense_ff, slots * 2 * I);
-    int64_t d_max = 0, kv_max = 0, held_max = 0;
+void dg_cache_free(dg_cache *c) {
+    if (!c) return;
+    dg_exec_cache_free(c->kv);
+    dg_exec_free(c->x);
+    dg_backend_free(c->host);
+    free(c);
+}
+
+dg_cache *dg_cache_new(const dg_model *m, int64_t capacity, char *err, size_t errlen) {
+    if (dg_check_model(m, err, errlen) != DG_OK) return NULL;
+    if (capacity < 1) {
+        snprintf(err, errlen, "cache capacity %lld is not positive", (long long)capacity);
+        return NULL;
+    }
+    char e[256];
+    dg_cache *c = calloc(1, sizeof *c);
+    if (c && (c->host = host_backend_make(0, m->n_threads, 0, e, sizeof e)) &&
+        (c->x = exec_new_in_place(m, c->host, e, sizeof e)) && (c->kv = dg_exec_cache_new(c->x, capacity, e, sizeof e)))
+        return c;
+    dg_cache_free(c);
+    snprintf(err, errlen, "out of memory for a KV cache of %lld positions", (long long)capacity);
+    return NULL;
+}
+
+int64_t dg_cache_length(const dg_cache *c) { return c ? c->kv->length : 0; }
+
+int dg_cache_truncate(dg_cache *c, int64_t n, char *err, size_t errlen) {
+    if (!c) FAIL(DG_E_VALUE, "no cache");
+    return dg_exec_cache_truncate(c->kv, n, err, errlen);
+}
+
+/* The cache was made for a model of m's sizes. */
+static int check_cache(const dg_model *m, const dg_cache *c, char *err, size_t errlen) {
+    if (!c) FAIL(DG_E_VALUE, "no cache");
+    const dg_model *made = &c->x->m;
+    if (made->n_layers != m->n_layers || made->sliding_window != m->sliding_window)
+        FAIL(DG_E_SHAPE, "the cache was made for another model (%d layers, window %d)", made->n_layers,
+             made->sliding_window);
     for (int l = 0; l < m->n_layers; l++) {
-        d_max = max64(d_max, m->layers[l].head_dim);
-        kv_max = max64(kv_max, (int64_t)m->layers[l].n_kv_heads * m->layers[l].head_dim);
-        held_max = max64(held_max, c->layers[l].n);
+        const exec_cache_layer *cl = &c->kv->layers[l];
+        const dg_layer *ly = &m->layers[l];
+        if (cl->sliding != ly->sliding || cl->n_kv != ly->n_kv_heads || cl->head_dim != ly->head_dim)
+            FAIL(DG_E_SHAPE, "the cache was made for another model (layer %d)", l);
     }
-    s->n = n;
-    s->pool = c->pool;
-    const int nt = pool_threads(s->pool);
-    struct { void *p; int64_t count; } parts[] = {   /* 4-byte elements (float or int) */
-        {&s->h, n * H}, {&s->x, n * H}, {&s->tmp, n * H}, {&s->h1, n * H}, {&s->h2, n * H},
-        {&s->q, n * m->n_heads * d_max}, {&s->att, n * m->n_heads * d_max}, {&s->k, n * kv_max},
-        {&s->v, n * kv_max}, {&s->g, wide}, {&s->u, wide}, {&s->xs, slots * H}, {&s->ys, slots * H},
-        {&s->sel, slots}, {&s->slot_of, slots}, {&s->sel_w, slots}, {&s->router, n * m->n_experts},
-        {&s->top_idx, n * m->top_k}, {&s->top_w, n * m->top_k}, {&s->inv_freq, d_max / 2},
-        {&s->attn_scratch, nt * attention_scratch(held_max + n, (int)d_max)},
-    };
-    const int np = (int)(sizeof parts / sizeof parts[0]);
-    size_t bytes[np], total = 0;
-    for (int i = 0; i < np; i++) total += bytes[i] = ((size_t)max64(parts[i].count, 1) * 4 + 63) / 64 * 64;
-    char *block = pool_shared(s->pool, SHARED_PASS, total);
-    if (!block) FAIL(DG_E_VALUE, "out of memory for the scratch buffers of %lld tokens", (long long)n);
-    for (int i = 0; i < np; i++) {
-        *(void **)parts[i].p = block;
-        block += bytes[i];
-    }
+    if (made->hidden != m->hidden || made->n_heads != m->n_heads || made->vocab != m->vocab ||
+        made->n_experts != m->n_experts || made->top_k != m->top_k || made->expert_ff != m->expert_ff ||
+        made->dense_ff != m->dense_ff)
+        FAIL(DG_E_SHAPE, "the cache was made for another model (its sizes differ)");
     return DG_OK;
 }
 
-/* ---- stages ----------------------------------------------------------------------------------------- */
+/* ---- stages ----------------------------------------------------------------------------------------------- */
 
-/* h[t] = E[ids[t]] * embed_scale, each embedding row dequantized from its stored type. */
-static int embed(const dg_model *m, float *h, const int32_t *ids, int64_t n, char *err, size_t errlen) {
-    const dg_tensor *E = &m->token_embd;
-    const size_t rb = tensor_row_bytes(E);
-    for (int64_t t = 0; t < n; t++) {
-        float *row = h + t * m->hidden;
-        int rc = dg_dequantize_rows(E->type, (const char *)E->data + (size_t)ids[t] * rb, row, 1, m->hidden,
-                                    err, errlen);
-        if (rc != DG_OK) return rc;
-        for (int i = 0; i < m->hidden; i++) row[i] *= m->embed_scale;
-    }
-    return DG_OK;
-}
-
-/* out = down(gelu(gate(x)) * up(x)): the gated GELU MLP of the dense FFN and of self-conditioning. */
-static int gated_mlp(run_state *s, float *out, const float *x, const dg_tensor *gate, const dg_tensor *up,
-                     const dg_tensor *down, int64_t n, char *err, size_t errlen) {
+/* Append n new rows of K/V; sliding layers then keep only their last cap rows. */
+static int cache_append(dg_exec *x, exec_cache_layer *cl, const float *k, const float *v, int64_t n, char *err,
+                        size_t errlen) {
+    dg_backend *b = x->dev;
+    const int64_t w = (int64_t)cl->n_kv * cl->head_dim, rb = exec_kv_row_bytes(x, cl);
     int rc;
-    if ((rc = matmul(s->pool, s->g, x, gate, 0, n, err, errlen)) != DG_OK) return rc;
-    if ((rc = matmul(s->pool, s->u, x, up, 0, n, err, errlen)) != DG_OK) return rc;
-    gelu_mul(s->pool, s->g, s->u, n, gate->ne1);
-    return matmul(s->pool, out, s->g, down, 0, n, err, errlen);
-}
-
-/* Decoder input: h = rms(e + SC(s)), s = softmax(sc_logits) @ E * embed_scale,
- * SC(s) = down(gelu(gate(rms_w(s, pre_norm))) * up(rms_w(s, pre_norm))). No sc_logits: h = rms(e). */
-static int decoder_input(const dg_model *m, run_state *s, const int32_t *ids, const float *sc_logits,
-                         int sc_top_k, char *err, size_t errlen) {
-    const int64_t n = s->n, H = m->hidden;
-    int rc;
-    if ((rc = embed(m, s->h, ids, n, err, errlen)) != DG_OK) return rc;
-    if (sc_logits) {
-        rc = sc_top_k ? soft_embed_top_k(s->pool, s->x, sc_logits, &m->token_embd, m->embed_scale, n, sc_top_k, err,
-                                         errlen)
-                      : soft_embed(s->pool, s->x, sc_logits, &m->token_embd, m->embed_scale, n, err, errlen);
-        if (rc != DG_OK) return rc;
-        rmsnorm_rows(s->pool, s->x, s->x, m->sc_pre_norm.data, n, H, m->eps);
-        if ((rc = gated_mlp(s, s->tmp, s->x, &m->sc_gate, &m->sc_up, &m->sc_down, n, err, errlen)) != DG_OK)
-            return rc;
-        for (int64_t i = 0; i < n * H; i++) s->h[i] += s->tmp[i];
-    }
-    rmsnorm_rows(s->pool, s->h, s->h, NULL, n, H, m->eps);
-    return DG_OK;
-}
-
-/* The per-token stages around the matmuls run on the pool too: each token's values come from one thread, in the
- * order of the serial loop, so the bits never depend on the thread count. */
-typedef struct {
-    const dg_model *m;
-    const dg_layer *ly;
-    run_state *s;
-    float scalar;
-    int64_t t0;                  /* attention: the pass's first position; moe: the chunk's first token */
-    int pairs;                   /* attention: RoPE pairs of the layer */
-    int kv_only;                 /* attention: no queries (the encoder's last layer) */
-} token_job;
-
-/* Per token: q heads rms_w(q, q_norm) then RoPE; k heads the same with k_norm; v heads rms (no weight). */
-static void qkv_heads(void *ctx, int64_t lo, int64_t hi, int thread) {
-    const token_job *j = ctx;
-    const dg_layer *ly = j->ly;
-    const run_state *s = j->s;
-    const int64_t d = ly->head_dim, nh = j->m->n_heads, nkv = ly->n_kv_heads;
-    const float eps = j->m->eps;
-    float cs[2 * (j->pairs > 0 ? j->pairs : 1)];
-    for (int64_t t = lo; t < hi; t++) {
-        rope_angles(cs, s->inv_freq, j->t0 + t, j->pairs);
-        for (int64_t hd = 0; hd < (j->kv_only ? 0 : nh); hd++) {
-            float *q = s->q + (t * nh + hd) * d;
-            rmsnorm(q, q, ly->attn_q_norm.data, d, eps);
-            rope_rotate(q, cs, (int)d, j->pairs);
-        }
-        for (int64_t hd = 0; hd < nkv; hd++) {
-            float *k = s->k + (t * nkv + hd) * d, *v = s->v + (t * nkv + hd) * d;
-            rmsnorm(k, k, ly->attn_k_norm.data, d, eps);
-            rope_rotate(k, cs, (int)d, j->pairs);
-            rmsnorm(v, v, NULL, d, eps);
-        }
-    }
-}
-
-/* h += rms_w(o, post_attention_norm) per token. */
-static void attention_output(void *ctx, int64_t lo, int64_t hi, int thread) {
-    const token_job *j = ctx;
-    const int64_t H = j->m->hidden;
-    for (int64_t t = lo; t < hi; t++) {
-        float *o = j->s->tmp + t * H, *h = j->s->h + t * H;
-        rmsnorm(o, o, j->ly->post_attention_norm.data, H, j->m->eps);
-        for (int64_t i = 0; i < H; i++) h[i] += o[i];
-    }
-}
-
-/* Attention block. x = rms_w(h, attn_norm); q, k = rope(rms_w(proj, norm)); v = rms(v_proj or raw k);
- * scores q.k (scale 1); h += rms_w(o_proj(attn), post_attention_norm).
- * Encoder (cache != NULL): causal (+ window on sliding layers), then appends K/V to the cache; kv_only
- * (the last encoder layer) computes only K/V and stops there. Decoder: sees the cached keys plus every key of
- * this pass. */
-static int attention_block(const dg_model *m, const dg_layer *ly, run_state *s, const cache_layer *cl,
-                           cache_layer *write, int64_t pos0, int kv_only, char *err, size_t errlen) {
-    const int64_t n = s->n, H = m->hidden, d = ly->head_dim, nh = m->n_heads, nkv = ly->n_kv_heads;
-    int rc;
-    rmsnorm_rows(s->pool, s->x, s->h, ly->attn_norm.data, n, H, m->eps);
-    if (!kv_only && (rc = matmul(s->pool, s->q, s->x, &ly->attn_q, 0, n, err, errlen)) != DG_OK) return rc;
-    if ((rc = matmul(s->pool, s->k, s->x, &ly->attn_k, 0, n, err, errlen)) != DG_OK) return rc;
-    if (ly->sliding) {
-        if ((rc = matmul(s->pool, s->v, s->x, &ly->attn_v, 0, n, err, errlen)) != DG_OK) return rc;
-    } else {
-        memcpy(s->v, s->k, (size_t)(n * nkv * d) * sizeof(float));   /* K = V: the raw projection */
-    }
-    token_job j = {m, ly, s, 0.0f, pos0, rope_freqs(m, ly, s->inv_freq), kv_only};
-    parallel_for(s->pool, n, qkv_heads, &j);
-    if (kv_only) {
-        cache_append(write, s->k, s->v, n);
+    if (n >= cl->cap) {
+        TRY(b->kv_store(b, cl->k, k + (n - cl->cap) * w, cl->cap * w, x->kv_f16, err, errlen));
+        TRY(b->kv_store(b, cl->v, v + (n - cl->cap) * w, cl->cap * w, x->kv_f16, err, errlen));
+        cl->n = cl->cap;
         return DG_OK;
     }
-    const int64_t window = (write && ly->sliding) ? m->sliding_window : 0;
-    const attn_layer a = {s->q, cl->k, cl->v, s->k, s->v, s->att, n, cl->n, window, write != NULL, (int)nh, (int)nkv,
-                          (int)d};
-    attention_layer(s->pool, &a, s->attn_scratch);
-    if (write) cache_append(write, s->k, s->v, n);
-    if ((rc = matmul(s->pool, s->tmp, s->att, &ly->attn_output, 0, n, err, errlen)) != DG_OK) return rc;
-    parallel_for(s->pool, n, attention_output, &j);
+    const int64_t keep = min64(cl->n, cl->cap - n), drop = cl->n - keep;
+    if (drop && keep) {
+        TRY(b->copy(b, cl->k, cl->k + drop * rb, (size_t)(keep * rb), err, errlen));
+        TRY(b->copy(b, cl->v, cl->v + drop * rb, (size_t)(keep * rb), err, errlen));
+    }
+    TRY(b->kv_store(b, cl->k + keep * rb, k, n * w, x->kv_f16, err, errlen));
+    TRY(b->kv_store(b, cl->v + keep * rb, v, n * w, x->kv_f16, err, errlen));
+    cl->n = keep + n;
     return DG_OK;
 }
 
-/* r = rms(h) * scale * H^-0.5 */
-static void router_input(void *ctx, int64_t lo, int64_t hi, int thread) {
-    const token_job *j = ctx;
-    const int64_t H = j->m->hidden;
-    const float root = (float)pow((double)H, -0.5), *scale = j->ly->ffn_gate_inp_scale.data;
-    for (int64_t t = lo; t < hi; t++) {
-        float *r = j->s->x + t * H;
-        rmsnorm(r, j->s->h + t * H, NULL, H, j->m->eps);
-        for (int64_t i = 0; i < H; i++) r[i] = r[i] * scale[i] * root;
-    }
-}
-
-static void router_select(void *ctx, int64_t lo, int64_t hi, int thread) {
-    const token_job *j = ctx;
-    const int64_t E = j->m->n_experts, K = j->m->top_k;
-    const float *exp_scale = j->ly->ffn_down_exps_scale.data;
-    for (int64_t t = lo; t < hi; t++) {
-        float *p = j->s->router + t * E, *w = j->s->top_w + t * K;
-        int *idx = j->s->top_idx + t * K;
-        softmax(p, E);
-        topk(idx, p, (int)E, (int)K);
-        float sum = 0.0f;
-        for (int64_t k = 0; k < K; k++) sum += p[idx[k]];
-        for (int64_t k = 0; k < K; k++) w[k] = p[idx[k]] / sum * exp_scale[idx[k]];
-    }
-}
-
-/* Router on the raw residual: r = rms(h) * scale * H^-0.5, p = softmax(r . W), top-k, weights renormalised
- * to sum 1 and then multiplied by the per-expert scale. */
-static int route(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
-    token_job j = {m, ly, s, 0.0f, 0, 0, 0};
-    parallel_for(s->pool, s->n, router_input, &j);
-    int rc = matmul(s->pool, s->router, s->x, &ly->ffn_gate_inp, 0, s->n, err, errlen);
-    if (rc != DG_OK) return rc;
-    parallel_for(s->pool, s->n, router_select, &j);
-    return DG_OK;
-}
-
-/* act[c] = gelu(gate[c]) * up[c] for slots [lo, hi), gate and up the two halves of each row of g ([2I]). */
-typedef struct {
-    const run_state *s;
-    int64_t I;
-} gated_job;
-
-static void gated_slots(void *ctx, int64_t lo, int64_t hi, int thread) {
-    const gated_job *j = ctx;
-    for (int64_t c = lo; c < hi; c++) {
-        float *gu = j->s->g + c * 2 * j->I, *a = j->s->u + c * j->I;
-        gelu_tanh(gu, j->I);
-        for (int64_t i = 0; i < j->I; i++) a[i] = gu[i] * gu[j->I + i];
-    }
-}
-
-static void gather_slots(void *ctx, int64_t lo, int64_t hi, int thread) {
-    const token_job *j = ctx;
-    const int64_t H = j->m->hidden;
-    for (int64_t c = lo; c < hi; c++) memcpy(j->s->xs + c * H, j->s->x + j->s->sel[c] * H, (size_t)H * sizeof(float));
-}
-
-/* h2[t] = sum of w * y over token t's slots, ascending (its experts in ascending order). */
-static void combine_slots(void *ctx, int64_t lo, int64_t hi, int thread) {
-    const token_job *j = ctx;
-    const run_state *s = j->s;
-    const int64_t H = j->m->hidden, K = j->m->top_k;
-    for (int64_t i = lo; i < hi; i++) {
-        float *out = s->h2 + (j->t0 + i) * H;
-        memset(out, 0, (size_t)H * sizeof(float));
-        for (int64_t k = 0; k < K; k++) {
-            const int c = s->slot_of[i * K + k];
-            const float *y = s->ys + (int64_t)c * H;
-            for (int64_t d = 0; d < H; d++) out[d] += y[d] * s->sel_w[c];
-        }
-    }
-}
-
-/* MoE into s->h2: moe[t] = sum over t's experts e (ascending) of w * down_e(gelu(gate_e(xe)) * up_e(xe)),
- * xe = rms_w(h, pre_ffw_norm_2); gate_up_exps matrix e holds the gate rows, then the up rows. Tokens go in chunks
- * of MOE_CHUNK (the slot buffers stay that size however long the pass); in a chunk the (token, expert) pairs are
- * grouped by expert into slots (expert e's tokens, ascending, in slots off[e] .. off[e + 1] - 1), and each
- * projection runs every expert in one grouped matmul, its experts and row blocks shared across threads. */
-static int moe(const dg_model *m, const dg_layer *ly, run_state *s, char *err, size_t errlen) {
-    const int64_t n = s->n, H = m->hidden, I = m->expert_ff, K = m->top_k, E = m->n_experts;
+/* h[t] = E[ids[t]] * embed_scale, the ids uploaded first. */
+static int embed(dg_exec *x, const int32_t *ids, int64_t n, char *err, size_t errlen) {
+    dg_backend *b = x->dev;
     int rc;
-    if ((rc = route(m, ly, s, err, errlen)) != DG_OK) return rc;
-    rmsnorm_rows(s->pool, s->x, s->h, ly->pre_ffw_norm_2.data, n, H, m->eps);
-    int64_t off[E + 1];
-    for (int64_t t0 = 0; t0 < n; t0 += MOE_CHUNK) {
-        const int64_t t1 = min64(n, t0 + MOE_CHUNK);
-        int filled[t1 - t0];
-        memset(filled, 0, sizeof filled);
-        off[0] = 0;
-        for (int64_t e = 0; e < E; e++) {
-            int64_t c = off[e];
-            for (int64_t t = t0; t < t1; t++)
-                for (int64_t k = 0; k < K; k++)
-                    if (s->top_idx[t * K + k] == e) {
-                        s->sel[c] = (int)t;
-                        s->sel_w[c] = s->top_w[t * K + k];
-                        s->slot_of[(t - t0) * K + filled[t - t0]++] = (int)c;
-                        c++;
-                    }
-            off[e + 1] = c;
+    TRY(b->upload(b, x->ids, ids, (size_t)n * 4, err, errlen));
+    return b->embed(b, x->h, &x->m.token_embd, x->ids, n, x->m.embed_scale, err, errlen);
+}
+
+/* out = down(gelu(gate(in)) * up(in)): the gated GELU MLP of the dense FFN and of self-conditioning. */
+static int gated_mlp(dg_exec *x, float *out, const float *in, const dg_tensor *gate, const dg_tensor *up,
+                     const dg_tensor *down, int64_t n, char *err, size_t errlen) {
+    dg_backend *b = x->dev;
+    int rc;
+    TRY(b->matmul(b, x->g, in, gate, n, 0, err, errlen));
+    TRY(b->matmul(b, x->u, in, up, n, 0, err, errlen));
+    TRY(b->gelu_mul(b, x->g, x->u, n, gate->ne1, err, errlen));
+    return b->matmul(b, out, x->g, down, n, 0, err, errlen);
+}
+
+/* Decoder input: h = rms(e + SC(s)), s = softmax(sc) @ E * embed_scale (sc_top_k > 0: over each position's sc_top_k
+ * most probable tokens), SC(s) = down(gelu(gate(rms_w(s, pre_norm))) * up(rms_w(s, pre_norm))). No sc: h = rms(e).
+ * On a device the self-conditioning input is uploaded into the logits buffer, which the head overwrites later. */
+static int decoder_input(dg_exec *x, const int32_t *ids, int64_t n, const float *sc, int sc_top_k, char *err,
+                         size_t errlen) {
+    dg_backend *b = x->dev;
+    const dg_model *m = &x->m;
+    const int64_t H = m->hidden;
+    int rc;
+    TRY(embed(x, ids, n, err, errlen));
+    if (sc) {
+        if (!x->in_place) {
+            TRY(b->upload(b, x->logits, sc, (size_t)(n * m->vocab) * 4, err, errlen));
+            sc = x->logits;
         }
-        token_job tj = {m, ly, s, 0.0f, t0, 0, 0};
-        parallel_for(s->pool, off[E], gather_slots, &tj);
-        if ((rc = matmul_grouped(s->pool, s->g, s->xs, &ly->ffn_gate_up_exps, off, err, errlen)) != DG_OK)
-            return rc;
-        gated_job gj = {s, I};
-        parallel_for(s->pool, off[E], gated_slots, &gj);
-        if ((rc = matmul_grouped(s->pool, s->ys, s->u, &ly->ffn_down_exps, off, err, errlen)) != DG_OK) return rc;
-        parallel_for(s->pool, t1 - t0, combine_slots, &tj);
+        TRY(b->soft_embed(b, x->x, sc, &m->token_embd, m->embed_scale, n, sc_top_k, err, errlen));
+        TRY(b->rmsnorm(b, x->x, x->x, m->sc_pre_norm.data, n, H, m->eps, 1.0f, 0, err, errlen));
+        TRY(gated_mlp(x, x->tmp, x->x, &m->sc_gate, &m->sc_up, &m->sc_down, n, err, errlen));
+        TRY(b->add(b, x->h, x->tmp, n * H, err, errlen));
     }
+    return b->rmsnorm(b, x->h, x->h, NULL, n, H, m->eps, 1.0f, 0, err, errlen);
+}
+
+/* Attention block. x = rms_w(h, attn_norm); q, k = rope(rms_w(proj, norm)); v = rms(v_proj or raw k); scores q.k
+ * (scale 1); h += rms_w(o_proj(attn), post_attention_norm). Encoder (write != NULL): causal (+ the window on sliding
+ * layers), then appends K/V to the cache; kv_only (the last encoder layer) computes only K/V and stops there.
+ * Decoder: sees the cached keys plus every key of this pass. */
+static int attention_block(dg_exec *x, int l, int64_t n, const exec_cache_layer *cl, exec_cache_layer *write,
+                           int64_t pos0, int kv_only, char *err, size_t errlen) {
+    dg_backend *b = x->dev;
+    const dg_model *m = &x->m;
+    const dg_layer *ly = &m->layers[l];
+    const int64_t H = m->hidden, d = ly->head_dim, nh = m->n_heads, nkv = ly->n_kv_heads;
+    int rc;
+    TRY(b->rmsnorm(b, x->x, x->h, ly->attn_norm.data, n, H, m->eps, 1.0f, 0, err, errlen));
+    if (!kv_only) TRY(b->matmul(b, x->q, x->x, &ly->attn_q, n, 0, err, errlen));
+    TRY(b->matmul(b, x->k, x->x, &ly->attn_k, n, 0, err, errlen));
+    if (ly->sliding)
+        TRY(b->matmul(b, x->v, x->x, &ly->attn_v, n, 0, err, errlen));
+    else
+        TRY(b->copy(b, x->v, x->k, (size_t)(n * nkv * d) * sizeof(float), err, errlen));   /* K = V: the raw K */
+    if (!kv_only) {
+        TRY(b->rmsnorm(b, x->q, x->q, ly->attn_q_norm.data, n * nh, d, m->eps, 1.0f, 0, err, errlen));
+        TRY(b->rope(b, x->q, x->inv_freq[l], n, (int)nh, (int)d, x->pairs[l], pos0, err, errlen));
+    }
+    TRY(b->rmsnorm(b, x->k, x->k, ly->attn_k_norm.data, n * nkv, d, m->eps, 1.0f, 0, err, errlen));
+    TRY(b->rope(b, x->k, x->inv_freq[l], n, (int)nkv, (int)d, x->pairs[l], pos0, err, errlen));
+    TRY(b->rmsnorm(b, x->v, x->v, NULL, n * nkv, d, m->eps, 1.0f, 0, err, errlen));
+    if (kv_only) return cache_append(x, write, x->k, x->v, n, err, errlen);
+    const int64_t window = (write && ly->sliding) ? m->sliding_window : 0;
+    TRY(b->attention(b, x->att, x->q, cl->k, cl->v, x->kv_f16, cl->n, x->k, x->v, n, (int)nh, (int)nkv, (int)d, pos0,
+                     window, write != NULL, err, errlen));
+    if (write) TRY(cache_append(x, write, x->k, x->v, n, err, errlen));
+    TRY(b->matmul(b, x->tmp, x->att, &ly->attn_output, n, 0, err, errlen));
+    return b->rmsnorm(b, x->h, x->tmp, ly->post_attention_norm.data, n, H, m->eps, 1.0f, 1, err, errlen);
+}
+
+/* The streamed layers a pass uses, in order: slot i % 2 holds the i-th; `next` is the first not yet prefetched,
+ * `done` the first not yet used. At most two are in flight: the i + 2-th goes into slot i % 2 once the i-th is
+ * done with it. */
+typedef struct {
+    int *layers;
+    int count, next, done;
+} stream_queue;
+
+static int prefetch_next(dg_exec *x, stream_queue *sq, char *err, size_t errlen) {
+    const int i = sq->next++, l = sq->layers[i], slot = i % DG_BACKEND_SLOTS;
+    const dg_layer *hl = &x->host->layers[l];
+    const size_t gu = tensor_row_bytes(&hl->ffn_gate_up_exps) * (size_t)(hl->ffn_gate_up_exps.ne1 * hl->ffn_gate_up_exps.ne2),
+                 dn = tensor_row_bytes(&hl->ffn_down_exps) * (size_t)(hl->ffn_down_exps.ne1 * hl->ffn_down_exps.ne2);
+    char *at = x->stage[slot].ptr;
+    int rc;
+    TRY(x->dev->prefetch(x->dev, slot, at, hl->ffn_gate_up_exps.data, gu, err, errlen));
+    return x->dev->prefetch(x->dev, slot, at + dg_align(gu), hl->ffn_down_exps.data, dn, err, errlen);
+}
+
+static int start_streams(dg_exec *x, stream_queue *sq, int encoder, char *err, size_t errlen) {
+    const int L = x->m.n_layers;
+    int rc;
+    sq->layers = x->stream_order;
+    sq->count = sq->next = sq->done = 0;
+    for (int l = 0; l < L - (encoder ? 1 : 0); l++)   /* the encoder's last layer has no FFN */
+        if (x->experts[l] == DG_EXPERTS_STREAM) sq->layers[sq->count++] = l;
+    while (sq->next < sq->count && sq->next < DG_BACKEND_SLOTS) TRY(prefetch_next(x, sq, err, errlen));
     return DG_OK;
 }
 
-static void ffn_output(void *ctx, int64_t lo, int64_t hi, int thread) {
-    const token_job *j = ctx;
-    const dg_layer *ly = j->ly;
-    const int64_t H = j->m->hidden;
-    const float eps = j->m->eps;
-    for (int64_t t = lo; t < hi; t++) {
-        float *h1 = j->s->h1 + t * H, *h2 = j->s->h2 + t * H, *h = j->s->h + t * H;
-        rmsnorm(h1, h1, ly->post_ffw_norm_1.data, H, eps);
-        rmsnorm(h2, h2, ly->post_ffw_norm_2.data, H, eps);
-        for (int64_t i = 0; i < H; i++) h1[i] += h2[i];
-        rmsnorm(h1, h1, ly->post_ffw_norm.data, H, eps);
-        for (int64_t i = 0; i < H; i++) h[i] = (h[i] + h1[i]) * j->scalar;
+/* MoE into h2: moe[t] = sum over t's experts e (ascending) of w * down_e(gelu(gate_e(xe)) * up_e(xe)), xe the MoE
+ * input in xm; tokens in chunks of DG_EXEC_MOE_CHUNK (the workspace holds one chunk's slots). Resident and streamed
+ * layers run the backend's MoE (a streamed layer from its slot, the next streamed layer prefetched into the slot
+ * behind it); a CPU layer's inputs went down before the dense MLP (ffn_block): the CPU waits for them, runs the MoE
+ * on the caller's weights and its output goes up. */
+static int experts(dg_exec *x, int l, int64_t n, stream_queue *sq, char *err, size_t errlen) {
+    dg_backend *b = x->dev;
+    const dg_layer *ly = &x->m.layers[l];
+    const int64_t H = x->m.hidden, K = x->m.top_k;
+    int rc;
+    if (x->experts[l] == DG_EXPERTS_CPU) {
+        const dg_layer *hl = &x->host->layers[l];
+        TRY(b->wait_downloads(b, err, errlen));
+        for (int64_t t0 = 0; t0 < n; t0 += DG_EXEC_MOE_CHUNK) {
+            const int64_t c = min64(DG_EXEC_MOE_CHUNK, n - t0);
+            TRY(x->cpu->moe(x->cpu, x->cy + t0 * H, x->cx + t0 * H, x->cidx + t0 * K, x->cw + t0 * K, c, (int)K,
+                            &hl->ffn_gate_up_exps, &hl->ffn_down_exps, err, errlen));
+        }
+        return b->upload(b, x->h2, x->cy, (size_t)(n * H) * 4, err, errlen);
     }
+    dg_tensor gu = ly->ffn_gate_up_exps, dn = ly->ffn_down_exps;
+    int slot = -1;
+    if (x->experts[l] == DG_EXPERTS_STREAM) {
+        const int i = sq->done++;
+        if (i >= sq->next || sq->layers[i] != l) FAIL(DG_E_VALUE, "streamed layer %d was not prefetched", l);
+        slot = i % DG_BACKEND_SLOTS;
+        TRY(b->await_slot(b, slot, err, errlen));
+        gu.data = x->stage[slot].ptr;
+        dn.data = (char *)x->stage[slot].ptr + dg_align(tensor_row_bytes(&gu) * (size_t)(gu.ne1 * gu.ne2));
+    }
+    for (int64_t t0 = 0; t0 < n; t0 += DG_EXEC_MOE_CHUNK) {
+        const int64_t c = min64(DG_EXEC_MOE_CHUNK, n - t0);
+        TRY(b->moe(b, x->h2 + t0 * H, x->xm + t0 * H, x->top_idx + t0 * K, x->top_w + t0 * K, c, (int)K, &gu, &dn,
+                   err, errlen));
+    }
+    if (slot >= 0 && sq->next < sq->count) TRY(prefetch_next(x, sq, err, errlen));   /* into the slot just used */
+    return DG_OK;
 }
 
 /* Feed-forward: the dense MLP and the MoE both read the residual h;
- * h = (h + rms_w(rms_w(dense, post_ffw_norm_1) + rms_w(moe, post_ffw_norm_2), post_ffw_norm)) * scalar, the
- * layer's output scale (the encoder's or the decoder's). */
-static int ffn_block(const dg_model *m, const dg_layer *ly, run_state *s, float scalar, char *err, size_t errlen) {
-    const int64_t n = s->n, H = m->hidden;
+ * h = (h + rms_w(rms_w(dense, post_ffw_norm_1) + rms_w(moe, post_ffw_norm_2), post_ffw_norm)) * scalar, the layer's
+ * output scale (the encoder's or the decoder's). The router (r = rms(h) * scale * H^-0.5, p = softmax(r . W), top-k,
+ * weights renormalised to sum 1, then times the per-expert scale) runs first, so that a CPU layer's inputs cross
+ * while the device runs the dense MLP. */
+static int ffn_block(dg_exec *x, int l, int64_t n, float scalar, stream_queue *sq, char *err, size_t errlen) {
+    dg_backend *b = x->dev;
+    const dg_model *m = &x->m;
+    const dg_layer *ly = &m->layers[l];
+    const int64_t H = m->hidden, K = m->top_k;
     int rc;
-    rmsnorm_rows(s->pool, s->x, s->h, ly->ffn_norm.data, n, H, m->eps);
-    if ((rc = gated_mlp(s, s->h1, s->x, &ly->ffn_gate, &ly->ffn_up, &ly->ffn_down, n, err, errlen)) != DG_OK)
-        return rc;
-    if ((rc = moe(m, ly, s, err, errlen)) != DG_OK) return rc;
-    token_job j = {m, ly, s, scalar, 0, 0, 0};
-    parallel_for(s->pool, n, ffn_output, &j);
-    return DG_OK;
+    const float root = (float)pow((double)H, -0.5);
+    TRY(b->rmsnorm(b, x->xm, x->h, ly->ffn_gate_inp_scale.data, n, H, m->eps, root, 0, err, errlen));
+    TRY(b->matmul(b, x->router, x->xm, &ly->ffn_gate_inp, n, 1, err, errlen));
+    TRY(b->route(b, x->top_idx, x->top_w, x->router, ly->ffn_down_exps_scale.data, n, m->n_experts, (int)K, err,
+                 errlen));
+    TRY(b->rmsnorm(b, x->xm, x->h, ly->pre_ffw_norm_2.data, n, H, m->eps, 1.0f, 0, err, errlen));
+    if (x->experts[l] == DG_EXPERTS_CPU) {
+        TRY(b->download_async(b, x->cx, x->xm, (size_t)(n * H) * 4, err, errlen));
+        TRY(b->download_async(b, x->cidx, x->top_idx, (size_t)(n * K) * 4, err, errlen));
+        TRY(b->download_async(b, x->cw, x->top_w, (size_t)(n * K) * 4, err, errlen));
+    }
+    TRY(b->rmsnorm(b, x->x, x->h, ly->ffn_norm.data, n, H, m->eps, 1.0f, 0, err, errlen));
+    TRY(gated_mlp(x, x->h1, x->x, &ly->ffn_gate, &ly->ffn_up, &ly->ffn_down, n, err, errlen));
+    TRY(experts(x, l, n, sq, err, errlen));
+    TRY(b->rmsnorm(b, x->h1, x->h1, ly->post_ffw_norm_1.data, n, H, m->eps, 1.0f, 0, err, errlen));
+    TRY(b->rmsnorm(b, x->h2, x->h2, ly->post_ffw_norm_2.data, n, H, m->eps, 1.0f, 0, err, errlen));
+    TRY(b->add(b, x->h1, x->h2, n * H, err, errlen));
+    TRY(b->rmsnorm(b, x->h, x->h1, ly->post_ffw_norm.data, n, H, m->eps, 1.0f, 1, err, errlen));
+    return b->scale(b, x->h, scalar, n * H, err, errlen);
 }
 
 /* logits = softcap * tanh(rms_w(h, output_norm) . E^T / softcap), E the tied embedding in its stored type; with
- * rows, only for the flagged rows (gathered into one matmul, which reads E once, then put in their places). */
-static int head(const dg_model *m, run_state *s, float *logits, const uint8_t *rows, char *err, size_t errlen) {
-    const int64_t n = s->n, H = m->hidden, V = m->vocab;
+ * rows, only for the flagged rows (gathered, one matmul that reads E once, then put in their places; the other rows
+ * of logits keep what they hold). In place the logits are written where the caller keeps them; on a device they
+ * are computed in the logits buffer and downloaded. */
+static int head(dg_exec *x, int64_t n, const uint8_t *rows, float *logits, char *err, size_t errlen) {
+    dg_backend *b = x->dev;
+    const dg_model *m = &x->m;
+    const int64_t H = m->hidden, V = m->vocab;
+    int rc;
     int64_t k = n;
     if (rows) {
         k = 0;
-        for (int64_t t = 0; t < n; t++)
-            if (rows[t]) memcpy(s->tmp + k++ * H, s->h + t * H, (size_t)H * sizeof(float));
+        for (int64_t t = 0; t < n; t++) k += rows[t] != 0;
         if (k == 0) return DG_OK;
+        if (k < n)
+            for (int64_t t = 0, r = 0; t < n; t++)
+                if (rows[t]) TRY(b->copy(b, x->tmp + r++ * H, x->h + t * H, (size_t)H * sizeof(float), err, errlen));
     }
-    rmsnorm_rows(s->pool, s->x, k == n ? s->h : s->tmp, m->output_norm.data, k, H, m->eps);
-    float *out = k == n ? logits : pool_shared(s->pool, SHARED_HEAD, (size_t)(k * V) * sizeof(float));
-    if (!out) FAIL(DG_E_VALUE, "out of memory for the logits of %lld rows", (long long)k);
-    int rc = matmul(s->pool, out, s->x, &m->token_embd, 0, k, err, errlen);
-    if (rc != DG_OK) return rc;
-    if (m->softcap > 0.0f) softcap(s->pool, out, k, V, m->softcap);
-    if (out != logits)
+    TRY(b->rmsnorm(b, x->x, k == n ? x->h : x->tmp, m->output_norm.data, k, H, m->eps, 1.0f, 0, err, errlen));
+    float *out = x->logits;
+    if (x->in_place) {
+        out = logits;
+        if (k < n) {   /* the flagged rows' logits apart, then into their places */
+            if (x->head.bytes < k * V * 4) {
+                if (x->head.ptr) b->release(b, x->head.ptr, (size_t)x->head.bytes);
+                x->head.ptr = NULL;
+                x->head.bytes = 0;
+                TRY(b->alloc(b, (size_t)(n * V * 4), &x->head.ptr, err, errlen));
+                x->head.bytes = n * V * 4;
+            }
+            out = x->head.ptr;
+        }
+    }
+    TRY(b->matmul(b, out, x->x, &m->token_embd, k, 0, err, errlen));
+    if (m->softcap > 0.0f) TRY(b->softcap(b, out, k, V, m->softcap, err, errlen));
+    if (x->in_place && out != logits) {
         for (int64_t t = 0, r = 0; t < n; t++)
             if (rows[t]) memcpy(logits + t * V, out + r++ * V, (size_t)V * sizeof(float));
+        return DG_OK;
+    }
+    if (x->in_place) return DG_OK;
+    if (k == n) return b->download(b, logits, out, (size_t)(n * V) * 4, err, errlen);
+    for (int64_t t = 0, r = 0; t < n; t++)
+        if (rows[t]) TRY(b->download(b, logits + t * V, out + r++ * V, (size_t)V * 4, err, errlen));
     return DG_OK;
 }
 
-/* ---- the two passes ----------------------------------------------------------------------------------- */
+/* ---- the two passes --------------------------------------------------------------------------------------------- */
 
-int dg_encode(const dg_model *m, dg_cache *c, const int32_t *ids, int64_t n, char *err, size_t errlen) {
-    int rc;
-    if ((rc = dg_check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
-        (rc = check_ids(m, ids, n, err, errlen)) != DG_OK)
-        return rc;
-    if (n == 0) return DG_OK;
-    if (n > c->capacity - c->length)
-        FAIL(DG_E_SHAPE, "encoding %lld tokens after %lld would exceed the cache capacity of %lld positions",
-             (long long)n, (long long)c->length, (long long)c->capacity);
-    if (pthread_mutex_trylock(&c->in_use) != 0) FAIL(DG_E_VALUE, "the cache is in use by another call");
-    run_state s;
-    if ((rc = run_state_new(&s, m, c, n, err, errlen)) != DG_OK) {
-        pthread_mutex_unlock(&c->in_use);
-        return rc;
-    }
+int exec_encode_pass(dg_exec *x, dg_exec_cache *c, const int32_t *ids, int64_t n, char *err, size_t errlen) {
+    const dg_model *m = &x->m;
     const int64_t pos0 = c->length;
-    if ((rc = embed(m, s.h, ids, n, err, errlen)) != DG_OK) goto done;
+    stream_queue sq;
+    int rc;
+    TRY(start_streams(x, &sq, 1, err, errlen));
+    TRY(embed(x, ids, n, err, errlen));
     for (int l = 0; l < m->n_layers; l++) {
-        const dg_layer *ly = &m->layers[l];
-        cache_layer *cl = &c->layers[l];
-        const int last = l == m->n_layers - 1;     /* only its K/V matter: skip its attention output and FFN */
-        if ((rc = attention_block(m, ly, &s, cl, cl, pos0, last, err, errlen)) != DG_OK) break;
+        exec_cache_layer *cl = &c->layers[l];
+        const int last = l == m->n_layers - 1;   /* only its K/V matter: skip its attention output and FFN */
+        TRY(attention_block(x, l, n, cl, cl, pos0, last, err, errlen));
         if (last) break;
-        if ((rc = ffn_block(m, ly, &s, ly->enc_scale, err, errlen)) != DG_OK) break;
+        TRY(ffn_block(x, l, n, m->layers[l].enc_scale, &sq, err, errlen));
     }
-done:
-    if (rc == DG_OK)
-        c->length += n;
-    else
-        c->broken = 1;   /* some layers may already hold the new positions */
-    pthread_mutex_unlock(&c->in_use);
-    return rc;
+    return x->dev->sync(x->dev, err, errlen);
 }
 
+int exec_decode_pass(dg_exec *x, const dg_exec_cache *c, const int32_t *ids, int64_t n, const float *sc,
+                     int sc_top_k, const uint8_t *head_rows, float *logits, char *err, size_t errlen) {
+    const dg_model *m = &x->m;
+    stream_queue sq;
+    int rc;
+    TRY(start_streams(x, &sq, 0, err, errlen));
+    TRY(decoder_input(x, ids, n, sc, sc_top_k, err, errlen));
+    for (int l = 0; l < m->n_layers; l++) {
+        TRY(attention_block(x, l, n, &c->layers[l], NULL, c->length, 0, err, errlen));
+        TRY(ffn_block(x, l, n, m->layers[l].dec_scale, &sq, err, errlen));
+    }
+    TRY(head(x, n, head_rows, logits, err, errlen));
+    return x->dev->sync(x->dev, err, errlen);
+}
+
+/* Encoder pass: ids[n] at positions length..length+n-1, causal (+ sliding window), encoder layer scalars; appends
+ * K/V to the cache. No head, no logits. */
+int dg_encode(const dg_model *m, dg_cache *c, const int32_t *ids, int64_t n, char *err, size_t errlen) {
+    int rc;
+    if ((rc = dg_check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK)
+        return rc;
+    return exec_encode(c->kv, m, ids, n, err, errlen);
+}
+
+/* Decoder pass over a canvas: reads the cache, never writes it (dgguf.h). */
 int dg_decode(const dg_model *m, const dg_cache *c, const int32_t *ids, int64_t n, const float *sc_logits,
               int sc_top_k, const uint8_t *head_rows, float *logits, char *err, size_t errlen) {
     int rc;
-    if ((rc = dg_check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK ||
-        (rc = check_ids(m, ids, n, err, errlen)) != DG_OK)
+    if ((rc = dg_check_model(m, err, errlen)) != DG_OK || (rc = check_cache(m, c, err, errlen)) != DG_OK)
         return rc;
-    if (n == 0) return DG_OK;
-    if (!logits) FAIL(DG_E_VALUE, "no logits buffer");
-    if (sc_top_k < 0 || sc_top_k > m->vocab)
-        FAIL(DG_E_SHAPE, "sc_top_k %d is outside 0..%d (0: the whole vocabulary)", sc_top_k, m->vocab);
-    /* The cache's contents stay const; its lock and worker pool are the only state a pass takes over. */
-    pthread_mutex_t *in_use = &((dg_cache *)c)->in_use;
-    if (pthread_mutex_trylock(in_use) != 0) FAIL(DG_E_VALUE, "the cache is in use by another call");
-    run_state s;
-    if ((rc = run_state_new(&s, m, c, n, err, errlen)) != DG_OK) {
-        pthread_mutex_unlock(in_use);
-        return rc;
-    }
-    if ((rc = decoder_input(m, &s, ids, sc_logits, sc_top_k, err, errlen)) != DG_OK) goto done;
-    for (int l = 0; l < m->n_layers; l++) {
-        const dg_layer *ly = &m->layers[l];
-        if ((rc = attention_block(m, ly, &s, &c->layers[l], NULL, c->length, 0, err, errlen)) != DG_OK) goto done;
-        if ((rc = ffn_block(m, ly, &s, ly->dec_scale, err, errlen)) != DG_OK) goto done;
-    }
-    rc = head(m, &s, logits, head_rows, err, errlen);
-done:
-    pthread_mutex_unlock(in_use);
-    return rc;
+    return exec_decode(c->kv, m, ids, n, sc_logits, sc_top_k, head_rows, logits, err, errlen);
 }
