@@ -90,3 +90,24 @@ def test_gpu_matches_cpu_twins(cuda_build, what):
 def test_cuda_status_loads_the_built_library(cuda_build):
     status = cuda_status(cuda_build / "libdgcuda.so")
     assert status.available and status.devices >= 1
+
+
+@pytest.mark.parametrize("name,card", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200")])
+def test_gpu_check_plan_fits_eight_minutes_and_runs_the_planners_placements(name, card):
+    """scripts/gpu_check.sh's dry run: the stages it would run, their limits (one call of at most 8 minutes on a
+    lent GPU), and the real-shape specs taken from the planner's placements (scripts/gpu_plans.txt)."""
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "DRY_RUN": "1", "GPU_NAME": name, "GPU_CC": "9.0", "OUT": "/tmp",
+                            "PATH": "/usr/bin:/bin"}, check=False, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    limits = [int(line.split()[2].rstrip("s")) for line in r.stdout.splitlines() if line.startswith("DRY ")]
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("DRY ")] == \
+        ["build", "kernels", "decode", "real"]
+    assert sum(limits) + 60 <= 480                     # + memcheck's 60 s where compute-sanitizer is installed
+    real = next(line for line in r.stdout.splitlines() if line.startswith("=== real"))
+    specs = real.split("dg_cuda_check real ")[1].split()
+    plans = [line.split() for line in (ROOT / "scripts" / "gpu_plans.txt").read_text().splitlines()
+             if line.startswith(card + " ")]
+    assert [s.split(":")[0] for s in specs] == ["8GiB", "12GiB", "16GiB", "24GiB(fully-resident)"]
+    for spec, (_, _, budget, where, predicted) in zip(specs, plans):
+        assert spec.split(":")[1:] == [budget, where, predicted]

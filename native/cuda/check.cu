@@ -2,8 +2,12 @@
  * CPU library (the C files of native/), whose functions are the twins.
  *
  *   dg_cuda_check kernels      every kernel against its CPU twin, with the tolerance printed on each line
- *   dg_cuda_check decode       a tiny random model: device encode + decode against dg_encode + dg_decode
- *   dg_cuda_check throughput [BUDGET_GIB...]   the real 30-layer shape, random Q4_K_M blocks made on the device
+ *   dg_cuda_check decode       a tiny random model: the hybrid executor (native/executor.c) on the CUDA backend at
+ *                              several placements against dg_encode + dg_decode, and on the host backend (bits)
+ *   dg_cuda_check real SPEC... the real 30-layer shape, random Q4_K_M blocks, on the executor: SPEC is
+ *                              NAME:BUDGET_BYTES:PLACEMENT:PREDICTED_S (PLACEMENT one letter a layer: G resident,
+ *                              C CPU, S streamed; scripts/gpu_check.sh takes them from the planner), seconds per
+ *                              decoder step measured beside the prediction
  *   dg_cuda_check types        the real shape's Q4_K_M tensor types (no GPU needed; tests compare them with
  *                              convert/presets.py)
  *
@@ -15,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <numeric>
@@ -23,8 +28,10 @@
 #include "dg_cuda.h"
 extern "C" {
 #include "../attention.h"
+#include "../backend.h"
 #include "../matmul.h"
 #include "../ops.h"
+#include "../quant_internal.h"
 }
 
 static char err[512];
@@ -276,6 +283,30 @@ static void check_attention(void) {
         char name[64];
         snprintf(name, sizeof name, "attention %s", c.what);
         verdict(e <= 1e-5, name, "max diff %.2e, values |v| < 1 (tolerance 1e-5: online softmax order)", e);
+        /* the f16 cache: stored by dgc_kv_store (bits of dg_f32_to_f16), read widened; the twin reads the same
+         * halves widened on the host (the host backend's attention) */
+        const int64_t cn = std::max<int64_t>(c.held, 1) * kvn;
+        std::vector<uint16_t> kh(cn), vh(cn);
+        std::vector<float> kw(cn), vw(cn);
+        for (int64_t i = 0; i < cn; i++) {
+            kh[i] = dg_f32_to_f16(ck[i]);
+            vh[i] = dg_f32_to_f16(cv[i]);
+            kw[i] = dg_f16_to_f32(kh[i]);
+            vw[i] = dg_f16_to_f32(vh[i]);
+        }
+        dev<uint16_t> khd(cn), vhd(cn);
+        MUST(dgc_kv_store(khd.p, ckd.p, cn, 1, err, sizeof err));
+        MUST(dgc_kv_store(vhd.p, cvd.p, cn, 1, err, sizeof err));
+        const bool same = khd.get() == kh && vhd.get() == vh;
+        snprintf(name, sizeof name, "kv_store f16 %s", c.what);
+        verdict(same, name, "halves %s (tolerance: bit-identical to dg_f32_to_f16)", same ? "identical" : "DIFFER");
+        std::vector<float> cpu16 = attention_cpu(q, kw, vw, c.held, k, v, c.n, c.nh, c.nkv, c.d, pos0, c.window,
+                                                 c.causal);
+        MUST(dgc_attention_kv(out.p, qd.p, khd.p, vhd.p, 1, c.held, kd.p, vd.p, c.n, c.nh, c.nkv, c.d, pos0, c.window,
+                              c.causal, err, sizeof err));
+        const double e16 = max_diff(out.get(), cpu16);
+        snprintf(name, sizeof name, "attention f16 cache %s", c.what);
+        verdict(e16 <= 1e-5, name, "max diff %.2e against the twin on the same halves (tolerance 1e-5)", e16);
     }
 }
 
@@ -513,6 +544,52 @@ static void build_tiny(tiny_model &tm, int type) {
     m.layers = tm.layers.data();
 }
 
+/* A placement string (one letter a layer: G resident, C CPU, S streamed) as DG_EXPERTS_*. */
+static std::vector<int32_t> placement(const char *p, int n_layers) {
+    std::vector<int32_t> out;
+    for (const char *c = p; *c; c++)
+        out.push_back(*c == 'G' ? DG_EXPERTS_DEVICE : *c == 'C' ? DG_EXPERTS_CPU : *c == 'S' ? DG_EXPERTS_STREAM : -1);
+    if ((int)out.size() != n_layers || std::count(out.begin(), out.end(), -1)) {
+        fprintf(stderr, "error: placement '%s' is not one of G, C, S for each of %d layers\n", p, n_layers);
+        exit(2);
+    }
+    return out;
+}
+
+struct exec_run {
+    std::vector<float> l1, l2;          /* no self-conditioning; self-conditioning from sc */
+    int64_t h2d, d2h;                   /* the second decoder pass's copies */
+};
+
+/* Two encoder passes and two decoder passes on the executor over backend b. */
+static exec_run run_exec(const dg_model *m, dg_backend *b, const std::vector<int32_t> &experts, int kv_f16,
+                         const std::vector<int32_t> &prompt, const std::vector<int32_t> &canvas,
+                         const std::vector<float> &sc) {
+    const int64_t C = (int64_t)canvas.size(), V = m->vocab;
+    dg_exec_config cfg = {C, kv_f16, experts.data()};
+    dg_exec *x = dg_exec_new(m, b, &cfg, err, sizeof err);
+    if (!x) { fprintf(stderr, "error: dg_exec_new: %s\n", err); exit(2); }
+    dg_exec_cache *c = dg_exec_cache_new(x, 256, err, sizeof err);
+    if (!c) { fprintf(stderr, "error: dg_exec_cache_new: %s\n", err); exit(2); }
+    MUST(dg_exec_encode(c, prompt.data(), 25, err, sizeof err));
+    MUST(dg_exec_encode(c, prompt.data() + 25, (int64_t)prompt.size() - 25, err, sizeof err));
+    exec_run r;
+    r.l1.resize(C * V);
+    r.l2.resize(C * V);
+    MUST(dg_exec_decode(c, canvas.data(), C, NULL, 0, NULL, r.l1.data(), err, sizeof err));
+    MUST(dg_exec_decode(c, canvas.data(), C, sc.data(), 0, NULL, r.l2.data(), err, sizeof err));
+    dg_exec_stats st;
+    dg_exec_get_stats(x, &st);
+    r.h2d = st.pass_h2d;
+    r.d2h = st.pass_d2h;
+    dg_exec_cache_free(c);
+    dg_exec_free(x);
+    return r;
+}
+
+/* The hybrid executor on the tiny model: the CUDA backend at resident, CPU and streamed placements against the CPU
+ * forward (dg_encode + dg_decode), and the host backend at the same placements (bit-identical to it, and the same
+ * copies as the CUDA backend made). */
 static void check_decode(void) {
     MUST(dg_set_matmul_kernel("reference", err, sizeof err));
     for (int type : {DG_TYPE_Q8_0, DG_TYPE_Q4_K}) {
@@ -534,59 +611,46 @@ static void check_decode(void) {
         MUST(dg_decode(m, cc, canvas.data(), C, sc.data(), 0, NULL, cpu2.data(), err, sizeof err));
         dg_cache_free(cc);
         const double scale1 = max_abs(cpu1), scale2 = max_abs(cpu2);
-
-        for (int kind : {DGC_GEMM_PLAIN, DGC_GEMM_TF32})
-            for (int resident : {-1, 2}) {
-                if (kind == DGC_GEMM_TF32 && resident != -1) continue;
-                dgc_model *dm = dgc_model_upload(m, kind, resident, err, sizeof err);
-                if (!dm) { fprintf(stderr, "error: %s\n", err); exit(2); }
-                dgc_cache *dc = dgc_cache_new(dm, 256, err, sizeof err);
-                if (!dc) { fprintf(stderr, "error: %s\n", err); exit(2); }
-                MUST(dgc_encode(dm, dc, prompt.data(), 25, err, sizeof err));
-                MUST(dgc_encode(dm, dc, prompt.data() + 25, P - 25, err, sizeof err));
-                std::vector<float> g1(C * V), g2(C * V), g3(C * V);
-                if (kind == DGC_GEMM_TF32) MUST(dgc_model_profile(dm, 1, err, sizeof err));   /* must not change bits */
-                MUST(dgc_decode(dm, dc, canvas.data(), C, NULL, 0, g1.data(), err, sizeof err));
-                /* the device step stats turn the logits into the scaled self-conditioning input in place */
-                std::vector<int32_t> amax(C), amax_cpu(C);
-                std::vector<float> ent(C), ent_cpu(C);
-                std::vector<uint8_t> acc(C), acc_cpu(C);
-                MUST(dgc_model_step_stats(dm, C, temp, 0.1f, amax.data(), ent.data(), acc.data(), err, sizeof err));
-                MUST(dgc_decode(dm, dc, canvas.data(), C, NULL, 1, g2.data(), err, sizeof err));
-                MUST(dgc_decode(dm, dc, canvas.data(), C, sc.data(), 0, g3.data(), err, sizeof err));
-                if (kind == DGC_GEMM_TF32) {
-                    char prof[1024];
-                    dgc_model_profile_report(dm, prof, sizeof prof);
-                    printf("INFO tiny model, %s: %s\n", type_name(type), prof);
+        struct { const char *where; int kind, kv_f16; } runs[] = {
+            {"GGGG", DGC_GEMM_PLAIN, 0}, {"GCSC", DGC_GEMM_PLAIN, 0}, {"SGCS", DGC_GEMM_PLAIN, 0},
+            {"SSSS", DGC_GEMM_PLAIN, 0}, {"GGGG", DGC_GEMM_TF32, 0}, {"GCSC", DGC_GEMM_TF32, 1}};
+        for (auto &r : runs) {
+            const std::vector<int32_t> experts = placement(r.where, m->n_layers);
+            dg_backend *cb = dgc_backend_new(0, r.kind, 0, err, sizeof err);
+            if (!cb) { fprintf(stderr, "error: dgc_backend_new: %s\n", err); exit(2); }
+            exec_run g = run_exec(m, cb, experts, r.kv_f16, prompt, canvas, sc);
+            dg_backend_stats cs;
+            dg_backend_get_stats(cb, &cs);
+            dg_backend_free(cb);
+            dg_backend *hb = dg_host_backend_new(0, 1, err, sizeof err);
+            exec_run h = run_exec(m, hb, experts, r.kv_f16, prompt, canvas, sc);
+            dg_backend_free(hb);
+            const double e1 = max_diff(g.l1, cpu1) / scale1, e2 = max_diff(g.l2, cpu2) / scale2;
+            /* plain: the runtime's fp32 bound; TF32: its rounding; an f16 cache: the halves' rounding too */
+            const double tol = r.kind == DGC_GEMM_PLAIN ? 2e-5 : 2e-2;
+            int same_argmax = 0;
+            for (int64_t t = 0; t < C; t++) {
+                int64_t a = 0, b = 0;
+                for (int64_t v = 1; v < V; v++) {
+                    if (g.l1[t * V + v] > g.l1[t * V + a]) a = v;
+                    if (cpu1[t * V + v] > cpu1[t * V + b]) b = v;
                 }
-                dgc_cache_free(dc);
-                dgc_model_free(dm);
-                std::vector<float> g1s(C * V);
-                for (int64_t i = 0; i < C * V; i++) g1s[i] = g1[i] / temp;
-                step_stats_cpu(g1s, C, V, 0.1f, amax_cpu, ent_cpu, acc_cpu);
-                const double e1 = max_diff(g1, cpu1) / scale1, e2 = max_diff(g2, cpu2) / scale2,
-                             e3 = max_diff(g3, cpu2) / scale2;
-                const double tol = kind == DGC_GEMM_PLAIN ? 2e-5 : 2e-2;
-                int same_argmax = 0;
-                for (int64_t t = 0; t < C; t++) {
-                    int64_t a = 0, b = 0;
-                    for (int64_t v = 1; v < V; v++) {
-                        if (g1[t * V + v] > g1[t * V + a]) a = v;
-                        if (cpu1[t * V + v] > cpu1[t * V + b]) b = v;
-                    }
-                    same_argmax += a == b;
-                }
-                char name[80];
-                snprintf(name, sizeof name, "decode %s %s%s", kind == DGC_GEMM_PLAIN ? "plain" : "tf32",
-                         type_name(type), resident == -1 ? "" : " streamed");
-                verdict(e1 <= tol && e2 <= tol && e3 <= tol, name,
-                        "max diff / max|logit|: no sc %.2e, sc on device %.2e, sc from host %.2e; argmax equal at "
-                        "%d/%lld (tolerance %.0e)", e1, e2, e3, same_argmax, (long long)C, tol);
-                snprintf(name, sizeof name, "decode step stats %s %s", kind == DGC_GEMM_PLAIN ? "plain" : "tf32",
-                         type_name(type));
-                verdict(amax == amax_cpu && acc == acc_cpu, name, "device stats of the device logits: argmax %s, "
-                        "accept %s", amax == amax_cpu ? "equal" : "DIFFER", acc == acc_cpu ? "equal" : "DIFFER");
+                same_argmax += a == b;
             }
+            char name[96];
+            snprintf(name, sizeof name, "executor cuda %s %s %s kv %s", r.where,
+                     r.kind == DGC_GEMM_PLAIN ? "plain" : "tf32", type_name(type), r.kv_f16 ? "f16" : "f32");
+            verdict(e1 <= tol && e2 <= tol && cs.allocated == 0, name,
+                    "max diff / max|logit|: no sc %.2e, sc %.2e; argmax equal at %d/%lld (tolerance %.0e); device "
+                    "bytes left %lld, peak %lld", e1, e2, same_argmax, (long long)C, tol, (long long)cs.allocated,
+                    (long long)cs.peak);
+            const bool bits = !r.kv_f16 && bit_diffs(h.l1, cpu1) == 0 && bit_diffs(h.l2, cpu2) == 0;
+            snprintf(name, sizeof name, "executor host %s %s kv %s", r.where, type_name(type), r.kv_f16 ? "f16" : "f32");
+            verdict((bits || r.kv_f16) && h.h2d == g.h2d && h.d2h == g.d2h, name,
+                    "logits %s the CPU forward's; a decoder step's copies: host backend %lld up %lld down, cuda "
+                    "%lld up %lld down", r.kv_f16 ? "(f16 cache: not compared with)" : bits ? "bit-identical to" :
+                    "DIFFER from", (long long)h.h2d, (long long)h.d2h, (long long)g.h2d, (long long)g.d2h);
+        }
     }
 }
 
@@ -613,7 +677,8 @@ static void build_real_shape(dg_model &m, std::vector<dg_layer> &layers) {
     memset(&m, 0, sizeof m);
     m.n_layers = (int)L; m.hidden = (int)H; m.n_heads = 16; m.n_experts = (int)E; m.top_k = 8; m.expert_ff = (int)I;
     m.dense_ff = (int)F; m.vocab = (int)V; m.sliding_window = 1024; m.rope_pairs_full = 64; m.eps = 1e-6f;
-    m.theta_full = 1e6f; m.theta_sliding = 1e4f; m.softcap = 30.0f; m.embed_scale = 53.0f; m.n_threads = 1;
+    m.theta_full = 1e6f; m.theta_sliding = 1e4f; m.softcap = 30.0f; m.embed_scale = 53.0f;
+    m.n_threads = (int)std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));   /* the CPU side of CPU expert layers */
     auto T = [](int type, int64_t ne0, int64_t ne1, int64_t ne2) { return dg_tensor{nullptr, fit(type, ne0), ne0, ne1, ne2}; };
     auto vec = [](int64_t ne0) { return dg_tensor{nullptr, DG_TYPE_F32, ne0, 1, 1}; };
     m.token_embd = T(DG_TYPE_Q6_K, H, V, 1);
@@ -690,90 +755,126 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* One canvas of C tokens at `steps` forced steps after a P-token prompt, at a device budget: the expert layers
- * that do not fit are streamed from pinned host memory before each use (not overlapped with compute). */
-static void throughput(double budget_gib, int steps) {
-    dg_model m;
-    std::vector<dg_layer> layers;
-    build_real_shape(m, layers);
-    const int64_t C = 256, P = 512, cap = P + 2 * C;
-    size_t experts = 0, per_layer = 0, others = bytes_of(m.token_embd) + bytes_of(m.sc_gate) + bytes_of(m.sc_up) +
-                                                bytes_of(m.sc_down);
+/* Host copies of the real shape's weights with random blocks made on the device (dgc_fill_random) and downloaded:
+ * one buffer per distinct (type, shape), shared by every layer that has such a tensor (the executor copies each
+ * resident tensor to its own place, and every streamed layer crosses PCIe in full, so timings are a real model's;
+ * only the host memory is saved). */
+struct shared_weights {
+    std::vector<std::pair<std::vector<int64_t>, void *>> bufs;
+    ~shared_weights() { for (auto &b : bufs) free(b.second); }
+    void *get(const dg_tensor &t, uint64_t seed) {
+        const std::vector<int64_t> key = {t.type, t.ne0, t.ne1, t.ne2};
+        for (auto &b : bufs) if (b.first == key) return b.second;
+        const size_t bytes = bytes_of(t);
+        void *host = malloc(bytes), *d = NULL;
+        if (!host) { fprintf(stderr, "error: out of host memory for %zu bytes\n", bytes); exit(2); }
+        const float amp = (t.ne1 == 1 && t.ne2 == 1) ? 0.1f : 1.0f / sqrtf((float)t.ne0);
+        MUST(dgc_malloc(&d, bytes, err, sizeof err));
+        MUST(dgc_fill_random(t.type, d, t.ne1 * t.ne2, t.ne0, seed, amp, err, sizeof err));
+        MUST(dgc_download(host, d, bytes, err, sizeof err));
+        dgc_free(d);
+        bufs.push_back({key, host});
+        return host;
+    }
+};
+
+static void fill_real_shape(dg_model &m, std::vector<dg_layer> &layers, shared_weights &w) {
+    uint64_t seed = 1234;
+    dg_tensor *g[] = {&m.token_embd, &m.output_norm, &m.sc_pre_norm, &m.sc_gate, &m.sc_up, &m.sc_down};
+    for (auto *t : g) t->data = w.get(*t, seed++);
     for (auto &ly : layers) {
-        per_layer = std::max(per_layer, bytes_of(ly.ffn_gate_up_exps) + bytes_of(ly.ffn_down_exps));
-        experts += bytes_of(ly.ffn_gate_up_exps) + bytes_of(ly.ffn_down_exps);
-        const dg_tensor *ts[] = {&ly.attn_q, &ly.attn_k, &ly.attn_v, &ly.attn_output, &ly.ffn_gate, &ly.ffn_up,
-                                 &ly.ffn_down, &ly.ffn_gate_inp};
-        for (auto *t : ts) others += bytes_of(*t);
+        dg_tensor *ts[] = {&ly.attn_norm, &ly.attn_q, &ly.attn_k, &ly.attn_v, &ly.attn_output, &ly.attn_q_norm,
+                           &ly.attn_k_norm, &ly.post_attention_norm, &ly.ffn_norm, &ly.ffn_gate, &ly.ffn_up,
+                           &ly.ffn_down, &ly.post_ffw_norm_1, &ly.ffn_gate_inp, &ly.ffn_gate_inp_scale,
+                           &ly.ffn_down_exps_scale, &ly.pre_ffw_norm_2, &ly.ffn_gate_up_exps, &ly.ffn_down_exps,
+                           &ly.post_ffw_norm_2, &ly.post_ffw_norm};
+        for (auto *t : ts)
+            if (t->ne0) t->data = w.get(*t, seed++);
     }
-    /* pass buffers (logits [C, V] dominate), the cache and the kernels' scratch: measured below, estimated here */
-    const double overhead = 1.5 * (1 << 30);
-    const double budget = budget_gib * (1 << 30);
-    int resident = 0;
-    while (resident < m.n_layers) {
-        const double need = others + overhead + (double)per_layer * (resident + 1) +
-                            (resident + 1 < m.n_layers ? per_layer : 0);   /* + the streaming stage */
-        if (need > budget) break;
-        resident++;
+}
+
+/* One canvas of C = 256 tokens at 16 forced steps after a 512-token prompt (cache of 1024 positions, f16), as
+ * `dgguf run --gpu` runs it: each decoder pass uploads the self-conditioning logits and downloads the logits
+ * (the sampler is the host's and is not timed here). spec: NAME:BUDGET_BYTES:PLACEMENT:PREDICTED_S. */
+static void real_run(const char *spec, dg_model &m, std::vector<dg_layer> &layers) {
+    char name[64], where[128];
+    long long budget;
+    double predicted;
+    if (sscanf(spec, "%63[^:]:%lld:%127[GCS]:%lf", name, &budget, where, &predicted) != 4) {
+        fprintf(stderr, "error: real: '%s' is not NAME:BUDGET_BYTES:PLACEMENT:PREDICTED_S\n", spec);
+        exit(2);
     }
-    printf("INFO budget %.0f GiB: weights %.2f GiB (experts %.2f GiB, %.3f GiB a layer), %d of %d expert layers "
-           "resident, %d streamed\n", budget_gib, (others + experts) / 1073741824.0, experts / 1073741824.0,
-           per_layer / 1073741824.0, resident, m.n_layers, m.n_layers - resident);
-    if (others + overhead + 2.0 * per_layer > budget) {
-        printf("RESULT budget %.0f GiB: does not fit even one resident expert layer plus the stage; skipped\n",
-               budget_gib);
-        return;
-    }
+    const std::vector<int32_t> experts = placement(where, m.n_layers);
+    const int64_t C = 256, P = 512, V = m.vocab, cap = 1024;
+    const int steps = 16;
     size_t free0, total;
     cudaMemGetInfo(&free0, &total);
-    const double t_build = now();
-    dgc_model *dm = dgc_model_random(&m, DGC_GEMM_TF32, resident, 1234, err, sizeof err);
-    if (!dm) { fprintf(stderr, "error: %s\n", err); exit(2); }
-    dgc_cache *dc = dgc_cache_new(dm, cap, err, sizeof err);
-    if (!dc) { fprintf(stderr, "error: %s\n", err); exit(2); }
-    printf("INFO random weights made on the device in %.1f s\n", now() - t_build);
-    std::vector<int32_t> prompt(P), canvas(C), amax(C);
-    std::vector<float> ent(C);
-    std::vector<uint8_t> acc(C);
-    for (auto &t : prompt) t = (int32_t)((frand() + 1.0f) * 0.5f * (m.vocab - 1));
-    for (auto &t : canvas) t = (int32_t)((frand() + 1.0f) * 0.5f * (m.vocab - 1));
+    dg_backend *b = dgc_backend_new(0, DGC_GEMM_TF32, budget, err, sizeof err);
+    if (!b) { fprintf(stderr, "error: dgc_backend_new: %s\n", err); exit(2); }
     double t0 = now();
-    MUST(dgc_encode(dm, dc, prompt.data(), P, err, sizeof err));
+    dg_exec_config cfg = {C, 1, experts.data()};
+    dg_exec *x = dg_exec_new(&m, b, &cfg, err, sizeof err);
+    if (!x) {
+        printf("FAIL real %s: the executor does not fit: %s\n", name, err);
+        failures++;
+        dg_backend_free(b);
+        return;
+    }
+    dg_exec_cache *c = dg_exec_cache_new(x, cap, err, sizeof err);
+    if (!c) {
+        printf("FAIL real %s: the KV cache does not fit: %s\n", name, err);
+        failures++;
+        dg_exec_free(x);
+        dg_backend_free(b);
+        return;
+    }
+    const double t_load = now() - t0;
+    std::vector<int32_t> prompt(P), canvas(C);
+    for (auto &t : prompt) t = (int32_t)((frand() + 1.0f) * 0.5f * (V - 1));
+    for (auto &t : canvas) t = (int32_t)((frand() + 1.0f) * 0.5f * (V - 1));
+    std::vector<float> logits(C * V), sc(C * V);
+    t0 = now();
+    MUST(dg_exec_encode(c, prompt.data(), P, err, sizeof err));
     const double t_prompt = now() - t0;
-    /* warm-up step (kernel loading, first-touch), not timed */
-    MUST(dgc_decode(dm, dc, canvas.data(), C, NULL, 0, NULL, err, sizeof err));
+    MUST(dg_exec_decode(c, canvas.data(), C, NULL, 0, NULL, logits.data(), err, sizeof err));   /* warm-up */
+    double t_dec = 0;
+    for (int s = 0; s < steps; s++) {
+        for (int64_t i = 0; i < C * V; i++) sc[i] = logits[i] * 1.25f;
+        t0 = now();
+        MUST(dg_exec_decode(c, canvas.data(), C, sc.data(), 0, NULL, logits.data(), err, sizeof err));
+        t_dec += now() - t0;
+        for (int64_t t = 0; t < C; t++) {   /* commit the argmax, as a sampler would */
+            int64_t a = 0;
+            for (int64_t v = 1; v < V; v++) if (logits[t * V + v] > logits[t * V + a]) a = v;
+            canvas[t] = (int32_t)a;
+        }
+    }
+    dg_exec_stats st;
+    dg_exec_get_stats(x, &st);
+    t0 = now();
+    MUST(dg_exec_encode(c, canvas.data(), C, err, sizeof err));
+    const double t_enc = now() - t0, step = t_dec / steps;
+    dg_backend_stats bs;
+    dg_backend_get_stats(b, &bs);
     size_t free1;
     cudaMemGetInfo(&free1, &total);
-    MUST(dgc_model_profile(dm, 1, err, sizeof err));
-    double t_dec = 0, t_stats = 0;
-    for (int s = steps; s >= 1; s--) {
-        t0 = now();
-        MUST(dgc_decode(dm, dc, canvas.data(), C, NULL, s != steps, NULL, err, sizeof err));
-        const double t1 = now();
-        const float temp = 0.4f + 0.4f * s / steps;
-        MUST(dgc_model_step_stats(dm, C, temp, 0.1f, amax.data(), ent.data(), acc.data(), err, sizeof err));
-        t_stats += now() - t1;
-        t_dec += t1 - t0;
-        for (int64_t i = 0; i < C; i++) if (acc[i]) canvas[i] = amax[i];
-    }
-    t0 = now();
-    MUST(dgc_encode(dm, dc, canvas.data(), C, err, sizeof err));
-    const double t_commit = now() - t0, t_canvas = t_dec + t_stats + t_commit;
-    size_t dev_bytes, streamed;
-    dgc_model_bytes(dm, &dev_bytes, &streamed);
-    printf("RESULT budget %.0f GiB: device memory used %.2f GiB (weights %.2f GiB), streamed %.2f GiB a step; "
-           "decoder step %.4f s, step stats %.4f s, canvas encode %.4f s, prompt encode (%lld tokens) %.3f s\n",
-           budget_gib, (free0 - free1) / 1073741824.0, dev_bytes / 1073741824.0, streamed / 1073741824.0,
-           t_dec / steps, t_stats / steps, t_commit, (long long)P, t_prompt);
-    char prof[1024];
-    dgc_model_profile_report(dm, prof, sizeof prof);
-    printf("INFO budget %.0f GiB: %s\n", budget_gib, prof);
-    printf("RESULT budget %.0f GiB: %d steps per canvas of %lld: %.3f s per canvas = %.1f tok/s\n", budget_gib, steps,
-           (long long)C, t_canvas, C / t_canvas);
+    bool finite = true;
+    for (float v : logits) finite &= std::isfinite(v);
+    printf("INFO real %s: %lld resident, %lld CPU, %lld streamed expert layers; device bytes %.3f GiB of a %.3f GiB "
+           "budget (peak %.3f), cudaMemGetInfo says %.3f GiB used; load %.1f s, prompt encode (%lld tokens) %.3f s; "
+           "a step copies %.1f MiB up, %.1f MiB down\n", name, (long long)st.device_layers, (long long)st.cpu_layers,
+           (long long)st.stream_layers, bs.allocated / 1073741824.0, budget / 1073741824.0, bs.peak / 1073741824.0,
+           (free0 - free1) / 1073741824.0, t_load, (long long)P, t_prompt, st.pass_h2d / 1048576.0,
+           st.pass_d2h / 1048576.0);
+    printf("RESULT real %s: measured %.4f s/step, predicted %.4f s/step (measured/predicted %.2f); canvas encode %.4f "
+           "s; %.1f tok/s at %d steps (sampler not included)\n", name, step, predicted, step / predicted, t_enc,
+           C / (steps * step + t_enc), steps);
+    verdict(finite && bs.peak <= budget, "real shape run", "%s: logits finite %s, peak %lld <= budget %lld", name,
+            finite ? "yes" : "NO", (long long)bs.peak, budget);
     fflush(stdout);
-    dgc_cache_free(dc);
-    dgc_model_free(dm);
-    dgc_release_scratch();
+    dg_exec_cache_free(c);
+    dg_exec_free(x);
+    dg_backend_free(b);
 }
 
 int main(int argc, char **argv) {
@@ -800,12 +901,17 @@ int main(int argc, char **argv) {
         check_step_stats();
     } else if (!strcmp(what, "decode")) {
         check_decode();
-    } else if (!strcmp(what, "throughput")) {
-        const int steps = 16;
-        if (argc == 2) throughput(1e9, steps);
-        for (int i = 2; i < argc; i++) throughput(atof(argv[i]), steps);
+    } else if (!strcmp(what, "real")) {
+        dg_model m;
+        std::vector<dg_layer> layers;
+        build_real_shape(m, layers);
+        shared_weights w;
+        const double t0 = now();
+        fill_real_shape(m, layers, w);
+        printf("INFO real shape: random weights made in %.1f s\n", now() - t0);
+        for (int i = 2; i < argc; i++) real_run(argv[i], m, layers);
     } else {
-        fprintf(stderr, "usage: %s kernels | decode | throughput [BUDGET_GIB...] | types\n", argv[0]);
+        fprintf(stderr, "usage: %s kernels | decode | real NAME:BUDGET:PLACEMENT:PREDICTED... | types\n", argv[0]);
         return 2;
     }
     MUST(dgc_synchronize(err, sizeof err));

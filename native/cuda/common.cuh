@@ -12,6 +12,7 @@
 
 #include "dg_cuda.h"
 extern "C" {
+#include "../backend.h"
 #include "../quant_internal.h"
 }
 

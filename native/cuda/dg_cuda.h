@@ -4,7 +4,8 @@
  * abort. Pointers documented as "device" are cudaMalloc'd memory; dg_tensor (from dgguf.h) is reused with its
  * data pointer on the device. One host thread drives the library at a time (kernels share one scratch arena).
  *
- * Every kernel has a CPU twin in native/ (named beside it); native/cuda/check.cu compares them.
+ * Every kernel has a CPU twin in native/ (named beside it); native/cuda/check.cu compares them. The forward is
+ * native/executor.c's, on the backend below (one forward for both backends; no copy of model.c here).
  */
 #ifndef DG_CUDA_H
 #define DG_CUDA_H
@@ -105,44 +106,25 @@ int dgc_step_stats(float *logits, int64_t n, int64_t vocab, float temp, float bo
 int dgc_fill_random(int type, void *data, int64_t nrows, int64_t ncols, uint64_t seed, float amp, char *err,
                     size_t errlen);
 
-/* ---- the forward on the device (model.cu), mirroring native/model.c -------------------------------------- */
+/* Twin: the host backend's kv_store (backend_host.c). dst = src as cache elements: float, or f16 rounded to nearest
+ * even (dg_f32_to_f16's bits). */
+int dgc_kv_store(void *dst, const float *src, int64_t count, int f16, char *err, size_t errlen);
 
-typedef struct dgc_model dgc_model;
-typedef struct dgc_cache dgc_cache;
+/* dgc_attention over a cache of float (f16 0) or f16 elements (f16 1: uint16 halves, widened exactly). */
+int dgc_attention_kv(float *out, const float *q, const void *cache_k, const void *cache_v, int f16, int64_t held,
+                     const float *k, const float *v, int64_t n, int n_heads, int n_kv, int d, int64_t pos0,
+                     int64_t window, int causal, char *err, size_t errlen);
 
-/* Copies every weight of m (host pointers) to the device. Expert tensors of layers >= expert_layers_on_device
- * (-1: all on the device) stay on the host and are copied in before each use (streamed, not overlapped). */
-dgc_model *dgc_model_upload(const dg_model *m, int gemm_kind, int expert_layers_on_device, char *err,
-                            size_t errlen);
-/* A model of m's shapes and types (m's data pointers are ignored) with random weights made on the device;
- * streamed expert layers are generated on the device and copied to pinned host memory. */
-dgc_model *dgc_model_random(const dg_model *m, int gemm_kind, int expert_layers_on_device, uint64_t seed,
-                            char *err, size_t errlen);
-void dgc_model_free(dgc_model *m);
-/* Device bytes of the weights (resident part) and host bytes of the streamed experts. */
-void dgc_model_bytes(const dgc_model *m, size_t *device_bytes, size_t *streamed_bytes);
-void dgc_model_set_gemm(dgc_model *m, int gemm_kind);
-/* Stage timing of decoder passes (CUDA events between stages): on resets the totals; the report is one line,
- * milliseconds a pass per stage (input, projections, attention, dense MLP, router, experts, head). */
-int dgc_model_profile(dgc_model *m, int on, char *err, size_t errlen);
-int dgc_model_profile_report(const dgc_model *m, char *buf, size_t len);
+/* The kernels' scratch becomes ws (bytes) for every slot (each op asks once), instead of the growing arena; NULL
+ * unbinds. The executor binds its workspace (dg_workspace_bytes) so that no kernel allocates. */
+void dgc_bind_workspace(void *ws, size_t bytes);
 
-dgc_cache *dgc_cache_new(dgc_model *m, int64_t capacity, char *err, size_t errlen);
-void dgc_cache_free(dgc_cache *c);
-int64_t dgc_cache_length(const dgc_cache *c);
+/* ---- the backend (backend_cuda.cu): native/backend.h's interface on these kernels -------------------------- */
 
-/* Twin: dg_encode. ids (host) [n]. */
-int dgc_encode(dgc_model *m, dgc_cache *c, const int32_t *ids, int64_t n, char *err, size_t errlen);
-
-/* Twin: dg_decode. ids (host) [n]. Self-conditioning: sc_host [n, vocab] (host) when not NULL; else, when
- * sc_device, the model's logits buffer as dgc_step_stats left it (the previous step's scaled logits); else none.
- * The softcapped logits stay on the device in the model's buffer; logits_host (may be NULL) gets a copy. */
-int dgc_decode(dgc_model *m, const dgc_cache *c, const int32_t *ids, int64_t n, const float *sc_host,
-               int sc_device, float *logits_host, char *err, size_t errlen);
-
-/* dgc_step_stats on the model's logits buffer of the last decode (n rows); results copied to the host arrays. */
-int dgc_model_step_stats(dgc_model *m, int64_t n, float temp, float bound, int32_t *argmax, float *entropy,
-                         uint8_t *accept, char *err, size_t errlen);
+/* The CUDA backend on `device`: GEMMs of kind gemm_kind (DGC_GEMM_*; the router always runs the plain kernel),
+ * device allocations limited to budget_bytes (0: none; beyond it an allocation fails naming both). The forward
+ * runs on native/executor.c (dgguf.h's dg_exec_*); free it with dg_backend_free. NULL with the reason in err. */
+dg_backend *dgc_backend_new(int device, int gemm_kind, int64_t budget_bytes, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -300,12 +300,6 @@ __global__ void soft_embed_reduce(float *out, const float *part, int64_t slices,
     out[i] = __fmul_rn(s, scale);
 }
 
-static int sm_count(void) {
-    int dev = 0, n = 1;
-    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n;
-}
-
 extern "C" int dgc_soft_embed(int kind, float *out, const float *logits, const dg_tensor *w, float scale,
                               int64_t n, char *err, size_t errlen) {
     if (!w || !w->data || !out || !logits || n < 0) FAIL(DG_E_VALUE, "dgc_soft_embed: bad arguments");
@@ -313,19 +307,20 @@ extern "C" int dgc_soft_embed(int kind, float *out, const float *logits, const d
     const size_t rb = row_bytes_of(w->type, H);
     if (rb == 0 || H % 16) FAIL(DG_E_TYPE, "dgc_soft_embed: type %d, rows of %lld values", w->type, (long long)H);
     if (n == 0) return DG_OK;
-    void *stats;
-    int rc = scratch(SCR_A, (size_t)n * 2 * sizeof(float), &stats, err, errlen);
+    /* one scratch region (dg_workspace_layout's soft part): the row statistics, then the TF32 path's partial sums
+     * over DG_SOFT_SLICES slices of the vocabulary (a fixed split, so the workspace is the same on every device) */
+    const int64_t chunk = cdiv(cdiv(V, DG_SOFT_SLICES), BK) * BK, used = cdiv(V, chunk);
+    const size_t b_stats = dg_align((size_t)n * 2 * sizeof(float));
+    void *base;
+    int rc = scratch(SCR_A, b_stats + (kind == DGC_GEMM_TF32 ? (size_t)(used * n * H) * sizeof(float) : 0), &base,
+                     err, errlen);
     if (rc != DG_OK) return rc;
-    float *mx = (float *)stats, *sum = mx + n;
+    float *mx = (float *)base, *sum = mx + n;
     softmax_stats<<<(unsigned)n, 256>>>(logits, V, mx, sum);
     LAUNCHED();
     const uint8_t *wd = (const uint8_t *)w->data;
     if (kind == DGC_GEMM_TF32) {
-        const int64_t tiles = cdiv(H, BN) * cdiv(n, 64);
-        const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(64, cdiv(4 * sm_count(), tiles)));
-        const int64_t chunk = cdiv(cdiv(V, slices), BK) * BK, used = cdiv(V, chunk);
-        void *part;
-        if ((rc = scratch(SCR_B, (size_t)(used * n * H) * sizeof(float), &part, err, errlen)) != DG_OK) return rc;
+        void *part = (char *)base + b_stats;
         const dim3 grid((unsigned)cdiv(H, BN), (unsigned)cdiv(n, 64), (unsigned)used);
         switch (w->type) {
 #define CASE(T) case T: soft_embed_tf32<T><<<grid, GEMM_THREADS>>>((float *)part, logits, wd, rb, V, H, n, mx, \

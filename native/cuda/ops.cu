@@ -7,6 +7,7 @@
  * fuses nothing the CPU does not. Attention uses an online softmax (running max, one pass over key chunks):
  * a different summation order from the CPU's two-pass softmax, so it is held to a tolerance, not to bits.
  */
+#include <cuda_fp16.h>
 #include <float.h>
 
 #include "common.cuh"
@@ -70,8 +71,22 @@ extern "C" int dgc_synchronize(char *err, size_t errlen) {
 
 static void *scratch_ptr[SCR_SLOTS];
 static size_t scratch_size[SCR_SLOTS];
+static void *bound_ws;            /* the executor's workspace (dgc_bind_workspace): every slot is it */
+static size_t bound_bytes;
+
+extern "C" void dgc_bind_workspace(void *ws, size_t bytes) {
+    bound_ws = ws;
+    bound_bytes = ws ? bytes : 0;
+}
 
 int scratch(int slot, size_t bytes, void **ptr, char *err, size_t errlen) {
+    if (bound_ws) {   /* sized by dg_workspace_bytes; each op asks once, so one region serves every slot */
+        if (bytes > bound_bytes)
+            FAIL(DG_E_VALUE, "the workspace of %zu bytes is too small for %zu (dg_workspace_bytes is out of date)",
+                 bound_bytes, bytes);
+        *ptr = bound_ws;
+        return DG_OK;
+    }
     if (bytes > scratch_size[slot]) {
         CU(cudaDeviceSynchronize());   /* a kernel may still read the old buffer */
         cudaFree(scratch_ptr[slot]);
@@ -251,14 +266,20 @@ __device__ __forceinline__ key_range keys_of(int64_t t, int64_t n, int64_t held,
     return r;
 }
 
+/* A cache element as float: the cache holds float or f16 (the executor's kv_f16; widening is exact). */
+__device__ __forceinline__ float kv_val(float v) { return v; }
+__device__ __forceinline__ float kv_val(uint16_t v) { return h2f(v); }
+
 /* Rows j0..j0+ATT_KC-1 of the keys (or values) of one KV head into shared memory, rows d + 1 apart: index j is
  * cached row j below held, else row j - held of this pass; rows at or past j_hi are zeros. */
-__device__ __forceinline__ void load_chunk(float *dst, const float *cached, const float *fresh, int64_t j0,
+template <typename KV>
+__device__ __forceinline__ void load_chunk(float *dst, const KV *cached, const float *fresh, int64_t j0,
                                            int64_t j_hi, int64_t held, int64_t stride, int64_t col0, int d) {
     for (int i = threadIdx.x; i < ATT_KC * d; i += blockDim.x) {
         const int64_t j = j0 + i / d;
         float val = 0.0f;
-        if (j < j_hi) val = j < held ? cached[j * stride + col0 + i % d] : fresh[(j - held) * stride + col0 + i % d];
+        if (j < j_hi)
+            val = j < held ? kv_val(cached[j * stride + col0 + i % d]) : fresh[(j - held) * stride + col0 + i % d];
         dst[(i / d) * (d + 1) + i % d] = val;
     }
 }
@@ -267,8 +288,9 @@ __device__ __forceinline__ void load_chunk(float *dst, const float *cached, cons
  * of ATT_KC (lane j scores key j of the chunk), with a running max and sum per query; each lane keeps d / 32
  * output values. Shared: the block's queries [QT][d], one key or value chunk [KC][d + 1] (padded: lanes read
  * different rows without bank conflicts). */
+template <typename KV>
 __global__ void __launch_bounds__(ATT_QT * 32)
-attention_heads(float *out, const float *q, const float *cache_k, const float *cache_v, int64_t held,
+attention_heads(float *out, const float *q, const KV *cache_k, const KV *cache_v, int64_t held,
                 const float *k, const float *v, int64_t n, int n_heads, int n_kv, int d, int64_t pos0,
                 int64_t window, int causal) {
     extern __shared__ float sm[];
@@ -328,19 +350,53 @@ attention_heads(float *out, const float *q, const float *cache_k, const float *c
         for (int i = 0; i < per_lane; i++) out[(t * n_heads + head) * d + lane + 32 * i] = acc[i] / l;
 }
 
-extern "C" int dgc_attention(float *out, const float *q, const float *cache_k, const float *cache_v, int64_t held,
-                             const float *k, const float *v, int64_t n, int n_heads, int n_kv, int d, int64_t pos0,
-                             int64_t window, int causal, char *err, size_t errlen) {
+/* dgc_attention with the cache's element: f16 (uint16 halves) or float. */
+extern "C" int dgc_attention_kv(float *out, const float *q, const void *cache_k, const void *cache_v, int f16,
+                                int64_t held, const float *k, const float *v, int64_t n, int n_heads, int n_kv, int d,
+                                int64_t pos0, int64_t window, int causal, char *err, size_t errlen) {
     if (n < 0 || held < 0 || n_heads < 1 || n_kv < 1 || n_heads % n_kv || d < 32 || d % 32 || d > ATT_MAXD ||
         window < 0 || pos0 < held)
         FAIL(DG_E_SHAPE, "dgc_attention: %lld queries, %lld held, %d heads / %d KV of %d, window %lld",
              (long long)n, (long long)held, n_heads, n_kv, d, (long long)window);
     if (n == 0) return DG_OK;
     const size_t smem = (size_t)(ATT_QT * d + ATT_KC * (d + 1)) * sizeof(float);
-    CU(cudaFuncSetAttribute(attention_heads, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     const dim3 grid((unsigned)cdiv(n, ATT_QT), (unsigned)n_heads);
-    attention_heads<<<grid, ATT_QT * 32, smem>>>(out, q, cache_k, cache_v, held, k, v, n, n_heads, n_kv, d, pos0,
-                                                 window, causal);
+    if (f16) {
+        CU(cudaFuncSetAttribute(attention_heads<uint16_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        attention_heads<uint16_t><<<grid, ATT_QT * 32, smem>>>(out, q, (const uint16_t *)cache_k,
+                                                               (const uint16_t *)cache_v, held, k, v, n, n_heads,
+                                                               n_kv, d, pos0, window, causal);
+    } else {
+        CU(cudaFuncSetAttribute(attention_heads<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        attention_heads<float><<<grid, ATT_QT * 32, smem>>>(out, q, (const float *)cache_k, (const float *)cache_v,
+                                                            held, k, v, n, n_heads, n_kv, d, pos0, window, causal);
+    }
+    LAUNCHED();
+    return DG_OK;
+}
+
+extern "C" int dgc_attention(float *out, const float *q, const float *cache_k, const float *cache_v, int64_t held,
+                             const float *k, const float *v, int64_t n, int n_heads, int n_kv, int d, int64_t pos0,
+                             int64_t window, int causal, char *err, size_t errlen) {
+    return dgc_attention_kv(out, q, cache_k, cache_v, 0, held, k, v, n, n_heads, n_kv, d, pos0, window, causal, err,
+                            errlen);
+}
+
+/* ---- the KV cache's store: float, or f16 rounded to nearest even (as dg_f32_to_f16) -------------------------- */
+
+__global__ void store_f16(uint16_t *dst, const float *src, int64_t count) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) dst[i] = __half_as_ushort(__float2half_rn(src[i]));
+}
+
+extern "C" int dgc_kv_store(void *dst, const float *src, int64_t count, int f16, char *err, size_t errlen) {
+    if (count < 0) FAIL(DG_E_SHAPE, "dgc_kv_store: %lld values", (long long)count);
+    if (count == 0) return DG_OK;
+    if (!f16) {
+        CU(cudaMemcpyAsync(dst, src, (size_t)count * sizeof(float), cudaMemcpyDeviceToDevice, 0));
+        return DG_OK;
+    }
+    store_f16<<<(unsigned)cdiv(count, 256), 256>>>((uint16_t *)dst, src, count);
     LAUNCHED();
     return DG_OK;
 }
@@ -471,13 +527,14 @@ extern "C" int dgc_moe(int kind, float *out, const float *x, const int32_t *top_
              (long long)down->ne1, (long long)down->ne2, K);
     if (n == 0) return DG_OK;
     const int64_t pairs = n * K;
-    void *ints, *gu, *act, *y;
+    /* one scratch region, laid out as dg_workspace_layout's MoE part (backend.h): ints, gate/up, act, out */
+    const size_t b_ints = dg_align((size_t)(2 * (E + 1) + 3 * pairs) * 4), b_gu = dg_align((size_t)(pairs * 2 * I) * 4),
+                 b_act = dg_align((size_t)(pairs * I) * 4), b_y = dg_align((size_t)(pairs * H) * 4);
+    void *base;
     int rc;
-    if ((rc = scratch(SCR_C, (size_t)(2 * E + 1 + 2 * pairs) * sizeof(int32_t), &ints, err, errlen)) != DG_OK ||
-        (rc = scratch(SCR_D, (size_t)(pairs * 2 * I) * sizeof(float), &gu, err, errlen)) != DG_OK ||
-        (rc = scratch(SCR_E, (size_t)(pairs * I) * sizeof(float), &act, err, errlen)) != DG_OK ||
-        (rc = scratch(SCR_F, (size_t)(pairs * H) * sizeof(float), &y, err, errlen)) != DG_OK)
-        return rc;
+    if ((rc = scratch(SCR_C, b_ints + b_gu + b_act + b_y, &base, err, errlen)) != DG_OK) return rc;
+    void *ints = base, *gu = (char *)base + b_ints, *act = (char *)base + b_ints + b_gu,
+         *y = (char *)base + b_ints + b_gu + b_act;
     int32_t *count = (int32_t *)ints, *off = count + E, *pair_tok = off + E + 1, *slot_of = pair_tok + pairs;
     moe_count<<<(unsigned)E, 32>>>(count, top_idx, n, K);
     LAUNCHED();
