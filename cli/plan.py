@@ -1,4 +1,5 @@
-"""`dgguf plan`: what of a model lives on the GPU at a VRAM budget, and the predicted speed."""
+"""`dgguf plan`: what of a model lives on the GPU at a VRAM budget, and the predicted speed: the placement
+`dgguf run --gpu` uses with the same --vram, --ctx, --kv-type, --offload, -ngl and --n-cpu-moe."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from dgguf.core.errors import DggufError
 
-from .args import number, positive, type_name
+from .args import integer, number, positive, type_name
 
 
 def model_from_config(path, type_name: str):
@@ -25,6 +26,17 @@ def model_from_config(path, type_name: str):
     planned = output_tensors(cfg, expected_shapes(cfg), ft)
     tensors = [Tensor(t.name, t.nbytes, t.type.name) for _, t in planned]
     return PlannedModel(str(path), ft.name, cfg.shape(), tensors)
+
+
+def explicit_layers(n_layers: int, n_gpu_layers: int | None, n_cpu_moe: int | None) -> list[str] | None:
+    """llama.cpp's spellings as a placement of expert layers (the other weights are always on the GPU): -ngl N puts
+    the experts of the first N layers on the GPU and computes the rest on the CPU; --n-cpu-moe N computes the
+    first N layers' experts on the CPU. None when neither is given (the planner places them)."""
+    if not n_gpu_layers and n_cpu_moe is None:
+        return None
+    g = n_layers if not n_gpu_layers else min(n_gpu_layers, n_layers)
+    c = n_cpu_moe or 0
+    return ["cpu" if i < c or i >= g else "gpu" for i in range(n_layers)]
 
 
 def run(a) -> None:
@@ -67,8 +79,9 @@ def run(a) -> None:
                       "from a quiet run", file=sys.stderr)
         return P.measure_cpu(model, default_threads(), a.cpu_gops, a.cpu_gbs)
 
+    layers = explicit_layers(model.shape.n_layers, a.n_gpu_layers, a.n_cpu_moe)
     plan = P.make_plan(model, budget, card or P.card_for_budget(budget), ctx, a.steps, measure_cpu,
-                       a.kv_type, P.parse_size(a.reserve, "--reserve", zero=True), a.gemm)
+                       a.kv_type, P.parse_size(a.reserve, "--reserve", zero=True), a.gemm, a.offload, layers)
     if a.json:
         json.dump(plan.to_json(), sys.stdout)
         print()
@@ -89,7 +102,15 @@ def add_parser(sub) -> None:
     pl.add_argument("--card", help="GPU to predict for (default: the detected one, else the smallest listed card "
                                    "holding the budget); cpu = no GPU")
     pl.add_argument("--kv-type", choices=("f16", "f32"), help="KV cache element (default f16; f32 with --card cpu)")
-    pl.add_argument("--gemm", choices=("fp16", "int8"), default="fp16", help="tensor-core path of the GEMMs")
+    pl.add_argument("--gemm", choices=("tf32", "fp16", "int8"), default="tf32",
+                    help="GEMM path: tf32 (native/cuda's kernels, what dgguf run --gpu uses); fp16 and int8 price "
+                         "tensor-core kernels it does not have")
+    pl.add_argument("--offload", choices=("auto", "cpu", "stream"), default="auto",
+                    help="where expert layers that do not fit go (auto: the faster by the cost model)")
+    pl.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=integer("-ngl", 0, 10**6), default=None,
+                    help="as dgguf run: the experts of the first N layers on the GPU, the rest on the CPU")
+    pl.add_argument("--n-cpu-moe", type=integer("--n-cpu-moe", 0, 10**6), default=None,
+                    help="as dgguf run: the experts of the first N layers on the CPU")
     pl.add_argument("--reserve", default="512MiB", help="VRAM kept for the CUDA context and workspaces")
     pl.add_argument("--cpu-gops", type=number("--cpu-gops"), help="CPU matmul GOP/s (default: measured)")
     pl.add_argument("--cpu-gbs", type=number("--cpu-gbs"), help="CPU memory GB/s (default: measured)")

@@ -42,6 +42,12 @@ def _seed(v: str) -> int:
     return int.from_bytes(os.urandom(8), "little") if n == -1 else n
 
 
+def _gpu_choice(v: str) -> str:
+    if v in ("auto", "host") or (v.isdigit() and int(v) < 64):
+        return v
+    raise argparse.ArgumentTypeError(f"--gpu takes auto, a device number or host, not {v!r}")
+
+
 def _read_prompt(a) -> str | None:
     if a.file is None:
         return a.prompt
@@ -192,17 +198,56 @@ def _warn_if_busy() -> None:
               "than on a quiet machine", file=sys.stderr)
 
 
+def _use_gpu(m, a) -> None:
+    """--gpu, --vram, -ngl, --n-cpu-moe: the plan `dgguf plan` prints for the same options, run by the hybrid
+    executor (runtime/gpu.py); nothing when none is given (the CPU forward)."""
+    if a.gpu is None and not a.n_gpu_layers and a.n_cpu_moe is None:
+        return
+    from dgguf.runtime import gpu
+    from dgguf.runtime import planner as P
+    from dgguf.runtime.cuda import cuda_status, detect_gpu
+
+    from .plan import explicit_layers
+    where = a.gpu or "auto"
+    reserve = P.parse_size(a.reserve, "--reserve", zero=True)
+    if where == "host":
+        if a.vram in (None, "auto"):
+            raise DggufError("--gpu host runs the executor on the CPU's twins with a budget: give it, e.g. --vram 8GiB")
+        budget, card, device, reserve = P.parse_size(a.vram), None, 0, 0
+    else:
+        device = 0 if where == "auto" else int(where)
+        status = cuda_status()
+        if not status.available:
+            raise DggufError(f"--gpu, -ngl/--n-gpu-layers and --n-cpu-moe need a GPU: {status.reason} (--gpu host runs "
+                             "the same placement on the CPU; without these options dgguf run computes on the CPU)")
+        free, total, name = detect_gpu(device=device)
+        budget = free if a.vram in (None, "auto") else P.parse_size(a.vram)
+        card = P.card_for_gpu_name(name) or P.card_for_budget(total)
+    if card is None:
+        card = P.card_for_budget(budget) if budget <= 80 * P.GIB else "h200"
+    pm = P.model_from_gguf(a.model)
+    layers = explicit_layers(pm.shape.n_layers, a.n_gpu_layers, a.n_cpu_moe)
+    plan = P.make_plan(pm, budget, card, ctx=m.ctx, cpu=lambda: P.measure_cpu(pm, a.threads),
+                       kv_type=a.kv_type, reserve=reserve, offload=a.offload, layers=layers)
+    gpu.use_device(m, "host" if where == "host" else "cuda", plan, threads=a.threads, device=device)
+    counts = {w: plan.layers.count(w) for w in ("gpu", "cpu", "stream")}
+    print(f"gpu: {'host backend' if where == 'host' else f'CUDA device {device}'}, {P.fmt_size(plan.vram_bytes)} "
+          f"planned of {P.fmt_size(budget)}: expert layers {counts['gpu']} resident, {counts['cpu']} on the CPU, "
+          f"{counts['stream']} streamed (dgguf plan shows the groups); KV cache {plan.kv_cache}", file=sys.stderr)
+
+
 def run(a) -> None:
     from dgguf.runtime.model import Model
-    if a.n_gpu_layers or a.n_cpu_moe is not None:
-        raise DggufError("-ngl/--n-gpu-layers and --n-cpu-moe: dgguf run computes on the CPU only for now "
-                         "(GPU offload is planned: `dgguf plan` shows the placement it will use); use -ngl 0 or "
-                         "leave it out")
     if a.prompt_ids is not None and (a.chat or a.interactive):
         raise DggufError("--prompt-ids are used verbatim: they cannot go with --chat or -i")
     if not a.interactive and a.prompt is None and a.file is None and a.prompt_ids is None:
         raise DggufError("give a prompt: -p TEXT, -f FILE (- for stdin) or --prompt-ids, or -i for a conversation")
     m = Model.load(a.model, threads=a.threads, ctx=a.ctx)
+    try:
+        _use_gpu(m, a)
+    except BaseException:
+        m.close()
+        raise
     _warn_if_busy()
     try:
         if a.interactive:
@@ -254,8 +299,19 @@ def add_parser(sub) -> None:
     r.add_argument("--no-echo", action="store_true", help="do not print the prompt before the generated text")
     r.add_argument("--json", action="store_true", help="print ids, text and stats as JSON (no streaming)")
     r.add_argument("--visual", action="store_true", help="show the canvas being denoised (on stderr)")
+    r.add_argument("--gpu", nargs="?", const="auto", default=None, type=_gpu_choice, metavar="auto|N|host",
+                   help="run on a GPU (device N; auto: 0) as `dgguf plan` places the model; host: the same executor "
+                        "on the CPU's twins, for checking a placement without a GPU")
+    r.add_argument("--vram", default=None, help="GPU memory budget in binary units (8GiB) or auto (the device's free "
+                                                "memory; the default)")
+    r.add_argument("--kv-type", choices=("f16", "f32"), default=None, help="the GPU KV cache's element (default f16)")
+    r.add_argument("--offload", choices=("auto", "cpu", "stream"), default="auto",
+                   help="where expert layers that do not fit the GPU go: computed on the CPU or streamed over PCIe "
+                        "(auto: the faster by the planner's cost model)")
+    r.add_argument("--reserve", default="512MiB", help="GPU memory left for the CUDA context and libraries")
     r.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=integer("-ngl", 0, 10**6),
-                   default=0, help="llama.cpp's layer offload (CPU only for now: 0)")
+                   default=0, help="llama.cpp's spelling: the experts of the first N layers on the GPU, the rest "
+                                   "computed on the CPU (the other weights are always on the GPU); 0: no GPU")
     r.add_argument("--n-cpu-moe", type=integer("--n-cpu-moe", 0, 10**6), default=None,
-                   help="llama.cpp's expert layers kept on the CPU (no GPU path yet)")
+                   help="llama.cpp's spelling: the experts of the first N layers computed on the CPU")
     r.set_defaults(func=run)

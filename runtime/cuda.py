@@ -52,8 +52,8 @@ def driver_devices() -> tuple[int, str]:
     return count.value, f"{count.value} CUDA device(s)"
 
 
-def detect_gpu(lib: str = DRIVER) -> tuple[int, int, str]:
-    """(free bytes, total bytes, name) of CUDA device 0 through the driver API, or a DggufError when no GPU
+def detect_gpu(lib: str = DRIVER, device: int = 0) -> tuple[int, int, str]:
+    """(free bytes, total bytes, name) of CUDA device `device` through the driver API, or a DggufError when no GPU
     is there. Only the driver library is needed (no toolkit); the context made for the query is released."""
     try:
         cuda = ctypes.CDLL(lib)
@@ -69,7 +69,7 @@ def detect_gpu(lib: str = DRIVER) -> tuple[int, int, str]:
 
     call("cuInit", 0)
     dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-    call("cuDeviceGet", ctypes.byref(dev), 0)
+    call("cuDeviceGet", ctypes.byref(dev), device)
     name = ctypes.create_string_buffer(256)
     call("cuDeviceGetName", name, 256, dev)
     call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
