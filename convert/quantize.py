@@ -148,8 +148,9 @@ def _apply_quant(jobs: list[Job], fields: dict, q: Quant | None, src: str, allow
                 j.importance = im.importance(j.info.name, ne[0], ne[2] if len(ne) == 3 else 1)
     if q.target_size is None:
         return
-    from .target_size import Candidate, choose, describe
-    idx = [i for i, j in enumerate(jobs) if is_quantized(j.info.type) and j.read_rows is not None]
+    from .target_size import KEEP_PRESET, Candidate, choose, describe
+    idx = [i for i, j in enumerate(jobs) if is_quantized(j.info.type) and j.read_rows is not None
+           and j.info.name not in KEEP_PRESET]
     if not idx:
         raise DggufError(f"{src}: --target-size needs a quantized file type (the preset chose no quantized tensor)")
     cands = [Candidate(jobs[i].info.name, jobs[i].info.ne, jobs[i].nrows, jobs[i].read_rows, jobs[i].importance,

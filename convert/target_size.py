@@ -30,6 +30,10 @@ from dgguf.format.quant_types import TensorType
 from .presets import _fit
 
 LADDER = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+# Tensors that keep the preset's type: the tied embedding is the output head, whose error lands on the logits
+# undiluted by the residual stream (the relative-error sum undervalues it; on models/small, letting it go to IQ4_XS
+# doubled the kl at Q3_K_M's size).
+KEEP_PRESET = ("token_embd.weight",)
 SAMPLE_ROWS = 2048        # rows measured per tensor at most, in runs of RUN consecutive rows
 RUN = 16
 
