@@ -52,31 +52,12 @@ static void fail(const char *what) {
     failures++;
 }
 
-/* dgguf.h's dg_decode and dg_soft_embed gained arguments (cheaper steps: sc_top_k, head_rows, top_k); the driver
- * builds against either header, calling the one it has with those off (another signature: a compile error). */
-typedef int (*decode_short)(const dg_model *, const dg_cache *, const int32_t *, int64_t, const float *, float *,
-                            char *, size_t);
-typedef int (*decode_long)(const dg_model *, const dg_cache *, const int32_t *, int64_t, const float *, int,
-                           const uint8_t *, float *, char *, size_t);
-typedef int (*soft_short)(const dg_tensor *, const float *, int64_t, float, float *, int, char *, size_t);
-typedef int (*soft_long)(const dg_tensor *, const float *, int64_t, float, int, float *, int, char *, size_t);
-static void (*any_fn(void (*f)(void)))(void) {   /* opaque to the compiler: only the header's type is called */
-    void (*volatile v)(void) = f;
-    return v;
-}
-#define AS(type, fn) ((type)any_fn((void (*)(void))(fn)))
-#define DECODE(m, c, ids, n, sc, out, err) _Generic(&dg_decode,                                        \
-    decode_long: AS(decode_long, dg_decode)(m, c, ids, n, sc, 0, NULL, out, err, ERRLEN),               \
-    decode_short: AS(decode_short, dg_decode)(m, c, ids, n, sc, out, err, ERRLEN))
-#define SOFT_EMBED(w, logits, n, scale, out, threads, err) _Generic(&dg_soft_embed,                     \
-    soft_long: AS(soft_long, dg_soft_embed)(w, logits, n, scale, 0, out, threads, err, ERRLEN),          \
-    soft_short: AS(soft_short, dg_soft_embed)(w, logits, n, scale, out, threads, err, ERRLEN))
-
 /* ---- kernels ------------------------------------------------------------------------------------------------ */
 
 static const struct { int type; const char *name; int quantized; } TYPES[] = {
     {0, "F32", 0}, {1, "F16", 0}, {30, "BF16", 0}, {8, "Q8_0", 1}, {2, "Q4_0", 1}, {3, "Q4_1", 1}, {6, "Q5_0", 1},
-    {7, "Q5_1", 1}, {10, "Q2_K", 1}, {11, "Q3_K", 1}, {12, "Q4_K", 1}, {13, "Q5_K", 1}, {14, "Q6_K", 1}};
+    {7, "Q5_1", 1}, {10, "Q2_K", 1}, {11, "Q3_K", 1}, {12, "Q4_K", 1}, {13, "Q5_K", 1}, {14, "Q6_K", 1},
+    {20, "IQ4_NL", 1}, {23, "IQ4_XS", 1}};
 enum { N_TYPES = sizeof TYPES / sizeof *TYPES };
 /* (tokens, rows, K): token tails of every tile, rows not a multiple of 4 or 32, K tails of float lanes and of
  * int8 groups (512 values); K-quants take the multiples of 256. */
@@ -180,7 +161,7 @@ static void check_soft_embed(char **kernels, int nk, const int *usable) {
         for (int kk = 0; kk < nk; kk++) {
             if (!usable[kk]) continue;
             set_kernel(kernels[kk]);
-            if (SOFT_EMBED(&wt, logits, n, 1.5f, out, 2, err)) {
+            if (dg_soft_embed(&wt, logits, n, 1.5f, 0, out, 2, err, ERRLEN)) {
                 printf("soft_embed %s %s: %s\n", kernels[kk], TYPES[t].name, err);
                 failures++;
                 continue;
@@ -355,7 +336,7 @@ static int forward_main(const char *path, double rel) {
     }
     int ok = 1;
     for (int step = 0; step < 2; step++) {
-        if (DECODE(&model, cache, ids[1], n_ids[1], step ? want[0] : NULL, got, err)) {
+        if (dg_decode(&model, cache, ids[1], n_ids[1], step ? want[0] : NULL, 0, NULL, got, err, ERRLEN)) {
             printf("forward: %s\n", err);
             return 1;
         }
