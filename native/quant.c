@@ -309,14 +309,22 @@ int dg_quantize_rows_imatrix(int type, const float *src, void *dst, int64_t nrow
     const size_t row_bytes = (size_t)(ncols / t->block_size * t->type_size);
     if (!t->holds_nonfinite) {
         for (int64_t r = 0; r < nrows; r++) {
-            const float *x = src + r * ncols;
-            uint32_t bad = 0;
-            for (int64_t i = 0; i < ncols; i++) bad |= (dg_f32_bits(x[i]) & 0x7f800000) == 0x7f800000;
+            /* read as bytes: src may be misaligned (it then goes through the bounce buffer below) */
+            const unsigned char *x = (const unsigned char *)src + (size_t)(r * ncols) * sizeof(float);
+            uint32_t bad = 0, u;
+            for (int64_t i = 0; i < ncols; i++) {
+                memcpy(&u, x + i * 4, 4);
+                bad |= (u & 0x7f800000) == 0x7f800000;
+            }
             if (bad) {
                 int64_t i = 0;
-                while (dg_is_finite_bits(x[i])) i++;
+                float v;
+                for (;; i++) {
+                    memcpy(&v, x + i * 4, 4);
+                    if (!dg_is_finite_bits(v)) break;
+                }
                 snprintf(err, errlen, "non-finite value %g at row %lld, column %lld cannot be quantized to %s",
-                         (double)x[i], (long long)r, (long long)i, t->name);
+                         (double)v, (long long)r, (long long)i, t->name);
                 return DG_E_VALUE;
             }
         }
