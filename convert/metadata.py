@@ -152,7 +152,7 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
     pad = pad if pad is not None else gen["pad_token_id"] if gen["pad_token_id"] is not None else cfg.pad_token_id
     mask = special_id("mask_token")
     out = {
-        "tokenizer.ggml.model": Field(V.STRING, "gemma4"),
+        "tokenizer.ggml.model": Field(V.STRING, "gpt2" if _byte_level(tok) else "gemma4"),
         "tokenizer.ggml.tokens": _arr(V.STRING, names),
         "tokenizer.ggml.scores": _arr(V.FLOAT32, [-1000.0] * cfg.vocab_size),
         "tokenizer.ggml.token_type": _arr(V.INT32, types),
@@ -172,6 +172,14 @@ def tokenizer_fields(hf_dir: Path, cfg: TextConfig, gen: dict) -> dict:
     out["tokenizer.ggml.add_space_prefix"] = Field(V.BOOL, False)
     out["tokenizer.huggingface.json"] = Field(V.STRING, raw_json)
     return out
+
+
+def _byte_level(tok: dict) -> bool:
+    """Whether tokenizer.json is a byte-level BPE (GPT-2 style; llama.cpp's "gpt2" vocabulary): a ByteLevel
+    pre-tokenizer, alone or in a Sequence. Gemma 4's tokenizer (no pre-tokenizer, "▁" for spaces) is "gemma4"."""
+    pre = tok.get("pre_tokenizer")
+    parts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    return any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in parts or [])
 
 
 def _token_id(v) -> int:

@@ -568,3 +568,17 @@ def test_missing_keys(missing):
     del kv[missing]
     with pytest.raises(ValueError, match=missing.replace(".", r"\.")):
         gv.build_tokenizer(kv)
+
+
+def test_converter_writes_a_vocabulary_llama_cpp_reads(corpus):
+    """dgguf convert's tokenizer.ggml.* for models/small (byte-level) say "gpt2", and built alone (without the
+    embedded tokenizer.huggingface.json) they tokenize as the checkpoint's tokenizer.json does."""
+    from dgguf.convert.checkpoint import read_config, read_generation_config
+    from dgguf.convert.metadata import tokenizer_fields
+    hf = SMALL_TOKENIZER.parent
+    cfg, _ = read_config(hf)
+    fields = tokenizer_fields(hf, cfg, read_generation_config(hf, cfg.vocab_size))
+    kv = {k: f.value for k, f in fields.items() if k != "tokenizer.huggingface.json"}
+    assert kv["tokenizer.ggml.model"] == "gpt2"
+    ref = Tokenizer.from_file(str(SMALL_TOKENIZER))
+    assert_same(gv.build_tokenizer(kv), ref, corpus[::10], "converted gpt2", len(kv["tokenizer.ggml.tokens"]))
