@@ -42,7 +42,7 @@ struct dg_pool {
     pthread_mutex_t mu;
     pthread_cond_t work, done_cv;
     _Atomic uint64_t generation; /* bumped for every parallel_for (after the job fields are written) */
-    _Atomic uint64_t claim;      /* the current job's generation (high 32 bits) and its next unclaimed piece */
+    _Atomic uint64_t claim;      /* the current job: generation (bits 32-63), pieces (16-31), next unclaimed (0-15) */
     _Atomic int64_t done;        /* pieces of the current job finished */
     _Atomic int sleeping;        /* workers waiting on `work` */
     _Atomic int caller_sleeping; /* the caller waits on `done` */
@@ -66,13 +66,17 @@ static void chunk(int64_t total, int64_t n, int64_t i, int64_t *lo, int64_t *hi)
     *hi = total * (i + 1) / n;
 }
 
-/* Claims the next piece of job `gen`; 0 when the job has none left or is no longer current. */
+/* Claims the next piece of job `gen`; 0 when the job has none left or is no longer current. The piece count is
+ * read from the claim word itself: a worker late from the last job must not compare its exhausted counter with
+ * the next job's count while the caller is writing that job's fields (it would claim a piece of no job, run it
+ * with the new job's arguments and count it as one of the new job's pieces, so the caller could return while a
+ * real piece still runs on its stack). */
 static int claim_piece(dg_pool *p, uint32_t gen, int64_t *piece) {
     uint64_t v = atomic_load(&p->claim);
     for (;;) {
-        if ((uint32_t)(v >> 32) != gen || (int64_t)(uint32_t)v >= p->pieces) return 0;
+        if ((uint32_t)(v >> 32) != gen || (v & 0xffff) >= ((v >> 16) & 0xffff)) return 0;
         if (atomic_compare_exchange_weak(&p->claim, &v, v + 1)) {
-            *piece = (uint32_t)v;
+            *piece = (int64_t)(v & 0xffff);
             return 1;
         }
     }
@@ -213,10 +217,11 @@ void parallel_for(dg_pool *p, int64_t n, void (*fn)(void *, int64_t, int64_t, in
     p->fn = fn;                                   /* workers read these after claiming a piece of this job */
     p->ctx = ctx;
     p->total = n;
-    p->pieces = n < (int64_t)PIECES_PER_THREAD * p->n ? n : (int64_t)PIECES_PER_THREAD * p->n;
+    const int64_t most = (int64_t)PIECES_PER_THREAD * p->n < 0xffff ? (int64_t)PIECES_PER_THREAD * p->n : 0xffff;
+    p->pieces = n < most ? n : most;
     atomic_store(&p->done, 0);
     const uint32_t gen = (uint32_t)(atomic_load(&p->generation) + 1);
-    atomic_store(&p->claim, (uint64_t)gen << 32);  /* opens the job's pieces */
+    atomic_store(&p->claim, (uint64_t)gen << 32 | (uint64_t)p->pieces << 16);  /* opens the job's pieces */
     atomic_store(&p->generation, gen);            /* and wakes the workers */
     if (atomic_load(&p->sleeping)) {
         pthread_mutex_lock(&p->mu);
