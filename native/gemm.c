@@ -137,7 +137,7 @@ static void axpy_cols(double *acc, const float *p, const float *w, int64_t nt, i
         }
 }
 
-static void axpy_ref(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h) {
+static void axpy_ref(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h, float *scratch) {
     axpy_cols(acc, p, w, nt, nv, 0, h);
 }
 
@@ -153,7 +153,7 @@ static inline __attribute__((always_inline, target("avx512f"))) void add_block_s
 }
 
 __attribute__((target("avx512f"))) static void axpy_avx512(double *acc, const float *p, const float *w,
-                                                           int64_t nt, int64_t nv, int64_t h) {
+                                                           int64_t nt, int64_t nv, int64_t h, float *scratch) {
     enum { TT = 6 };
     const int64_t hv = h / 32 * 32;
     for (int64_t t0 = 0; t0 < nt; t0 += TT) {
@@ -173,6 +173,52 @@ __attribute__((target("avx512f"))) static void axpy_avx512(double *acc, const fl
             }
             for (int i = 0; i < TT && t0 + i < nt; i++)
                 for (int q = 0; q < 2; q++) add_block_sum(acc + ts[i] * h + c + 16 * q, a[i][q]);
+        }
+    }
+    if (hv < h) axpy_cols(acc, p, w, nt, nv, hv, h);
+}
+#endif
+
+#if defined(__x86_64__)
+/* AVX2: the same float block sums as axpy_avx512, column for column (each column's products are fused into its
+ * own float sum, v ascending, then added to the double accumulator), so the two kernels give the same bits;
+ * 6 tokens x 16 columns at a time (12 ymm accumulators), the columns past the last multiple of 32 in
+ * axpy_cols as axpy_avx512 does. The block is first copied into scratch as 16-column strips, each [nv][16]
+ * contiguous: read in place, a strip's lines sit h floats apart, which at h = 1024 or 2816 maps them to 1-4 of
+ * L1's 64 sets, so every token group would fetch them again (1.5x slower at h = 2816, 64 tokens, this
+ * Zen 3). Tokens go in the outer loop, so a group's accumulator rows stream along the columns. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void add_block_sum8(double *d, __m256 s) {
+    _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), _mm256_cvtps_pd(_mm256_castps256_ps128(s))));
+    _mm256_storeu_pd(d + 4, _mm256_add_pd(_mm256_loadu_pd(d + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1))));
+}
+
+__attribute__((target("avx2,fma"))) static void axpy_avx2(double *acc, const float *p, const float *w, int64_t nt,
+                                                         int64_t nv, int64_t h, float *strips) {
+    enum { TT = 6 };
+    const int64_t hv = h / 32 * 32;
+    for (int64_t v = 0; v < nv; v++)
+        for (int64_t c = 0; c < hv; c += 16) {
+            float *d = strips + c * nv + v * 16;
+            _mm256_storeu_ps(d, _mm256_loadu_ps(w + v * h + c));
+            _mm256_storeu_ps(d + 8, _mm256_loadu_ps(w + v * h + c + 8));
+        }
+    for (int64_t t0 = 0; t0 < nt; t0 += TT) {
+        int64_t ts[TT];
+        for (int i = 0; i < TT; i++) ts[i] = t0 + i < nt ? t0 + i : t0;
+        for (int64_t c = 0; c < hv; c += 16) {
+            const float *strip = strips + c * nv;
+            __m256 a[TT][2];
+            for (int i = 0; i < TT; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
+            for (int64_t v = 0; v < nv; v++) {
+                const __m256 w0 = _mm256_loadu_ps(strip + v * 16), w1 = _mm256_loadu_ps(strip + v * 16 + 8);
+                for (int i = 0; i < TT; i++) {
+                    const __m256 pv = _mm256_broadcast_ss(p + ts[i] * nv + v);
+                    a[i][0] = _mm256_fmadd_ps(pv, w0, a[i][0]);
+                    a[i][1] = _mm256_fmadd_ps(pv, w1, a[i][1]);
+                }
+            }
+            for (int i = 0; i < TT && t0 + i < nt; i++)
+                for (int q = 0; q < 2; q++) add_block_sum8(acc + ts[i] * h + c + 8 * q, a[i][q]);
         }
     }
     if (hv < h) axpy_cols(acc, p, w, nt, nv, hv, h);
@@ -356,8 +402,8 @@ static const kernel KERNELS[] = {
     {"int8-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, NULL, NULL, NULL, 0},
     {"int8-bf16-reference", tile_ref, axpy_ref, axpy_f32_ref, &INT8_REFERENCE, axpy_bf16_ref, tile_bf16_ref, NULL, 0},
 #if defined(__x86_64__)
-    {"avx2", tile_avx2, axpy_ref, axpy_f32_avx2, NULL, NULL, NULL, "avx2", 1},
-    {"int8-avx2", tile_avx2, axpy_ref, axpy_f32_avx2, &INT8_AVX2, NULL, NULL, "avx2", 1},
+    {"avx2", tile_avx2, axpy_avx2, axpy_f32_avx2, NULL, NULL, NULL, "avx2", 1},
+    {"int8-avx2", tile_avx2, axpy_avx2, axpy_f32_avx2, &INT8_AVX2, NULL, NULL, "avx2", 1},
     {"avx512", tile_avx512, axpy_avx512, axpy_f32_avx512, NULL, NULL, NULL, "avx512f", 1},
     {"int8-avx512vnni", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, NULL, NULL, "avx512vnni", 1},
     {"int8-avx512bf16", tile_avx512, axpy_avx512, axpy_f32_avx512, &INT8_AVX512VNNI, axpy_bf16_avx512,

@@ -11,8 +11,13 @@
 typedef void (*tile_fn)(float *out, int64_t ldo, const float *x, int64_t nt, const float *const *w, int nr,
                         int64_t k);
 
-/* acc[t * h + i] += sum over v < nv (ascending) of p[t * nv + v] * w[v * h + i], in double, t < nt, i < h. */
-typedef void (*axpy_fn)(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h);
+/* The soft embedding's block of vocabulary rows: the axpy functions below take nv <= SOFT_BLOCK rows. */
+enum { SOFT_BLOCK = 128 };
+
+/* acc[t * h + i] += sum over v < nv (ascending) of p[t * nv + v] * w[v * h + i], in double, t < nt, i < h.
+ * scratch: SOFT_BLOCK * h floats the function may use (the AVX2 kernel's copy of the block). */
+typedef void (*axpy_fn)(double *acc, const float *p, const float *w, int64_t nt, int64_t nv, int64_t h,
+                        float *scratch);
 
 /* acc[t * h + i] += float sum over word m < np (ascending) of the bfloat16 pairs p[t * np + m] . w[m * h + i]
  * (gemm.c: "soft-embedding accumulation in bfloat16 pairs"), t < nt, i < h. */

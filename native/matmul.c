@@ -250,7 +250,7 @@ done:
  * together (a block each) into one shared buffer, then split the tokens: each token's probabilities for a block
  * are formed and the block is accumulated into that token's double sums, blocks in ascending order, so the bits
  * do not depend on the thread count; a block of rows stays in L2 while a thread sweeps its tokens over it. */
-enum { SOFT_BLOCK = 128, SOFT_BATCH = 8 };
+enum { SOFT_BATCH = 8 };   /* SOFT_BLOCK: gemm.h */
 
 static int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -267,6 +267,7 @@ typedef struct {
     float *rows;                 /* shared, float path: the batch's rows (F32: unused, rows are read in place) */
     uint32_t *pairs;             /* shared, bf16 path: the batch's rows in bfloat16 pairs */
     float **block;               /* per thread, bf16 path: two rows dequantized, to be paired */
+    float **strips;              /* per thread, float path: the axpy function's scratch (a block of rows) */
     const float *batch_rows;     /* float path: the batch's rows, in rows or the mapped F32 tensor */
     int64_t v0;                  /* the batch's first row */
     float **pb;                  /* per thread: probabilities [tokens, SOFT_BLOCK] */
@@ -348,7 +349,7 @@ static void soft_tokens(void *ctx, int64_t lo, int64_t hi, int thread) {
             for (int64_t t = 0; t < nt; t++) pack_bf16_pairs(pw + t * np, pb + t * nv, nv);
             j->bf16(j->acc + lo * H, pw, j->pairs + r0 / 2 * H, nt, np, H);
         } else {
-            axpy(j->acc + lo * H, pb, j->batch_rows + r0 * H, nt, nv, H);
+            axpy(j->acc + lo * H, pb, j->batch_rows + r0 * H, nt, nv, H, j->strips[thread]);
         }
     }
 }
@@ -393,9 +394,11 @@ int soft_embed(dg_pool *p, float *out, const float *logits, const dg_tensor *w, 
     else if (w->type != DG_TYPE_F32)
         j.rows = pool_shared(p, SHARED_SOFT_ROWS, (size_t)batch * sizeof(float));
     j.block = bf16 ? (float **)pool_scratch(p, SCRATCH_SOFT_BLOCK, (size_t)(2 * H) * sizeof(float)) : NULL;
+    j.strips = bf16 ? NULL : (float **)pool_scratch(p, SCRATCH_SOFT_STRIPS, (size_t)(SOFT_BLOCK * H) * sizeof(float));
     j.pb = (float **)pool_scratch(p, SCRATCH_SOFT_PROBS, (size_t)(per_thread * SOFT_BLOCK) * sizeof(float));
     j.pw = (uint32_t **)pool_scratch(p, SCRATCH_SOFT_PAIRS, (size_t)(per_thread * SOFT_BLOCK / 2) * sizeof(uint32_t));
     if (!j.mx || !j.acc || (w->type != DG_TYPE_F32 && !bf16 && !j.rows) || (bf16 && (!j.pairs || !j.block)) ||
+        (!bf16 && !j.strips) ||
         !j.pb || !j.pw) {
         snprintf(err, errlen, "soft_embed: out of memory");
         return DG_E_VALUE;

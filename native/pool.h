@@ -19,7 +19,7 @@ int pool_threads(const dg_pool *p);
  * pool_scratch gives one of at least `bytes` per thread, pool_shared one in all, per slot, 64-byte aligned; a
  * slot's buffers are replaced when they are too small or over 4x the request. NULL when out of memory. A slot's
  * contents are only valid until its next request, so each user has its own slot. */
-enum { SCRATCH_ROWS, SCRATCH_SOFT_PROBS, SCRATCH_SOFT_PAIRS, SCRATCH_SOFT_BLOCK };                /* pool_scratch */
+enum { SCRATCH_ROWS, SCRATCH_SOFT_PROBS, SCRATCH_SOFT_PAIRS, SCRATCH_SOFT_BLOCK, SCRATCH_SOFT_STRIPS }; /* pool_scratch */
 enum { SHARED_PASS, SHARED_SOFT_STATS, SHARED_SOFT_ACC, SHARED_SOFT_ROWS, SHARED_MATMUL_ACT,     /* pool_shared */
        SHARED_HEAD };
 enum { POOL_SLOTS = 6 };

@@ -225,6 +225,8 @@ def test_soft_embedding_matches_float64_under_every_kernel(kernel, type_name):
             2.0**-8 if type_name == "BF16" else 0.0
         bound = (rel + (V + 8) * np.finfo(np.float32).eps) * mass + 1e-30
         assert np.all(np.abs(got - exact) <= bound), (kernel, type_name, n, V, H)
+        assert np.array_equal(got, native.soft_embed(raw, t.ggml, (V, H), logits, scale=1.5, threads=3)), \
+            "the thread count changed the bits"
         assert rel == 0 or np.abs(got - exact).max() > 1e-4 * mass.max(), "the bf16 path was not taken"
 
 
@@ -244,6 +246,25 @@ def test_bf16_soft_embedding_equals_its_reference_bit_for_bit_for_any_thread_cou
                 for threads in (1, 2, 3):
                     assert np.array_equal(native.soft_embed(raw, t.ggml, (V, H), logits, threads=threads), want), \
                         (k, threads, n, V, H)
+    finally:
+        native.set_matmul_kernel(before)
+
+
+@pytest.mark.skipif(not {"avx2", "avx512"} <= set(KERNELS), reason="needs a CPU with AVX2 and AVX-512")
+def test_avx2_soft_embedding_equals_avx512_bit_for_bit():
+    """Both float-path kernels sum each block's products per column in float (fused, rows ascending) and add the
+    block sum in double, so AVX2 (16 columns at a time, from a copy of the block) must give AVX-512's bits."""
+    rng = np.random.default_rng(4)
+    before = native.matmul_kernel()
+    try:
+        for (n, V, H), type_name in itertools.product(SOFT_SHAPES, ("F32", "Q8_0")):
+            raw, _, t = stored(rng, V, H, type_name)
+            logits = (rng.standard_normal((n, V)) * 4).astype(np.float32)
+            got = {}
+            for k in ("avx2", "avx512"):
+                native.set_matmul_kernel(k)
+                got[k] = [native.soft_embed(raw, t.ggml, (V, H), logits, threads=th) for th in (1, 3)]
+            assert all(np.array_equal(a, got["avx512"][0]) for a in got["avx2"] + got["avx512"]), (n, V, H)
     finally:
         native.set_matmul_kernel(before)
 
