@@ -142,13 +142,15 @@ def _start(*args):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def _read_until(p, n_bytes, timeout=60):
-    """Read stdout as it arrives until n_bytes have come; (bytes, whether the process was still running)."""
+def _read_until(p, n_bytes=None, marker=None, stream="stdout", timeout=60):
+    """Read stdout (or stderr) as it arrives until n_bytes have come or marker has appeared; (bytes, whether the
+    process was still running)."""
+    pipe = getattr(p, stream)
     got, deadline = b"", time.time() + timeout
-    while len(got) < n_bytes and time.time() < deadline:
-        ready, _, _ = select.select([p.stdout], [], [], 0.05)
+    while (len(got) < n_bytes if marker is None else marker not in got) and time.time() < deadline:
+        ready, _, _ = select.select([pipe], [], [], 0.05)
         if ready:
-            chunk = os.read(p.stdout.fileno(), 65536)
+            chunk = os.read(pipe.fileno(), 65536)
             if not chunk:
                 break
             got += chunk
@@ -182,7 +184,8 @@ def test_ctrl_c_keeps_committed_text_and_exits_130():
 def test_ctrl_c_in_json_mode_prints_what_was_committed():
     p = _start("-p", "hello", "-n", "960", "-s", "1", "--steps", "60", "--no-early-stop", "--json",
                "--visual")
-    time.sleep(4)
+    _, running = _read_until(p, marker=b"[canvas 1,", stream="stderr")   # a canvas committed, 58 to go
+    assert running
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
