@@ -451,20 +451,20 @@ def test_timeout_ends_cleanly(monkeypatch):
     engine = engine_for(TINY, queue=4, timeout=0.5)
     srv = LiveServer(engine)
     try:
-        # a real generation that cannot finish in time (288 steps): what was final is returned, finish_reason length
+        # a real generation that cannot finish in time (6 canvases of 400 steps, a few seconds): what was final is
+        # returned, finish_reason length
+        slow = {"early_stop": False, "max_denoising_steps": 400}
         t0 = time.monotonic()
-        r = srv.client().completions.create(model="x", prompt="hello", max_tokens=96, seed=8,
-                                            extra_body={"early_stop": False})
+        r = srv.client().completions.create(model="x", prompt="hello", max_tokens=96, seed=8, extra_body=slow)
         took = time.monotonic() - t0
         assert took < 4, took
         assert r.model_extra["dgguf"]["timed_out"] is True and r.choices[0].finish_reason == "length"
         # its canvases are those of the full generation (the draws depend on the seed, canvas and step only)
         n = r.usage.completion_tokens + 16
-        full = engine.model.tokenizer.decode(direct(engine, engine.model.tokenizer.encode("hello"), n, 8,
-                                                    early_stop=False))
+        full = engine.model.tokenizer.decode(direct(engine, engine.model.tokenizer.encode("hello"), n, 8, **slow))
         assert full.startswith(r.choices[0].text) and len(r.choices[0].text) < len(full)
         chunks = list(srv.client().completions.create(model="x", prompt="hello", max_tokens=96, seed=8,
-                                                      stream=True, extra_body={"early_stop": False}))
+                                                      stream=True, extra_body=slow))
         assert chunks[-1].choices[0].finish_reason == "length"
         assert full.startswith("".join(c.choices[0].text for c in chunks))
 
