@@ -329,27 +329,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(path: Path) -> list[Path]:
-    """Remove the temp files of earlier writers to `path` whose process no longer runs (say so on stderr).
-
-    Only names of our own pattern (.NAME.partial-PID) are considered, and only regular files or links are
-    removed (a link itself, never its target). A temp file of this process that no writer holds is stale too
-    (its pid was reused)."""
-    path = Path(path)
-    pattern = re.compile(r"\." + re.escape(path.name) + r"\.partial-([0-9]{1,10})")
-    removed = []
+def abandoned(path: Path, tag: str):
+    """(entry, pid) for each .NAME.TAG-PID beside `path` (what a writer of `path` stages under its process id)
+    whose process no longer runs. One of this process's own counts too unless a writer holds it (_ACTIVE): its
+    pid was reused."""
+    pattern = re.compile(r"\." + re.escape(path.name) + r"\." + tag + r"-([0-9]{1,10})")
     try:
         names = os.listdir(path.parent)
     except OSError:
-        return removed
+        return
     for name in names:
         m = pattern.fullmatch(name)
         if m is None:
             continue
-        p = path.parent / name
-        pid = int(m.group(1))
-        if str(p) in _ACTIVE or (pid != os.getpid() and _pid_alive(pid)):
+        entry, pid = path.parent / name, int(m.group(1))
+        if str(entry) in _ACTIVE or (pid != os.getpid() and _pid_alive(pid)):
             continue
+        yield entry, pid
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Remove the temp files of earlier writers to `path` whose process no longer runs (say so on stderr).
+
+    Only names of our own pattern (.NAME.partial-PID) are considered, and only regular files or links are
+    removed (a link itself, never its target)."""
+    removed = []
+    for p, pid in abandoned(Path(path), "partial"):
         try:
             mode = os.lstat(p).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):

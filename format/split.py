@@ -24,7 +24,7 @@ from gguf.constants import GGUFValueType as V
 
 from dgguf.core.errors import DggufError
 
-from .gguf_file import (ALIGNMENT, Field, GGUFFile, GGUFWriter, TensorInfo, _align, _pid_alive, check_output_path,
+from .gguf_file import (ALIGNMENT, Field, GGUFFile, GGUFWriter, TensorInfo, _ACTIVE, _align, abandoned, check_output_path,
                         printable, replace_output)
 
 SPLIT_NO = "split.no"
@@ -151,6 +151,7 @@ class SplitWriter:
             os.mkdir(self.stage, 0o700)
         except OSError as e:
             raise DggufError(f"{self.paths[0]}: cannot write: {e.strerror or e}") from e
+        _ACTIVE.add(str(self.stage))   # a sweep in this process leaves it alone
         try:
             self._next_part()
         except BaseException:
@@ -200,6 +201,7 @@ class SplitWriter:
                 replace_output(self.stage / p.name, p)
                 self._moved.append(p)
             os.rmdir(self.stage)
+            _ACTIVE.discard(str(self.stage))
         except BaseException as e:
             self._abort()
             if isinstance(e, OSError):
@@ -222,6 +224,7 @@ class SplitWriter:
                 pass
         self._moved = []
         shutil.rmtree(self.stage, ignore_errors=True)
+        _ACTIVE.discard(str(self.stage))
 
 
 def open_writer(path, fields: dict[str, Field], tensors: list[TensorInfo], force: bool = False, inputs=(),
@@ -243,21 +246,8 @@ def output_paths(path, tensors: list[TensorInfo], max_bytes: int | None = None,
 
 def remove_stale_stages(first: Path) -> list[Path]:
     """Remove the staging directories (.FIRST.split-PID) of earlier writers of this set whose process is gone."""
-    first = Path(first)
-    pattern = re.compile(r"\." + re.escape(first.name) + r"\.split-([0-9]{1,10})")
     removed = []
-    try:
-        names = os.listdir(first.parent)
-    except OSError:
-        return removed
-    for name in names:
-        m = pattern.fullmatch(name)
-        if m is None:
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
-            continue
-        p = first.parent / name
+    for p, pid in abandoned(Path(first), "split"):
         try:
             if not stat.S_ISDIR(os.lstat(p).st_mode):     # never through a link
                 continue
