@@ -23,7 +23,7 @@ from dgguf.core.errors import DggufError
 from dgguf.core.native import ERRLEN, check
 
 from . import planner as P
-from .native_model import float_rows, token_ids
+from .native_model import decode_args, token_ids
 
 PLACEMENTS = {"gpu": lib.DG_EXPERTS_DEVICE, "cpu": lib.DG_EXPERTS_CPU, "stream": lib.DG_EXPERTS_STREAM}
 GROUPS = {"embedding": lib.DG_GROUP_EMBEDDING, "globals": lib.DG_GROUP_GLOBALS, "layers": lib.DG_GROUP_LAYERS,
@@ -139,26 +139,9 @@ class DeviceCache:
     def decode(self, ids, sc_logits=None, out=None, sc_top_k: int = 0, head_rows=None) -> np.ndarray:
         """NativeCache.decode on the executor, the cheaper steps included (head_rows: only those rows' logits
         are computed and copied back; sc_top_k: the host backend only)."""
-        a = token_ids(ids, self.model.cfg.vocab_size, "decode")
-        n, V = a.size, self.model.cfg.vocab_size
-        if head_rows is not None and out is None:
-            raise DggufError("decode: head_rows needs out (the rows not computed keep out's logits)")
-        sc = ffi.NULL
-        if sc_logits is not None:
-            float_rows(sc_logits, (n, V), "decode: sc_logits")
-            sc = ffi.from_buffer("float[]", sc_logits)
-        if out is None:
-            out = np.empty((n, V), dtype=np.float32)
-        else:
-            float_rows(out, (n, V), "decode: out")
-        rows = ffi.NULL
-        if head_rows is not None:
-            flags = np.ascontiguousarray(head_rows, dtype=np.uint8)
-            if flags.shape != (n,):
-                raise DggufError(f"decode: head_rows must have {n} entries, got shape {flags.shape}")
-            rows = ffi.from_buffer("uint8_t[]", flags)
+        a, sc, rows, out = decode_args(ids, self.model.cfg.vocab_size, sc_logits, out, head_rows)
         err = ffi.new("char[]", ERRLEN)
-        check(lib.dg_exec_decode(self._c, ffi.from_buffer("int32_t[]", a), n, sc, int(sc_top_k), rows,
+        check(lib.dg_exec_decode(self._c, ffi.from_buffer("int32_t[]", a), a.size, sc, int(sc_top_k), rows,
                                  ffi.from_buffer("float[]", out), err, ERRLEN), err)
         return out
 

@@ -37,6 +37,32 @@ def token_ids(ids, vocab: int, what: str, allow_empty: bool = True) -> np.ndarra
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
+def decode_args(ids, vocab: int, sc_logits, out, head_rows):
+    """A decoder pass's arguments checked and as C sees them: (ids, sc_logits or NULL, head_rows or NULL, out),
+    out allocated when None (see NativeCache.decode)."""
+    a = token_ids(ids, vocab, "decode")
+    n = a.size
+    if head_rows is not None and out is None:
+        raise DggufError("decode: head_rows needs out (the rows not computed keep out's logits)")
+    sc = ffi.NULL
+    if sc_logits is not None:
+        float_rows(sc_logits, (n, vocab), "decode: sc_logits")
+        sc = ffi.from_buffer("float[]", sc_logits)
+    if out is None:
+        out = np.empty((n, vocab), dtype=np.float32)
+    else:
+        float_rows(out, (n, vocab), "decode: out")
+        if sc_logits is not None and np.shares_memory(out, sc_logits):
+            raise DggufError("decode: out must not overlap sc_logits")
+    rows = ffi.NULL
+    if head_rows is not None:
+        flags = np.ascontiguousarray(head_rows, dtype=np.uint8)
+        if flags.shape != (n,):
+            raise DggufError(f"decode: head_rows must have {n} entries, got shape {flags.shape}")
+        rows = ffi.from_buffer("uint8_t[]", flags)   # the cdata keeps flags alive
+    return a, sc, rows, out
+
+
 class NativeModel:
     """The weights of one GGUF (validated by read_model_config) as native structs. Keeps the file mapped."""
 
@@ -131,29 +157,10 @@ class NativeCache:
         the logits into (not sc_logits), so a denoising loop does not fault in fresh pages every step.
         Cheaper steps (dgguf.h's dg_decode): sc_top_k > 0 self-conditions on each position's sc_top_k most probable
         tokens only; head_rows (bool [n]) computes the logits of those rows only, the others keep out's."""
-        a = token_ids(ids, self.model.cfg.vocab_size, "decode")
-        n, V = a.size, self.model.cfg.vocab_size
-        if head_rows is not None and out is None:
-            raise DggufError("decode: head_rows needs out (the rows not computed keep out's logits)")
-        sc = ffi.NULL
-        if sc_logits is not None:
-            float_rows(sc_logits, (n, V), "decode: sc_logits")
-            sc = ffi.from_buffer("float[]", sc_logits)
-        if out is None:
-            out = np.empty((n, V), dtype=np.float32)
-        else:
-            float_rows(out, (n, V), "decode: out")
-            if sc_logits is not None and np.shares_memory(out, sc_logits):
-                raise DggufError("decode: out must not overlap sc_logits")
-        rows = ffi.NULL
-        if head_rows is not None:
-            flags = np.ascontiguousarray(head_rows, dtype=np.uint8)
-            if flags.shape != (n,):
-                raise DggufError(f"decode: head_rows must have {n} entries, got shape {flags.shape}")
-            rows = ffi.from_buffer("uint8_t[]", flags)
+        a, sc, rows, out = decode_args(ids, self.model.cfg.vocab_size, sc_logits, out, head_rows)
         err = ffi.new("char[]", ERRLEN)
-        check(lib.dg_decode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), n, sc, int(sc_top_k), rows,
-                            ffi.from_buffer("float[]", out), err, ERRLEN), err)
+        check(lib.dg_decode(self.model._model, self._c, ffi.from_buffer("int32_t[]", a), a.size, sc, int(sc_top_k),
+                            rows, ffi.from_buffer("float[]", out), err, ERRLEN), err)
         return out
 
     def truncate(self, n: int) -> None:
