@@ -804,14 +804,23 @@ def parse_reply(text: str) -> Reply:
       reasoning keeps its trailing whitespace.
     """
     cut = min((k for k in (text.find(m) for m in END_MARKERS) if k >= 0), default=len(text))
-    s = text[:cut]
+    return Reply(*walk_reply(text[:cut]))
+
+
+_MARKERS = re.compile("|".join(re.escape(m) for m in (_CH_OPEN, _CH_CLOSE, _CALL_OPEN)))
+
+
+def walk_reply(s: str, final: bool = True) -> tuple[str, str | None, list[ToolCall]]:
+    """(content, reasoning or None, tool calls) of a reply without end markers, by parse_reply's rules. With
+    final=False, s is a reply's beginning and the walk stops where what follows could still change the result
+    (a thought block or a tool call not yet closed, `<|channel>` + part of "thought"): what it returns is then a
+    prefix of what parse_reply gives for any continuation (textstream's partial_reply)."""
     i = len(_TURN_START) if s.startswith(_TURN_START) else 0
     content: list[str] = []
     reasoning: list[str] | None = None
     calls: list[ToolCall] = []
-    markers = re.compile("|".join(re.escape(m) for m in (_CH_OPEN, _CH_CLOSE, _CALL_OPEN)))
     while i < len(s):
-        m = markers.search(s, i)
+        m = _MARKERS.search(s, i)
         if not m:
             content.append(s[i:])
             break
@@ -824,15 +833,19 @@ def parse_reply(text: str) -> Reply:
                 reasoning = reasoning if reasoning is not None else []
                 reasoning.append(s[start:] if end < 0 else s[start:end])
                 i = len(s) if end < 0 else end + len(_CH_CLOSE)
+            elif not final and "thought".startswith(s[i:]):
+                break
         elif m.group(0) == _CALL_OPEN:
             try:
                 call, i = _parse_call(s, m.start())
                 calls.append(call)
             except _Malformed:
                 end = s.find(_CALL_CLOSE, m.end())
+                if end < 0 and not final:    # may still become a call (or content up to a later close)
+                    break
                 i = len(s) if end < 0 else end + len(_CALL_CLOSE)
                 content.append(s[m.start():i])
-    return Reply("".join(content), None if reasoning is None else "".join(reasoning), calls)
+    return "".join(content), None if reasoning is None else "".join(reasoning), calls
 
 
 def _format_value(v: Any) -> str:

@@ -18,12 +18,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .chat import (END_MARKERS, ToolCall, _CALL_CLOSE, _CALL_OPEN, _CH_CLOSE, _CH_OPEN, _Malformed,
-                                _TURN_START, _parse_call, _skip_ws, parse_reply)
+from .chat import (END_MARKERS, ToolCall, _CALL_CLOSE, _CALL_OPEN, _CH_CLOSE, _CH_OPEN, _TURN_START, parse_reply,
+                   walk_reply)
 
-_THOUGHT = "thought"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-_MARKER = re.compile("|".join(re.escape(m) for m in (_CH_OPEN, _CH_CLOSE, _CALL_OPEN)))
 # Strings whose beginning at the end of the text must wait: the reply's markers and its end markers.
 CHAT_MARKERS = (_CH_OPEN, _CH_CLOSE, _CALL_OPEN, _CALL_CLOSE, _TURN_START, *END_MARKERS)
 
@@ -54,39 +52,8 @@ def partial_reply(s: str) -> tuple[str, str, list[ToolCall]]:
     prefix (for calls, the first calls) of parse_reply(s + t)'s for every t, provided s has no end marker and
     does not end with a proper prefix of a marker (CHAT_MARKERS; the caller holds that back). The walk is
     parse_reply's, stopping where what follows is not decided yet."""
-    content: list[str] = []
-    reasoning: list[str] = []
-    calls: list[ToolCall] = []
-    i = len(_TURN_START) if s.startswith(_TURN_START) else 0
-    while i < len(s):
-        m = _MARKER.search(s, i)
-        if not m:
-            content.append(s[i:])
-            break
-        content.append(s[i:m.start()])
-        i = m.end()
-        if m.group(0) == _CH_OPEN:
-            if s.startswith(_THOUGHT, i):
-                start = _skip_ws(s, i + len(_THOUGHT))
-                end = s.find(_CH_CLOSE, start)
-                if end < 0:            # the block runs to here, and on
-                    reasoning.append(s[start:])
-                    break
-                reasoning.append(s[start:end])
-                i = end + len(_CH_CLOSE)
-            elif _THOUGHT.startswith(s[i:]):   # `<|channel>` + part of "thought": not decided
-                break
-        elif m.group(0) == _CALL_OPEN:
-            try:
-                call, i = _parse_call(s, m.start())
-                calls.append(call)
-            except _Malformed:
-                end = s.find(_CALL_CLOSE, m.end())
-                if end < 0:            # may still become a call (or content up to a later close)
-                    break
-                i = end + len(_CALL_CLOSE)
-                content.append(s[m.start():i])
-    return "".join(content), "".join(reasoning), calls
+    content, reasoning, calls = walk_reply(s, final=False)
+    return content, reasoning or "", calls
 
 
 def open_tail_for(tokenizer, special: bool):
