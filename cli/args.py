@@ -3,7 +3,17 @@ from __future__ import annotations
 
 import argparse
 
+from dgguf.core.errors import DggufError
 from dgguf.format.quant_types import FILE_TYPES
+
+
+def read_text(path, what: str) -> str:
+    """A UTF-8 text file named by an option (`what`: how to name it in the error)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DggufError(f"cannot read {what} {path}: {e}") from e
 
 
 def type_name(v: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from dgguf.core.errors import DggufError
 from dgguf.core.native import MAX_THREADS
 
-from .args import integer, positive
+from .args import integer, positive, read_text
 
 TAGS = ["gguf", "dgguf", "diffusion-gemma", "text-diffusion", "block-diffusion", "quantized"]
 
@@ -164,11 +164,7 @@ def _inputs(a) -> list[Path]:
 def evaluate_all(a) -> list[dict]:
     from dgguf.runtime.model import Model
     from dgguf.runtime.quality import evaluate
-    try:
-        with open(a.text, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DggufError(f"cannot read --text {a.text}: {e}") from e
+    text = read_text(a.text, "--text")
     ref = Model.load(a.eval, threads=a.threads)
     rows = []
     try:

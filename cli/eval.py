@@ -4,20 +4,15 @@ from __future__ import annotations
 import json
 import sys
 
-from dgguf.core.errors import DggufError
 from dgguf.core.native import MAX_THREADS
 
-from .args import add_cheaper_steps, cheaper_steps, integer, positive
+from .args import add_cheaper_steps, cheaper_steps, integer, positive, read_text
 
 
 def run(a) -> None:
     from dgguf.runtime.model import Model
     from dgguf.runtime.quality import evaluate, file_stats
-    try:
-        with open(a.text, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DggufError(f"cannot read --text {a.text}: {e}") from e
+    text = read_text(a.text, "--text")
     ref = Model.load(a.ref, threads=a.threads, ctx=a.ctx)
     quant = Model.load(a.model, threads=a.threads, ctx=a.ctx)
     rep = evaluate(ref, quant, text, seed=a.seed, max_tokens=a.max_tokens, prompts=a.prompts,

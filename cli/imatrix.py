@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dgguf.core.errors import DggufError
 from dgguf.core.native import MAX_THREADS
 
-from .args import integer, positive
+from .args import integer, positive, read_text
 
 
 def run(a) -> None:
@@ -19,11 +18,7 @@ def run(a) -> None:
     from dgguf.runtime.model import Model
     out = Path(a.output)
     check_output_path(out, a.force, [Path(a.model), Path(a.text)])
-    try:
-        with open(a.text, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DggufError(f"cannot read --text {a.text}: {e}") from e
+    text = read_text(a.text, "--text")
     model = Model.load(a.model, threads=a.threads, ctx=a.ctx)
     try:
         n = len(model.tokenizer.encode(text, bos=False))

@@ -14,7 +14,7 @@ from dgguf.core.errors import DggufError
 from dgguf.core.native import MAX_THREADS, default_threads
 from dgguf.runtime.textstream import TextStream, open_tail_for
 
-from .args import add_cheaper_steps, cheaper_steps, integer, number, positive
+from .args import add_cheaper_steps, cheaper_steps, integer, number, positive, read_text
 from .visual import CanvasView
 
 # --temp T sets the schedule's first-step temperature (t_max) to T and scales t_min with it; 0 (llama.cpp's
@@ -51,13 +51,12 @@ def _gpu_choice(v: str) -> str:
 def _read_prompt(a) -> str | None:
     if a.file is None:
         return a.prompt
+    if a.file != "-":
+        return read_text(a.file, "the prompt file")
     try:
-        if a.file == "-":
-            return sys.stdin.read()
-        with open(a.file, encoding="utf-8") as f:
-            return f.read()
+        return sys.stdin.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise DggufError(f"cannot read the prompt file {a.file}: {e}") from e
+        raise DggufError(f"cannot read the prompt from standard input: {e}") from e
 
 
 def sampler_overrides(m, a) -> dict:

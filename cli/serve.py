@@ -9,7 +9,7 @@ import sys
 from dgguf.core.errors import DggufError
 from dgguf.core.native import MAX_THREADS, default_threads
 
-from .args import integer, number, positive
+from .args import integer, number, positive, read_text
 
 
 def serve(a) -> None:
@@ -21,11 +21,7 @@ def serve(a) -> None:
     from dgguf.server import listen, load_engine, serve as run_server
     template = None
     if a.chat_template_file is not None:
-        try:
-            with open(a.chat_template_file, encoding="utf-8") as f:
-                template = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DggufError(f"cannot read --chat-template-file {a.chat_template_file}: {e}") from e
+        template = read_text(a.chat_template_file, "--chat-template-file")
     api_key = a.api_key if a.api_key is not None else os.environ.get("DGGUF_API_KEY") or None
     sock = listen(a.host, a.port)   # before loading: a port in use fails at once
     try:
