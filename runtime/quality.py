@@ -151,6 +151,12 @@ def canvas_metrics(ref, quant, ids: list[int], bos: int | None, seed: int, segme
     return reports, all_kl, all_agree
 
 
+def held_out_prompts(ids: list[int], bos: int | None, n: int, length: int) -> list[list[int]]:
+    """n prompts of `length` tokens spread evenly over a held-out text's ids, each after BOS when the model has one."""
+    starts = np.linspace(0, max(0, len(ids) - length), num=n, dtype=np.int64)
+    return [([bos] if bos is not None else []) + ids[s:s + length] for s in starts]
+
+
 def generation_metrics(ref, quant, prompts: list[list[int]], new_tokens: int, seed: int,
                        options: dict | None = None) -> dict:
     """Full generations of both models from each prompt with the same seed: agreement and steps. options: the
@@ -188,11 +194,8 @@ def evaluate(ref, quant, text: str, seed: int = 0, max_tokens: int | None = None
     if len(ids) < C + 1:
         raise DggufError(f"the text has {len(ids)} tokens; at least {C + 1} (one canvas and a context) needed")
     by_noise, all_kl, all_agree = canvas_metrics(ref, quant, ids, bos, seed, segment)
-    prompt_tokens = prompt_tokens or C
-    new_tokens = new_tokens or 2 * C
-    starts = np.linspace(0, max(0, len(ids) - prompt_tokens), num=prompts, dtype=np.int64)
-    prompt_ids = [([bos] if bos is not None else []) + ids[s:s + prompt_tokens] for s in starts]
-    gen = generation_metrics(ref, quant, prompt_ids, new_tokens, seed, options)
+    gen = generation_metrics(ref, quant, held_out_prompts(ids, bos, prompts, prompt_tokens or C), new_tokens or 2 * C,
+                             seed, options)
     return QualityReport(tokens=len(ids), positions=int(all_kl.size), kl_mean=float(all_kl.mean()),
                          kl_p99=float(np.percentile(all_kl, 99)), top1=float(all_agree.mean()),
                          by_noise=by_noise, **gen)
